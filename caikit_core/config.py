@@ -1,0 +1,320 @@
+"""Run files: TOML (tomllib) or YAML (``yaml.safe_load`` only), validated strictly.
+
+A run file names one plugin per role, in a table whose ``plugin`` key is the
+registered name and whose other keys are that plugin's own settings::
+
+    [labeller]
+    plugin = "direct"
+    debias = true
+
+Loading happens in two steps, both before any model is loaded:
+
+1. :func:`load_config` reads the file and structures the core sections;
+2. :func:`resolve` looks each role's plugin up in the registry and structures
+   its settings into the plugin's own attrs config class.
+
+Every problem is reported as ``key.path: expected ..., found ...``; all of a
+file's problems are reported together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+from caikit_core.converter import converter, describe_error, show
+from caikit_core.errors import ConfigError
+from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
+
+Phase = Literal["sl", "rl"]
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"expected a positive integer, found {value}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, found {value}")
+
+
+def _probability(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"expected a number in (0, 1], found {value}")
+
+
+@attrs.frozen
+class RoleConfig:
+    """A role's table: the plugin's registered name and its raw settings."""
+
+    plugin: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ModelsConfig:
+    """Models by role. Each is a local checkpoint folder, a cache alias or a hub id."""
+
+    policy: str
+    feedback: str | None = None
+    preference: str | None = None
+
+
+@attrs.frozen
+class DataConfig:
+    """Where the red-team prompts come from."""
+
+    prompts: str
+    format: Literal["auto", "jsonl", "parquet", "text", "hh-rlhf"] = "auto"
+    field: str = "prompt"
+    limit: int | None = attrs.field(default=None, validator=_positive)
+
+
+@attrs.frozen
+class ConstitutionConfig:
+    """The constitution: ``"default"`` (the project's own) or a file."""
+
+    path: str = "default"
+    format: Literal["auto", "caikit", "anthropic", "llm-swarm"] = "auto"
+
+
+@attrs.frozen
+class SamplingConfig:
+    """Sampling settings for a generation stage."""
+
+    max_new_tokens: int = attrs.field(default=256, validator=_positive)
+    temperature: float = attrs.field(default=0.7, validator=_non_negative)
+    top_p: float = attrs.field(default=1.0, validator=_probability)
+
+
+@attrs.frozen
+class SLConfig:
+    """Phase 1 (SL-CAI) settings."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    sft: bool = True
+
+
+@attrs.frozen
+class RLConfig:
+    """Phase 2 (RL-CAI) settings."""
+
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0)
+    train_policy: bool = True
+
+
+@attrs.frozen
+class RunConfig:
+    """A whole run file (see ``docs/config.md``)."""
+
+    output_dir: str
+    models: ModelsConfig
+    data: DataConfig
+    phases: tuple[Phase, ...] = ("sl",)
+    seed: int = 0
+    batch_size: int = attrs.field(default=8, validator=_positive)
+    shard_size: int = attrs.field(default=64, validator=_positive)
+    constitution: ConstitutionConfig = ConstitutionConfig()
+    sl: SLConfig = SLConfig()
+    rl: RLConfig = RLConfig()
+    generator: RoleConfig | None = None
+    critic: RoleConfig | None = None
+    labeller: RoleConfig | None = None
+    preference_model: RoleConfig | None = None
+    policy_optimiser: RoleConfig | None = None
+    executor: RoleConfig = RoleConfig("local")
+
+
+def _role_hook(value: Any, _type: Any) -> RoleConfig:
+    if isinstance(value, str):
+        return RoleConfig(plugin=value)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a table with a 'plugin' key, found {show(value)}")
+    if "plugin" not in value:
+        raise ValueError("expected a 'plugin' key naming the plugin, found none")
+    plugin = value["plugin"]
+    if not isinstance(plugin, str):
+        raise TypeError(f"'plugin' must be a string, found {show(plugin)}")
+    return RoleConfig(plugin=plugin, options={k: v for k, v in value.items() if k != "plugin"})
+
+
+converter.register_structure_hook(RoleConfig, _role_hook)
+
+#: which roles each phase needs (policy_optimiser in SL only when ``sl.sft``)
+PHASE_ROLES: dict[str, tuple[str, ...]] = {
+    "sl": ("generator", "critic", "policy_optimiser"),
+    "rl": ("generator", "labeller", "preference_model", "policy_optimiser"),
+}
+
+
+@attrs.frozen
+class ResolvedRole:
+    """A role resolved against the registry: its spec and validated config."""
+
+    role: str
+    spec: PluginSpec
+    config: Any
+
+    def options(self) -> dict[str, Any]:
+        if self.config is None:
+            return {}
+        data = converter.unstructure(self.config)
+        assert isinstance(data, dict)
+        return data
+
+
+@attrs.frozen
+class ResolvedRun:
+    """A run file resolved: core settings plus one plugin per role in use."""
+
+    source: str
+    base_dir: Path
+    config: RunConfig
+    roles: dict[str, ResolvedRole]
+
+    def output_path(self) -> Path:
+        return resolve_path(self.base_dir, self.config.output_dir)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config with every default filled in, as plain data."""
+        data = converter.unstructure(self.config)
+        assert isinstance(data, dict)
+        for role in ROLES:
+            data.pop(role, None)
+        for role, resolved in self.roles.items():
+            data[role] = {"plugin": resolved.spec.name, **resolved.options()}
+        return data
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML or YAML file into a dict; syntax errors name the file and line."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"cannot read file: {exc}"]) from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"invalid YAML: {_yaml_message(exc)}"]) from None
+        if data is None:
+            data = {}
+    else:
+        raise ConfigError(
+            source, [f"unknown run file type '{suffix or path.name}' (expected .toml, .yaml, .yml)"]
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a table, found {show(data)}"])
+    return data
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem)
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> RunConfig:
+    """Structure the core sections; collects every problem into one ConfigError."""
+    try:
+        config = converter.structure(dict(data), RunConfig)
+    except Exception as exc:
+        raise ConfigError(source, describe_error(exc)) from None
+    assert isinstance(config, RunConfig)
+    return config
+
+
+def load_config(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Read and structure a run file (plugins are not resolved yet)."""
+    p = Path(path)
+    data = read_file(p)
+    return parse_config(data, str(p)), data
+
+
+def resolve(config: RunConfig, registry: Registry, *, source: str, base_dir: Path) -> ResolvedRun:
+    """Resolve each role's plugin and validate its settings against its config class."""
+    problems: list[str] = []
+    if not config.phases:
+        problems.append("phases: expected at least one of 'sl', 'rl', found none")
+    if len(set(config.phases)) != len(config.phases):
+        problems.append(f"phases: each phase may appear once, found {list(config.phases)}")
+    needed: set[str] = {"executor"}
+    for phase in config.phases:
+        for role in PHASE_ROLES[phase]:
+            if phase == "sl" and role == "policy_optimiser" and not config.sl.sft:
+                continue
+            needed.add(role)
+    roles: dict[str, ResolvedRole] = {}
+    for role in ROLES:
+        role_cfg: RoleConfig | None = getattr(config, role)
+        if role_cfg is None:
+            if role in needed:
+                phases = [p for p in config.phases if role in PHASE_ROLES[p]]
+                names = ", ".join(registry.names(role)) or "none installed"
+                problems.append(
+                    f"{role}: required by phase {', '.join(repr(p) for p in phases)}, "
+                    f"found no [{role}] table (available plugins: {names})"
+                )
+            continue
+        if role_cfg.plugin not in registry.names(role):
+            problems.append(
+                f"{role}.plugin: "
+                + unknown_plugin_message(role, role_cfg.plugin, registry.names(role))
+            )
+            continue
+        spec = registry.get(role, role_cfg.plugin)
+        plugin_config: Any = None
+        if spec.config_cls is None:
+            if role_cfg.options:
+                keys = ", ".join(sorted(role_cfg.options))
+                problems.append(f"{role}: plugin '{spec.name}' takes no settings, found {keys}")
+                continue
+        else:
+            try:
+                plugin_config = converter.structure(dict(role_cfg.options), spec.config_cls)
+            except Exception as exc:
+                problems.extend(describe_error(exc, prefix=role))
+                continue
+        roles[role] = ResolvedRole(role=role, spec=spec, config=plugin_config)
+    if problems:
+        raise ConfigError(source, problems)
+    return ResolvedRun(source=source, base_dir=base_dir, config=config, roles=roles)
+
+
+def load_run(path: str | Path, registry: Registry) -> ResolvedRun:
+    """Read, structure and resolve a run file."""
+    p = Path(path)
+    config, _ = load_config(p)
+    return resolve(config, registry, source=str(p), base_dir=p.resolve().parent)
+
+
+def resolve_path(base_dir: Path, value: str) -> Path:
+    """A path from a run file: ``~`` expanded, relative paths against the file's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

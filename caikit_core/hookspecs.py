@@ -1,0 +1,128 @@
+"""The hook specifications of caikit: one registration hook per role.
+
+Each hook receives a ``register`` callable. A plugin calls it once per thing it
+provides::
+
+    from caikit_core import hookimpl
+
+    @hookimpl
+    def register_labellers(register):
+        register("direct", DirectLabeller, config=DirectLabellerConfig,
+                 capabilities={"debias"})
+
+The factory is called later, only when a run names the plugin, with the
+validated config instance as its first argument and role-specific keyword
+arguments (see ``docs/plugin-hooks.md``). Heavy frameworks (torch, jax, vllm,
+ray) must be imported inside the factory, never at module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import pluggy
+
+PROJECT_NAME = "caikit"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class Register(Protocol):
+    """The ``register`` callable handed to every registration hook."""
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        config: type | None = None,
+        capabilities: Iterable[str] = (),
+        description: str = "",
+    ) -> None:
+        """Register one implementation of the hook's role.
+
+        :param name: the name a run file uses in ``plugin = "NAME"``; unique per role.
+        :param factory: called as ``factory(config, **role_kwargs)`` to build the instance.
+        :param config: an attrs class holding the plugin's settings; ``None`` means
+            the plugin takes no settings.
+        :param capabilities: flags from :mod:`caikit_core.interfaces` (e.g. ``"score"``).
+        :param description: one line shown by ``caikit plugins``.
+        """
+
+
+# --- generation ---------------------------------------------------------------------
+
+
+@hookspec
+def register_generators(register: Register) -> None:
+    """Register generators: chat messages in, sampled completions (and scores) out.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config, *, model: str)``, where ``model``
+        is a local checkpoint directory or a hub id, and returns a
+        :class:`caikit_core.interfaces.Generator`.
+    """
+
+
+# --- feedback -----------------------------------------------------------------------
+
+
+@hookspec
+def register_critics(register: Register) -> None:
+    """Register critics: (prompt, response) and a constitution in, a revision trace out.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config, *, generator: Generator,
+        constitution: Constitution)`` and returns a
+        :class:`caikit_core.interfaces.Critic`.
+    """
+
+
+@hookspec
+def register_labellers(register: Register) -> None:
+    """Register labellers: a comparison of two responses in, P(A preferred) out.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config, *, generator: Generator,
+        constitution: Constitution)``, where ``generator`` wraps the feedback
+        model, and returns a :class:`caikit_core.interfaces.Labeller`.
+    """
+
+
+# --- training -----------------------------------------------------------------------
+
+
+@hookspec
+def register_preference_models(register: Register) -> None:
+    """Register preference models: fit on soft labels, score (prompt, response) pairs.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config, *, model: str)``, where ``model``
+        is the trunk checkpoint to start from, and returns a
+        :class:`caikit_core.interfaces.PreferenceModel`.
+    """
+
+
+@hookspec
+def register_policy_optimisers(register: Register) -> None:
+    """Register policy optimisers: SFT on revisions, and RL or preference losses.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config)`` and returns a
+        :class:`caikit_core.interfaces.PolicyOptimiser`.
+    """
+
+
+# --- execution ----------------------------------------------------------------------
+
+
+@hookspec
+def register_executors(register: Register) -> None:
+    """Register executors: how a stage maps over batches of records.
+
+    :param register: call ``register(name, factory, config=..., capabilities=...)``.
+        The factory is called as ``factory(config)`` and returns a
+        :class:`caikit_core.interfaces.Executor`.
+    """

@@ -1,0 +1,178 @@
+"""The role contracts, as :class:`typing.Protocol` classes, and capability flags.
+
+A plugin's object satisfies its role's protocol structurally; it need not
+inherit from anything. ``capabilities`` is what the conformance kit and the
+pipeline read to decide what a plugin can be asked to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import attrs
+
+from caikit_core.records import (
+    Comparison,
+    Generation,
+    GenerationRequest,
+    LabelledComparison,
+    PreferenceLabel,
+    Prompt,
+    RevisionTrace,
+    Sample,
+    Score,
+    ScoreRequest,
+)
+
+# --- capability flags -----------------------------------------------------------------
+
+#: Generator: can score log-probabilities of given continuations (``score``).
+CAN_SCORE = "score"
+#: Generator: honours ``GenerationRequest.seed`` so the same seed gives the same text.
+SEEDED = "seeded"
+#: Critic: can revise without writing a critique first (the paper's ablation).
+REVISE_WITHOUT_CRITIQUE = "revise-without-critique"
+#: Labeller: scores both option orders and averages them.
+DEBIAS = "debias"
+#: Labeller: writes a chain-of-thought rationale before reading the option probabilities.
+CHAIN_OF_THOUGHT = "chain-of-thought"
+#: Labeller: clamps its probabilities to a declared interval.
+CLAMP = "clamp"
+#: Policy optimiser: supervised fine-tuning (``sft``).
+SUPPORTS_SFT = "sft"
+#: Policy optimiser: RL against a reward with a KL penalty to a reference (PPO).
+SUPPORTS_PPO = "ppo"
+#: Policy optimiser: a preference loss directly on labelled pairs (DPO and kin).
+SUPPORTS_PREFERENCE_LOSS = "preference-loss"
+#: Executor: runs batches in parallel, possibly on other machines.
+DISTRIBUTED = "distributed"
+
+ALL_CAPABILITIES = frozenset(
+    {
+        CAN_SCORE,
+        SEEDED,
+        REVISE_WITHOUT_CRITIQUE,
+        DEBIAS,
+        CHAIN_OF_THOUGHT,
+        CLAMP,
+        SUPPORTS_SFT,
+        SUPPORTS_PPO,
+        SUPPORTS_PREFERENCE_LOSS,
+        DISTRIBUTED,
+    }
+)
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+@attrs.frozen
+class FitReport:
+    """What a fit produced: where it saved, and its metrics (loss, accuracy, ...)."""
+
+    path: str
+    metrics: dict[str, float] = attrs.field(factory=dict)
+
+
+# --- the roles ------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Chat messages in, ``n`` sampled completions per request out, in request order."""
+
+    capabilities: frozenset[str]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        """Log-probabilities of continuations; only with the ``score`` capability."""
+        ...
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """Responses in, one revision trace per response out, in order."""
+
+    capabilities: frozenset[str]
+
+    def revise(self, samples: Sequence[Sample], *, seed: int) -> list[RevisionTrace]: ...
+
+
+@runtime_checkable
+class Labeller(Protocol):
+    """Comparisons in, one preference label per comparison out, in order."""
+
+    capabilities: frozenset[str]
+
+    def label(self, comparisons: Sequence[Comparison], *, seed: int) -> list[PreferenceLabel]: ...
+
+
+@runtime_checkable
+class PreferenceModel(Protocol):
+    """Trained on soft-labelled comparisons; scores (prompt, response) pairs."""
+
+    capabilities: frozenset[str]
+
+    def fit(self, labelled: Sequence[LabelledComparison], out: Path) -> FitReport: ...
+
+    def score(self, samples: Sequence[Sample]) -> list[float]: ...
+
+    def load(self, path: Path) -> None: ...
+
+
+@runtime_checkable
+class PolicyOptimiser(Protocol):
+    """Fine-tunes a policy; checkpoints are HF-format folders named by path."""
+
+    capabilities: frozenset[str]
+
+    def sft(self, policy: str, examples: Sequence[RevisionTrace], out: Path) -> FitReport: ...
+
+    def optimise(
+        self,
+        policy: str,
+        reference: str,
+        reward: PreferenceModel,
+        prompts: Sequence[Prompt],
+        labelled: Sequence[LabelledComparison],
+        out: Path,
+    ) -> FitReport: ...
+
+
+class BatchFn(Protocol[T, U]):
+    def __call__(self, batch: list[T]) -> list[U]: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Maps a function over batches, yielding one output list per batch, in order.
+
+    ``describe`` labels the progress display; ``total`` is the number of items
+    over all batches. An exception from ``fn`` propagates (the pipeline names
+    the failing records).
+    """
+
+    capabilities: frozenset[str]
+
+    def map(
+        self,
+        fn: BatchFn[Any, Any],
+        batches: Iterable[list[Any]],
+        *,
+        total: int,
+        describe: str,
+    ) -> Iterator[list[Any]]: ...
+
+
+# Roles, their hook names and protocols, in pipeline order.
+ROLE_PROTOCOLS: dict[str, type] = {
+    "generator": Generator,
+    "critic": Critic,
+    "labeller": Labeller,
+    "preference_model": PreferenceModel,
+    "policy_optimiser": PolicyOptimiser,
+    "executor": Executor,
+}

@@ -1,0 +1,331 @@
+"""The plugin manager: entry points in group ``caikit``, the allow-list, tracing,
+and the registry of everything the plugins registered.
+
+Environment variables:
+
+``CAIKIT_LOAD_PLUGINS``
+    Comma-separated entry-point names to load; unset loads all, empty loads none.
+``CAIKIT_TRACE_PLUGINS``
+    When set to a non-empty value other than ``0``, every hook call is printed to
+    stderr with its arguments and results.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import pluggy
+
+from caikit_core import hookspecs
+from caikit_core.errors import PluginError
+from caikit_core.interfaces import ALL_CAPABILITIES
+
+ENTRY_POINT_GROUP = "caikit"
+BUNDLED_DISTRIBUTION = "caikit"
+
+#: role -> the hook that registers it
+ROLE_HOOKS: dict[str, str] = {
+    "generator": "register_generators",
+    "critic": "register_critics",
+    "labeller": "register_labellers",
+    "preference_model": "register_preference_models",
+    "policy_optimiser": "register_policy_optimisers",
+    "executor": "register_executors",
+}
+ROLES = tuple(ROLE_HOOKS)
+
+
+@attrs.frozen
+class PluginSpec:
+    """One registered implementation of a role."""
+
+    role: str
+    name: str
+    factory: Callable[..., Any]
+    config_cls: type | None
+    capabilities: frozenset[str]
+    description: str
+    plugin: str  # the entry-point (or in-process registration) name
+    distribution: str
+    version: str
+
+    @property
+    def bundled(self) -> bool:
+        return self.distribution == BUNDLED_DISTRIBUTION
+
+    def origin(self) -> str:
+        return f"plugin '{self.plugin}' from distribution '{self.distribution}' {self.version}"
+
+    def build(self, config: Any, **kwargs: Any) -> Any:
+        """Call the factory; errors raised by it name the plugin."""
+        try:
+            return self.factory(config, **kwargs)
+        except PluginError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, (OSError, ValueError, KeyError)):
+                raise PluginError(
+                    f"{self.role} '{self.name}' ({self.origin()}) failed to start: {exc}"
+                ) from exc
+            raise
+
+
+class Registry:
+    """Everything registered through the role hooks, by role and name."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, dict[str, PluginSpec]] = {role: {} for role in ROLES}
+
+    def add(self, spec: PluginSpec) -> None:
+        existing = self._specs[spec.role].get(spec.name)
+        if existing is not None:
+            raise PluginError(
+                f"two plugins register the {spec.role} name '{spec.name}': "
+                f"{existing.origin()} and {spec.origin()}"
+            )
+        self._specs[spec.role][spec.name] = spec
+
+    def names(self, role: str) -> list[str]:
+        return sorted(self._specs[role])
+
+    def get(self, role: str, name: str) -> PluginSpec:
+        """The spec for ``name`` in ``role``, or a :class:`PluginError` naming the options."""
+        try:
+            return self._specs[role][name]
+        except KeyError:
+            raise PluginError(unknown_plugin_message(role, name, self.names(role))) from None
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        role, name = key
+        return name in self._specs.get(role, {})
+
+    def all(self) -> list[PluginSpec]:
+        return [self._specs[role][name] for role in ROLES for name in sorted(self._specs[role])]
+
+
+def unknown_plugin_message(role: str, name: str, available: list[str]) -> str:
+    msg = f"unknown {role} plugin '{name}'"
+    close = difflib.get_close_matches(name, available, n=1)
+    if close:
+        msg += f"; did you mean '{close[0]}'?"
+    listed = ", ".join(available) if available else "none installed"
+    return f"{msg} (available: {listed})"
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Origin:
+    distribution: str
+    version: str
+
+
+class PluginManager:
+    """A pluggy manager for project ``caikit`` plus provenance and the registry."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self._origins: dict[str, _Origin] = {}
+        self._registry: Registry | None = None
+        self._undo_trace: Callable[[], None] | None = None
+
+    # registration ----------------------------------------------------------------
+    def register(
+        self, module: object, name: str, *, distribution: str = "<in-process>", version: str = ""
+    ) -> None:
+        """Register a hookimpl module (or object), validating it against the specs."""
+        if name in self._origins:
+            prev = self._origins[name]
+            raise PluginError(
+                f"two plugins use the entry-point name '{name}': distribution "
+                f"'{prev.distribution}' {prev.version} and '{distribution}' {version}"
+            )
+        try:
+            self.pm.register(module, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"plugin '{name}' from distribution '{distribution}' {version} is invalid: {exc}"
+            ) from exc
+        self._origins[name] = _Origin(distribution, version)
+        self._check_unknown_hooks(name, distribution, version)
+        self._registry = None
+
+    def _check_unknown_hooks(self, name: str, distribution: str, version: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        for attr in dir(plugin):
+            if getattr(getattr(plugin, attr, None), "caikit_impl", None) is None:
+                continue
+            if attr not in ROLE_HOOKS.values():
+                self.pm.unregister(name=name)
+                del self._origins[name]
+                close = difflib.get_close_matches(attr, list(ROLE_HOOKS.values()), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise PluginError(
+                    f"plugin '{name}' from distribution '{distribution}' {version} "
+                    f"implements unknown hook '{attr}'{hint}"
+                )
+
+    def load_entry_points(self) -> None:
+        """Load the entry points of group ``caikit``, honouring ``CAIKIT_LOAD_PLUGINS``."""
+        allow = allowed_plugins()
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_key):
+            if allow is not None and ep.name not in allow:
+                continue
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            version = ep.dist.version if ep.dist is not None else ""
+            if ep.name in self._origins and self._origins[ep.name].distribution == dist:
+                continue  # the same distribution seen twice on sys.path
+            try:
+                module = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{ep.name}' from distribution '{dist}' {version} failed to import "
+                    f"({ep.value}): {type(exc).__name__}: {exc}"
+                ) from exc
+            self.register(module, ep.name, distribution=dist, version=version)
+
+    # tracing --------------------------------------------------------------------
+    def enable_tracing(self, stream: Any = None) -> None:
+        out = stream if stream is not None else sys.stderr
+
+        def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+            names = ", ".join(i.plugin_name for i in impls)
+            args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            print(f"caikit trace: {hook_name}({args}) -> impls [{names}]", file=out)
+
+        def after(outcome: Any, hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+            exc = outcome.exception
+            result = f"raised {exc!r}" if exc is not None else repr(outcome.get_result())
+            print(f"caikit trace: {hook_name} result: {result}", file=out)
+
+        self._undo_trace = self.pm.add_hookcall_monitoring(before, after)
+
+    # the registry ---------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = self._collect()
+        return self._registry
+
+    def _collect(self) -> Registry:
+        registry = Registry()
+        trace = self._undo_trace is not None
+        for role, hook_name in ROLE_HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                plugin_name = impl.plugin_name
+                origin = self._origins.get(plugin_name, _Origin("<in-process>", ""))
+                register = _make_register(registry, role, plugin_name, origin, trace)
+                others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+                try:
+                    caller(register=register)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin '{plugin_name}' from distribution '{origin.distribution}' "
+                        f"{origin.version} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                    ) from exc
+        return registry
+
+    def plugin_origins(self) -> dict[str, tuple[str, str]]:
+        return {k: (v.distribution, v.version) for k, v in self._origins.items()}
+
+
+def _make_register(
+    registry: Registry, role: str, plugin: str, origin: _Origin, trace: bool
+) -> hookspecs.Register:
+    where = f"plugin '{plugin}' from distribution '{origin.distribution}' {origin.version}"
+
+    def register(
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        config: type | None = None,
+        capabilities: Iterable[str] = (),
+        description: str = "",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{where}: {role} name must be a non-empty string, got {name!r}")
+        if not callable(factory):
+            raise PluginError(f"{where}: factory for {role} '{name}' is not callable")
+        if config is not None and not attrs.has(config):
+            raise PluginError(
+                f"{where}: config for {role} '{name}' must be an attrs class, got {config!r}"
+            )
+        caps = frozenset(capabilities)
+        unknown = caps - ALL_CAPABILITIES
+        if unknown:
+            raise PluginError(
+                f"{where}: {role} '{name}' declares unknown capabilities {sorted(unknown)} "
+                f"(known: {', '.join(sorted(ALL_CAPABILITIES))})"
+            )
+        if not description:
+            doc = inspect.getdoc(factory) or ""
+            description = doc.splitlines()[0] if doc else ""
+        spec = PluginSpec(
+            role=role,
+            name=name,
+            factory=factory,
+            config_cls=config,
+            capabilities=caps,
+            description=description,
+            plugin=plugin,
+            distribution=origin.distribution,
+            version=origin.version,
+        )
+        registry.add(spec)
+        if trace:
+            print(f"caikit trace: registered {role} '{name}' from {where}", file=sys.stderr)
+
+    return register
+
+
+def _ep_key(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    return (ep.name, ep.value)
+
+
+def allowed_plugins() -> set[str] | None:
+    raw = os.environ.get("CAIKIT_LOAD_PLUGINS")
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+def tracing_requested() -> bool:
+    return os.environ.get("CAIKIT_TRACE_PLUGINS", "") not in ("", "0")
+
+
+_manager: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide manager, loading entry points on first use."""
+    global _manager
+    if _manager is None:
+        manager = PluginManager()
+        if tracing_requested():
+            manager.enable_tracing()
+        manager.load_entry_points()
+        _manager = manager
+    return _manager
+
+
+def get_registry() -> Registry:
+    return get_plugin_manager().registry
+
+
+def reset() -> None:
+    """Forget the process-wide manager (tests, or after installing a plugin)."""
+    global _manager
+    _manager = None

@@ -1,0 +1,1 @@
+"""caikit's bundled local executor."""
