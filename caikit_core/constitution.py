@@ -117,8 +117,12 @@ def _entry(section: str, index: int, entry_id: str | None = None) -> str:
     return f"{section}[{index}]" + (f" (id {entry_id!r})" if entry_id else "")
 
 
-def constitution_problems(constitution: Constitution) -> list[str]:
+def constitution_problems(
+    constitution: Constitution, *, principles: bool = True, few_shot: bool = True
+) -> list[str]:
     """Every problem of a constitution, one line each; empty when it is valid.
+
+    ``principles`` / ``few_shot`` select which parts are checked.
 
     A valid constitution has at least one critique/revision or feedback principle;
     every principle has a non-blank id, unique within its list, and non-blank text;
@@ -129,6 +133,15 @@ def constitution_problems(constitution: Constitution) -> list[str]:
     be blank: it then stands for the principle being asked about (Anthropic's
     few-shot comparisons carry none).
     """
+    problems: list[str] = []
+    if principles:
+        problems.extend(_principle_problems(constitution))
+    if few_shot:
+        problems.extend(_few_shot_problems(constitution))
+    return problems
+
+
+def _principle_problems(constitution: Constitution) -> list[str]:
     problems: list[str] = []
     if not constitution.critique_revision and not constitution.feedback:
         problems.append("no critique/revision or feedback principles")
@@ -153,6 +166,11 @@ def constitution_problems(constitution: Constitution) -> list[str]:
                 else (("text", principle.text),)
             )
             problems.extend(f"{where}: {name!r} is empty" for name, text in texts if _blank(text))
+    return problems
+
+
+def _few_shot_problems(constitution: Constitution) -> list[str]:
+    problems: list[str] = []
     for index, example in enumerate(constitution.critique_few_shot):
         where = _entry("critique_few_shot", index)
         for name in ("critique_request", "critique", "revision_request", "revision"):
