@@ -32,9 +32,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(
-        console=Console(file=sys.stderr), show_path=False, show_time=False, markup=False
-    )
+    console = Console(file=sys.stderr)
+    if not console.is_terminal:
+        console = Console(file=sys.stderr, width=160)
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("caikit")
     root.handlers[:] = [handler]
@@ -65,7 +66,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from caikit_core.plugins import get_registry
 
     specs = [s for s in get_registry().all() if args.all or not s.bundled]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": s.name,
             "role": s.role,
@@ -123,44 +124,44 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from caikit_core.config import ResolvedRun, load_run, parse_config, resolve
+    from caikit_core.config import check_run_data, read_file
     from caikit_core.pipeline import Pipeline
     from caikit_core.plugins import get_registry
     from caikit_core.store import RunStore
 
     registry = get_registry()
-    run: ResolvedRun
     if args.resume:
-        store = RunStore(Path(args.resume))
+        if args.config is not None:
+            raise CaikitError("caikit run: give a run file or --resume RUN_DIR, not both")
+        store = RunStore(Path(args.resume).resolve())
         info = store.read_run()
-        if "config" not in info or "base_dir" not in info:
+        if not isinstance(info.get("config"), dict) or not isinstance(info.get("base_dir"), str):
             raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
         source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
-        config = parse_config(info["config"], source)
-        run = resolve(config, registry, source=source, base_dir=Path(info["base_dir"]))
-        store = RunStore(store.root.resolve())
+        run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+        if run.output_path() != store.root:
+            # the run directory was moved: keep working where it is now
+            log.info("run directory moved from %s to %s", run.output_path(), store.root)
     else:
         if args.config is None:
             raise CaikitError("caikit run: give a run file, or --resume RUN_DIR")
-        from caikit_core.config import load_config
-
         path = Path(args.config)
-        run = load_run(path, registry)
-        _, raw = load_config(path)
+        raw = read_file(path)
+        run = check_run_data(raw, str(path), registry, path.resolve().parent)
         store = RunStore(run.output_path())
-        info = store.read_run() if store.exists() else {}
-        info.update(
-            {
-                "config": raw,
-                "config_source": str(path.resolve()),
-                "base_dir": str(run.base_dir),
-            }
-        )
         try:
-            json.dumps(info, allow_nan=False)
+            recorded = json.loads(json.dumps(raw, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
         with store.lock():
+            info = store.read_run() if store.exists() else {}
+            info.update(
+                {
+                    "config": recorded,
+                    "config_source": str(path.resolve()),
+                    "base_dir": str(run.base_dir),
+                }
+            )
             store.write_run(info)
     log.info("run directory: %s", store.root)
     summary = Pipeline(run, store=store).execute()

@@ -19,7 +19,6 @@ file's problems are reported together in one :class:`ConfigError`.
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-from caikit_core.converter import converter, describe_error, show
+from caikit_core.converter import InvalidValue, converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
 
@@ -37,17 +36,17 @@ Phase = Literal["sl", "rl"]
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"expected a positive integer, found {value}")
+        raise InvalidValue(attribute.name, f"expected a positive integer, found {value}")
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value < 0:
-        raise ValueError(f"expected a number >= 0, found {value}")
+        raise InvalidValue(attribute.name, f"expected a number >= 0, found {value}")
 
 
 def _probability(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not 0.0 < value <= 1.0:
-        raise ValueError(f"expected a number in (0, 1], found {value}")
+        raise InvalidValue(attribute.name, f"expected a number in (0, 1], found {value}")
 
 
 @attrs.frozen
@@ -277,44 +276,63 @@ def resolve(config: RunConfig, registry: Registry, *, source: str, base_dir: Pat
                     f"found no [{role}] table (available plugins: {names})"
                 )
             continue
-        if role_cfg.plugin not in registry.names(role):
-            problems.append(
-                f"{role}.plugin: "
-                + unknown_plugin_message(role, role_cfg.plugin, registry.names(role))
-            )
-            continue
-        spec = registry.get(role, role_cfg.plugin)
-        plugin_config: Any = None
-        if spec.config_cls is None:
-            if role_cfg.options:
-                keys = ", ".join(sorted(role_cfg.options))
-                problems.append(f"{role}: plugin '{spec.name}' takes no settings, found {keys}")
-                continue
-        else:
-            try:
-                plugin_config = converter.structure(dict(role_cfg.options), spec.config_cls)
-            except Exception as exc:
-                problems.extend(describe_error(exc, prefix=role))
-                continue
-        roles[role] = ResolvedRole(role=role, spec=spec, config=plugin_config)
+        resolved = _resolve_role(role, role_cfg, registry, problems)
+        if resolved is not None:
+            roles[role] = resolved
     if problems:
         raise ConfigError(source, problems)
     return ResolvedRun(source=source, base_dir=base_dir, config=config, roles=roles)
 
 
+def _resolve_role(
+    role: str, role_cfg: RoleConfig, registry: Registry, problems: list[str]
+) -> ResolvedRole | None:
+    """Look a role's plugin up and structure its settings; problems are appended."""
+    if role_cfg.plugin not in registry.names(role):
+        problems.append(
+            f"{role}.plugin: " + unknown_plugin_message(role, role_cfg.plugin, registry.names(role))
+        )
+        return None
+    spec = registry.get(role, role_cfg.plugin)
+    if spec.config_cls is None:
+        if role_cfg.options:
+            keys = ", ".join(sorted(role_cfg.options))
+            problems.append(f"{role}: plugin '{spec.name}' takes no settings, found {keys}")
+            return None
+        return ResolvedRole(role=role, spec=spec, config=None)
+    try:
+        plugin_config: Any = converter.structure(dict(role_cfg.options), spec.config_cls)
+    except Exception as exc:
+        problems.extend(describe_error(exc, prefix=role))
+        return None
+    return ResolvedRole(role=role, spec=spec, config=plugin_config)
+
+
+def check_run_data(
+    data: Mapping[str, Any], source: str, registry: Registry, base_dir: Path
+) -> ResolvedRun:
+    """Structure and resolve raw run-file data, reporting the core's problems and
+    every role table's problems together."""
+    try:
+        config = parse_config(data, source)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+        for role in ROLES:
+            raw = data.get(role)
+            if isinstance(raw, Mapping) and isinstance(raw.get("plugin"), str):
+                _resolve_role(role, _role_hook(raw, RoleConfig), registry, problems)
+        raise ConfigError(source, problems) from None
+    return resolve(config, registry, source=source, base_dir=base_dir)
+
+
 def load_run(path: str | Path, registry: Registry) -> ResolvedRun:
     """Read, structure and resolve a run file."""
     p = Path(path)
-    config, _ = load_config(p)
-    return resolve(config, registry, source=str(p), base_dir=p.resolve().parent)
+    data = read_file(p)
+    return check_run_data(data, str(p), registry, p.resolve().parent)
 
 
 def resolve_path(base_dir: Path, value: str) -> Path:
     """A path from a run file: ``~`` expanded, relative paths against the file's folder."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base_dir / p).resolve()
-
-
-def did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""

@@ -26,9 +26,18 @@ from cattrs.gen import make_dict_structure_fn
 converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
 
+class InvalidValue(ValueError):
+    """Raised by attrs validators so the error is reported at the field's key path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 def show(value: Any) -> str:
     """How a found value is quoted in error messages."""
-    kind = {dict: "table", list: "list", tuple: "list"}.get(type(value), type(value).__name__)
+    kinds: dict[type, str] = {dict: "table", list: "list", tuple: "list"}
+    kind = kinds.get(type(value), type(value).__name__)
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -111,7 +120,7 @@ def _sequence_hook(tp: Any) -> Callable[[Any, Any], Any]:
 
 
 def _attrs_hook(cls: type) -> Callable[[Any, Any], Any]:
-    structure_fn = make_dict_structure_fn(
+    structure_fn: Callable[[Any, Any], Any] = make_dict_structure_fn(
         cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
     )
 
@@ -170,8 +179,10 @@ def _walk(exc: BaseException, path: list[str], lines: list[str]) -> None:
                 msg += f" (allowed: {', '.join(fields)})"
             lines.append(msg)
     elif isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            _walk(sub, path, lines)
+        for inner in exc.exceptions:
+            _walk(inner, path, lines)
+    elif isinstance(exc, InvalidValue):
+        lines.append(f"{_join([*path, exc.field])}: {exc}")
     else:
         lines.append(f"{_join(path)}: {exc}")
 

@@ -380,10 +380,14 @@ class Pipeline:
 
     # the stages -----------------------------------------------------------------------
     def _stage_prompts(self, stage: StageDef) -> StageResult:
-        from caikit_core.prompts import read_prompts
+        from caikit_core.prompts import PromptFileError, read_prompts
 
         data = self.cfg.data
         path = resolve_path(self.run.base_dir, data.prompts)
+        if not path.is_file():
+            raise PromptFileError(
+                f"{path}: prompt file not found (data.prompts in {self.run.source})"
+            )
         digest = file_digest(path, what="the prompt file")
         settings = {"format": data.format, "field": data.field, "limit": data.limit}
         fp, config_fp = self._fingerprints(stage, digest, settings)
@@ -553,9 +557,10 @@ class Pipeline:
             role = self.run.roles["preference_model"]
             reward = role.spec.build(role.config, model=self.model("preference"))
             reward.load(self._artifacts["preference_model"])
-            return optimiser.optimise(
+            report: FitReport = optimiser.optimise(
                 policy, policy, reward, self._load_rows("prompts"), self._labelled(), out
             )
+            return report
 
         return self._run_fit(
             stage,

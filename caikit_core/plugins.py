@@ -17,7 +17,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -197,12 +197,14 @@ class PluginManager:
     def enable_tracing(self, stream: Any = None) -> None:
         out = stream if stream is not None else sys.stderr
 
-        def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+        def before(hook_name: str, impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
             names = ", ".join(i.plugin_name for i in impls)
             args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             print(f"caikit trace: {hook_name}({args}) -> impls [{names}]", file=out)
 
-        def after(outcome: Any, hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+        def after(
+            outcome: Any, hook_name: str, impls: Sequence[Any], kwargs: Mapping[str, Any]
+        ) -> None:
             exc = outcome.exception
             result = f"raised {exc!r}" if exc is not None else repr(outcome.get_result())
             print(f"caikit trace: {hook_name} result: {result}", file=out)

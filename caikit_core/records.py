@@ -229,8 +229,7 @@ def _arrow_type(tp: Any) -> tuple[pa.DataType, bool]:
     if tp in _SCALARS:
         return _SCALARS[tp], False
     if origin in (tuple, list):
-        args = typing.get_args(tp)
-        inner = args[0]
+        inner = typing.get_args(tp)[0]
         return pa.list_(_arrow_type(inner)[0]), False
     if attrs.has(tp):
         return pa.struct(_fields(tp)), False

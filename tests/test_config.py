@@ -1,0 +1,221 @@
+"""Run files: parsing, validation messages, exit codes, resolved output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from caikit_core.cli import main
+from caikit_core.config import RunConfig, load_run
+from caikit_core.plugins import get_registry
+from tests.conftest import ECHO_RUN, run_cli
+
+# Each case: (file name, content, expected message fragment).
+BAD_CONFIGS = [
+    ("syntax.toml", 'seed = \n[models]\npolicy = "x"', "invalid TOML: Invalid value (at line 1"),
+    ("syntax.yaml", "seed: [1, 2\nmodels: {policy: x}\n", "invalid YAML: "),
+    ("toplist.yaml", "- 1\n- 2\n", "(top level): expected a table, found [1, 2] (list)"),
+    ("run.ini", "seed = 1", "unknown run file type '.ini' (expected .toml, .yaml, .yml)"),
+    (
+        "typo.toml",
+        ECHO_RUN.replace("seed = 3", "seeed = 3"),
+        "seeed: unknown key; did you mean 'seed'?",
+    ),
+    (
+        "type.toml",
+        ECHO_RUN.replace("seed = 3", 'seed = "3"'),
+        "seed: expected an integer, found '3' (str)",
+    ),
+    (
+        "plugin.toml",
+        ECHO_RUN.replace('plugin = "echo"', 'plugin = "ecoh"'),
+        "generator.plugin: unknown generator plugin 'ecoh'; did you mean 'echo'? (available: echo)",
+    ),
+    (
+        "missing-role.toml",
+        ECHO_RUN.replace('[labeller]\nplugin = "length"\n', ""),
+        "labeller: required by phase 'rl', found no [labeller] table (available plugins: length)",
+    ),
+    (
+        "nested-type.toml",
+        ECHO_RUN.replace("revisions = 2", 'revisions = "two"'),
+        "critic.revisions: expected an integer, found 'two' (str)",
+    ),
+    (
+        "nested-key.toml",
+        ECHO_RUN.replace("revisions = 2", "revison = 2"),
+        "critic.revison: unknown key; did you mean 'revisions'?",
+    ),
+    (
+        "no-models.toml",
+        ECHO_RUN.replace('[models]\npolicy = "echo-policy"\n', ""),
+        "models: required key is missing",
+    ),
+    (
+        "phase.toml",
+        ECHO_RUN.replace('phases = ["sl", "rl"]', 'phases = ["sll"]'),
+        "phases[0]: expected one of 'sl', 'rl', found 'sll' (str); did you mean 'sl'?",
+    ),
+    (
+        "phase-str.toml",
+        ECHO_RUN.replace('phases = ["sl", "rl"]', 'phases = "sl"'),
+        "phases: expected a list, found 'sl' (str)",
+    ),
+    (
+        "batch.toml",
+        ECHO_RUN.replace("batch_size = 2", "batch_size = 0"),
+        "batch_size: expected a positive integer, found 0",
+    ),
+    (
+        "no-plugin-key.toml",
+        ECHO_RUN.replace('[generator]\nplugin = "echo"', "[generator]\nprefix = 'x'"),
+        "generator: expected a 'plugin' key naming the plugin, found none",
+    ),
+    (
+        "no-settings.toml",
+        ECHO_RUN.replace('plugin = "length"', 'plugin = "length"\nstrength = 2'),
+        "labeller: plugin 'length' takes no settings, found strength",
+    ),
+    (
+        "format.toml",
+        ECHO_RUN.replace('prompts = "prompts.txt"', 'prompts = "prompts.txt"\nformat = "csv"'),
+        "data.format: expected one of 'auto', 'jsonl', 'parquet', 'text', 'hh-rlhf', found 'csv'",
+    ),
+    (
+        "top-p.toml",
+        ECHO_RUN + "\n[sl.sampling]\ntop_p = 1.5\n",
+        "sl.sampling.top_p: expected a number in (0, 1], found 1.5",
+    ),
+    (
+        "sampling-key.toml",
+        ECHO_RUN + "\n[rl.sampling]\ntemprature = 0.5\n",
+        "rl.sampling.temprature: unknown key; did you mean 'temperature'?",
+    ),
+    (
+        "models-scalar.toml",
+        ECHO_RUN.replace('[models]\npolicy = "echo-policy"\n', 'models = "echo-policy"\n'),
+        "models: expected a table, found 'echo-policy' (str)",
+    ),
+    (
+        "bool.toml",
+        ECHO_RUN + "\n[sl]\nsft = 1\n",
+        "sl.sft: expected true or false, found 1 (int)",
+    ),
+    (
+        "role-scalar.toml",
+        "policy_optimiser = 3\n" + ECHO_RUN.replace('[policy_optimiser]\nplugin = "copy"\n', ""),
+        "policy_optimiser: expected a table with a 'plugin' key, found 3 (int)",
+    ),
+    (
+        "duplicate-phase.toml",
+        ECHO_RUN.replace('phases = ["sl", "rl"]', 'phases = ["sl", "sl"]'),
+        "phases: each phase may appear once, found ['sl', 'sl']",
+    ),
+    (
+        "executor.toml",
+        ECHO_RUN + '\n[executor]\nplugin = "locl"\n',
+        "executor.plugin: unknown executor plugin 'locl'; did you mean 'local'? (available: local)",
+    ),
+    ("missing.toml", None, "file not found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS]
+)
+def test_bad_config_gives_one_clear_error_and_exit_2(
+    name: str,
+    content: str | None,
+    expected: str,
+    tmp_path: Path,
+    with_echo: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    for command in (["config", "show", str(path)], ["run", str(path)]):
+        code = main(command)
+        captured = capsys.readouterr()
+        assert code == 2, captured
+        assert expected in captured.err
+        assert captured.err.startswith(f"error: {path}: ")
+        assert "Traceback" not in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_problems_are_reported_together(
+    tmp_path: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = ECHO_RUN.replace("seed = 3", 'seed = "x"').replace("batch_size = 2", "batchsize = 2")
+    bad = bad.replace("revisions = 2", "revisions = 2.5")
+    path = tmp_path / "many.toml"
+    path.write_text(bad, encoding="utf-8")
+    assert main(["config", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "3 config problems" in err
+    assert "seed: expected an integer, found 'x' (str)" in err
+    assert "batchsize: unknown key; did you mean 'batch_size'?" in err
+    assert "critic.revisions: expected an integer, found 2.5 (float)" in err
+
+
+def test_cli_subprocess_bad_config_has_no_traceback_unless_debug(
+    tmp_path: Path, echo_site: Path
+) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text(ECHO_RUN.replace("seed = 3", "sed = 3"), encoding="utf-8")
+    plain = run_cli("run", str(path), pythonpath=[echo_site])
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines()[-1] == "  sed: unknown key; did you mean 'seed'?"
+    assert "Traceback" not in plain.stderr
+    debug = run_cli("run", str(path), "--debug", pythonpath=[echo_site])
+    assert debug.returncode == 2
+    assert "Traceback (most recent call last)" in debug.stderr
+
+
+def test_config_show_prints_every_default(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "show", "--json", str(echo_run)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["seed"] == 3
+    assert data["phases"] == ["sl", "rl"]
+    assert data["sl"] == {
+        "sampling": {"max_new_tokens": 256, "temperature": 0.7, "top_p": 1.0},
+        "sft": True,
+    }
+    assert data["generator"] == {"plugin": "echo", "prefix": "echo", "delay": 0.0, "fail_on": ""}
+    assert data["critic"] == {"plugin": "shout", "revisions": 2}
+    assert data["labeller"] == {"plugin": "length"}
+    assert data["executor"] == {"plugin": "local", "progress": True}
+    assert data["constitution"] == {"path": "default", "format": "auto"}
+    assert main(["config", "show", str(echo_run)]) == 0
+    yaml_out = capsys.readouterr().out
+    assert "plugin: shout\n  revisions: 2\n" in yaml_out
+
+
+def test_yaml_and_toml_resolve_to_the_same_config(tmp_path: Path, with_echo: Path) -> None:
+    import tomllib
+
+    import yaml
+
+    toml_path = tmp_path / "a.toml"
+    toml_path.write_text(ECHO_RUN, encoding="utf-8")
+    yaml_path = tmp_path / "a.yaml"
+    yaml_path.write_text(yaml.safe_dump(tomllib.loads(ECHO_RUN)), encoding="utf-8")
+    registry = get_registry()
+    a, b = load_run(toml_path, registry), load_run(yaml_path, registry)
+    assert a.as_dict() == b.as_dict()
+    assert isinstance(a.config, RunConfig)
+
+
+def test_yaml_is_loaded_safely(
+    tmp_path: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "unsafe.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n", encoding="utf-8")
+    assert main(["config", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid YAML" in err and "python/object/apply" in err
