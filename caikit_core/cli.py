@@ -17,6 +17,7 @@ from typing import Any
 
 from caikit_core import __version__
 from caikit_core.errors import CaikitError, StoreError
+from caikit_core.models import add_models_command
 
 EXIT_BAD_INPUT = 2
 
@@ -165,11 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             store.write_run(info)
     log.info("run directory: %s", store.root)
     summary = Pipeline(run, store=store).execute()
-    _print_summary(summary)
+    _print_summary(summary, args.show_traces)
     return 0
 
 
-def _print_summary(summary: Any) -> None:
+def _print_summary(summary: Any, show_traces: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -180,6 +181,113 @@ def _print_summary(summary: Any) -> None:
     console = Console(file=sys.stdout, width=200)
     console.print(table)
     console.print(f"run directory: {summary.run_dir}")
+    for s in summary.stages:
+        if s.name == "revisions":
+            console.print(f"SL-CAI dataset (Parquet shards): {s.path}")
+            console.print(
+                f"  export to the HF CAI schema: caikit export {summary.run_dir} --out cai.parquet"
+            )
+        if s.name == "sft" and s.artifact is not None:
+            console.print(f"SL-CAI checkpoint: {s.artifact}")
+    if show_traces:
+        _print_traces(summary, show_traces, console)
+
+
+def _print_traces(summary: Any, count: int, console: Any) -> None:
+    from rich.panel import Panel
+
+    from caikit_core.records import RevisionTrace, from_arrow
+    from caikit_core.store import RunStore
+
+    stage = next((s for s in summary.stages if s.name == "revisions"), None)
+    if stage is None:
+        return
+    store = RunStore(summary.run_dir)
+    shown = 0
+    for path in store.shard_paths("revisions", stage.fingerprint):
+        import pyarrow.parquet as pq
+
+        for trace in from_arrow(pq.read_table(path), RevisionTrace):
+            if shown >= count:
+                return
+            lines = [f"[bold]prompt:[/bold] {_esc(trace.messages[-1].content)}"]
+            lines.append(f"[bold]initial response:[/bold] {_esc(trace.initial_response)}")
+            for step in trace.steps:
+                lines.append(f"[bold]step {step.index} ({step.principle_id})[/bold]")
+                if step.critique_prompt:
+                    lines.append(f"  [cyan]critique:[/cyan] {_esc(step.critique)}")
+                lines.append(f"  [green]revision:[/green] {_esc(step.revision)}")
+            if trace.skipped_reason:
+                lines.append(f"[red]skipped:[/red] {_esc(trace.skipped_reason)}")
+            console.print(Panel("\n".join(lines), title=f"trace {trace.id}", expand=False))
+            shown += 1
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# --- constitution ------------------------------------------------------------------
+
+
+def cmd_constitution_convert(args: argparse.Namespace) -> int:
+    from caikit_core.constitution_formats import convert_constitution
+
+    constitution = convert_constitution(
+        args.src, args.dst, args.src_format, args.dst_format, lossy=args.lossy
+    )
+    print(
+        f"wrote {args.dst}: {len(constitution.critique_revision)} critique/revision pairs, "
+        f"{len(constitution.feedback)} feedback principles, "
+        f"{len(constitution.critique_few_shot) + len(constitution.feedback_few_shot)} "
+        f"few-shot examples (content hash {constitution.content_hash()[:16]})"
+    )
+    return 0
+
+
+def cmd_constitution_show(args: argparse.Namespace) -> int:
+    from caikit_core.constitution_formats import load_constitution
+
+    c = load_constitution(args.path, args.format)
+    if args.json:
+        print(json.dumps({"content_hash": c.content_hash(), **c.to_dict()}, indent=2))
+        return 0
+    print(f"{c.name}  (content hash {c.content_hash()})")
+    print(f"critique/revision pairs: {len(c.critique_revision)}")
+    for p in c.critique_revision:
+        print(f"  {p.id}: {p.critique}")
+    print(f"feedback principles: {len(c.feedback)}")
+    for f in c.feedback:
+        print(f"  {f.id}: {f.text}")
+    print(
+        f"few-shot examples: {len(c.critique_few_shot)} critique, "
+        f"{len(c.feedback_few_shot)} feedback"
+    )
+    return 0
+
+
+def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    formats = ["auto", "caikit", "anthropic", "llm-swarm"]
+    p = sub.add_parser("constitution", parents=[common], help="inspect and convert constitutions")
+    csub = p.add_subparsers(dest="constitution_command", metavar="SUBCOMMAND", required=True)
+    conv = csub.add_parser(
+        "convert", parents=[common], help="convert between caikit, anthropic and llm-swarm formats"
+    )
+    conv.add_argument("src", help="file or folder to read")
+    conv.add_argument("dst", help="file or folder to write (format from its suffix by default)")
+    conv.add_argument("--from", dest="src_format", choices=formats, default="auto")
+    conv.add_argument("--to", dest="dst_format", choices=formats, default="auto")
+    conv.add_argument(
+        "--lossy", action="store_true", help="allow dropping what the target format cannot hold"
+    )
+    conv.set_defaults(func=cmd_constitution_convert)
+    show = csub.add_parser("show", parents=[common], help="print a constitution and its hash")
+    show.add_argument("path", nargs="?", default=None, help="file or folder (default: caikit's)")
+    show.add_argument("--format", choices=formats, default="auto")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_constitution_show)
 
 
 # --- entry point -----------------------------------------------------------------------
@@ -215,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run the stages of a run file")
     p.add_argument("config", nargs="?", help="run file (.toml, .yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--show-traces", type=int, default=2, metavar="N", help="print N revision traces at the end"
+    )
     p.set_defaults(func=cmd_run)
 
     for extra in _EXTRA_COMMANDS:
@@ -223,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: functions that add sub-commands (other modules append to this)
-_EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+_EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    _add_constitution_commands,
+    add_models_command,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from caikit_core.records import (
     RevisionTrace,
     Sample,
     SamplingParams,
+    derive_seed,
     from_arrow,
     stable_id,
     to_arrow,
@@ -98,11 +99,6 @@ def stage_names(run: ResolvedRun) -> list[str]:
         if run.config.rl.train_policy:
             names.append("policy")
     return names
-
-
-def derive_seed(seed: int, *key: object) -> int:
-    """A 31-bit seed from the run seed and a key, independent of batching."""
-    return int(stable_id("seed", seed, *key), 16) & 0x7FFFFFFF
 
 
 @attrs.define

@@ -13,12 +13,14 @@ import json
 import types
 import typing
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import pyarrow as pa
 
 from caikit_core.converter import converter
+
+if TYPE_CHECKING:  # pyarrow (and numpy) load only when a table is built or read
+    import pyarrow as pa
 
 T = TypeVar("T")
 
@@ -27,6 +29,12 @@ def stable_id(*parts: object) -> str:
     """A 16-hex-digit id derived from ``parts`` (JSON-encoded, order-sensitive)."""
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def derive_seed(seed: int, *key: object) -> int:
+    """A 31-bit seed from the run seed and a key (e.g. record id, stage), so that
+    sampling does not depend on batching, sharding or resuming."""
+    return int(stable_id("seed", seed, *key), 16) & 0x7FFFFFFF
 
 
 @attrs.frozen
@@ -79,6 +87,14 @@ class GenerationRequest:
     n: int = 1
     seed: int = 0
     response_prefix: str = ""
+
+
+#: finish reasons a generator reports per completion
+FINISH_EOS = "eos"
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+#: the request was not run (e.g. its prompt does not fit the context); ``warnings`` says why
+FINISH_SKIPPED = "skipped"
 
 
 @attrs.frozen
@@ -210,24 +226,24 @@ def from_dict(data: dict[str, Any], cls: type[T]) -> T:
     return converter.structure(data, cls)
 
 
-_SCALARS: dict[Any, pa.DataType] = {
-    str: pa.string(),
-    int: pa.int64(),
-    float: pa.float64(),
-    bool: pa.bool_(),
-}
-
-
 def _arrow_type(tp: Any) -> tuple[pa.DataType, bool]:
     """Arrow type of an annotation and whether it is nullable."""
+    import pyarrow as pa
+
+    scalars: dict[Any, pa.DataType] = {
+        str: pa.string(),
+        int: pa.int64(),
+        float: pa.float64(),
+        bool: pa.bool_(),
+    }
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) != 1:
             raise TypeError(f"unsupported union for Arrow: {tp}")
         return _arrow_type(args[0])[0], True
-    if tp in _SCALARS:
-        return _SCALARS[tp], False
+    if tp in scalars:
+        return scalars[tp], False
     if origin in (tuple, list):
         inner = typing.get_args(tp)[0]
         return pa.list_(_arrow_type(inner)[0]), False
@@ -237,6 +253,8 @@ def _arrow_type(tp: Any) -> tuple[pa.DataType, bool]:
 
 
 def _fields(cls: type) -> list[pa.Field]:
+    import pyarrow as pa
+
     hints = typing.get_type_hints(cls)
     out = []
     for field in attrs.fields(cls):
@@ -247,11 +265,15 @@ def _fields(cls: type) -> list[pa.Field]:
 
 def arrow_schema(cls: type) -> pa.Schema:
     """The Arrow schema of a record class, derived from its annotations."""
+    import pyarrow as pa
+
     return pa.schema(_fields(cls))
 
 
 def to_arrow(records: Sequence[Any], cls: type) -> pa.Table:
     """Records of ``cls`` as an Arrow table with :func:`arrow_schema` ``(cls)``."""
+    import pyarrow as pa
+
     return pa.Table.from_pylist([to_dict(r) for r in records], schema=arrow_schema(cls))
 
 

@@ -31,7 +31,7 @@ BAD_CONFIGS = [
     (
         "plugin.toml",
         ECHO_RUN.replace('plugin = "echo"', 'plugin = "ecoh"'),
-        "generator.plugin: unknown generator plugin 'ecoh'; did you mean 'echo'? (available: echo)",
+        "generator.plugin: unknown generator plugin 'ecoh'; did you mean 'echo'? (available: echo",
     ),
     (
         "missing-role.toml",

@@ -12,9 +12,16 @@ import pytest
 from caikit_core.cli import main
 from caikit_core.config import load_run
 from caikit_core.errors import FingerprintError, StoreError
-from caikit_core.pipeline import Pipeline, derive_seed
+from caikit_core.pipeline import Pipeline
 from caikit_core.plugins import get_registry
-from caikit_core.records import Comparison, PreferenceLabel, RevisionTrace, Sample, from_arrow
+from caikit_core.records import (
+    Comparison,
+    PreferenceLabel,
+    RevisionTrace,
+    Sample,
+    derive_seed,
+    from_arrow,
+)
 from caikit_core.store import RunStore, fingerprint
 from tests.conftest import PROMPTS
 
