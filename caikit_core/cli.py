@@ -290,6 +290,45 @@ def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> Non
     show.set_defaults(func=cmd_constitution_show)
 
 
+# --- export --------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from caikit_core.export import export_run
+
+    for path in export_run(Path(args.run_dir), Path(args.out), format=args.format):
+        print(path)
+    return 0
+
+
+def _add_export_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export a run's revisions as a Hugging Face CAI dataset",
+        description=(
+            "Write a run's revision traces in the schema of HuggingFaceH4/"
+            "cai-conversation-harmless (init_prompt, init_response, critic_prompt, "
+            "critic_response, revision_prompt, revision_response, prompt, messages, "
+            "chosen, rejected)."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="the output file; the format's suffix is added when missing",
+    )
+    p.add_argument(
+        "--format",
+        choices=("parquet", "jsonl", "both"),
+        default="parquet",
+        help="file format (default: parquet)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
 # --- entry point -----------------------------------------------------------------------
 
 
@@ -337,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_constitution_commands,
     add_models_command,
+    _add_export_command,
 ]
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from caikit_core.converter import InvalidValue, converter, describe_error, show
 from caikit_core.errors import ConfigError
+from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT
 from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
 
 Phase = Literal["sl", "rl"]
@@ -279,9 +280,33 @@ def resolve(config: RunConfig, registry: Registry, *, source: str, base_dir: Pat
         resolved = _resolve_role(role, role_cfg, registry, problems)
         if resolved is not None:
             roles[role] = resolved
+    problems.extend(_capability_problems(config, roles))
     if problems:
         raise ConfigError(source, problems)
     return ResolvedRun(source=source, base_dir=base_dir, config=config, roles=roles)
+
+
+def _capability_problems(config: RunConfig, roles: Mapping[str, ResolvedRole]) -> list[str]:
+    """Roles whose plugin lacks a capability the run needs (checked before anything runs)."""
+    problems: list[str] = []
+    optimiser = roles.get("policy_optimiser")
+    if optimiser is None:
+        return problems
+    caps = optimiser.spec.capabilities
+    listed = ", ".join(sorted(caps)) or "none"
+    if "sl" in config.phases and config.sl.sft and SUPPORTS_SFT not in caps:
+        problems.append(
+            f"policy_optimiser.plugin: '{optimiser.spec.name}' cannot fine-tune (no "
+            f"'{SUPPORTS_SFT}' capability; it has: {listed}), which sl.sft = true needs"
+        )
+    rl_caps = {SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS}
+    if "rl" in config.phases and config.rl.train_policy and not caps & rl_caps:
+        problems.append(
+            f"policy_optimiser.plugin: '{optimiser.spec.name}' cannot optimise a policy "
+            f"(needs '{SUPPORTS_PPO}' or '{SUPPORTS_PREFERENCE_LOSS}'; it has: {listed}), "
+            "which rl.train_policy = true needs"
+        )
+    return problems
 
 
 def _resolve_role(

@@ -132,3 +132,11 @@ def echo_run(tmp_path: Path) -> Path:
     path = tmp_path / "run.toml"
     path.write_text(ECHO_RUN, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint with an in-process trained tokenizer."""
+    from caikit_core.testing.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -219,3 +219,37 @@ def test_yaml_is_loaded_safely(
     assert main(["config", "show", str(path)]) == 2
     err = capsys.readouterr().err
     assert "invalid YAML" in err and "python/object/apply" in err
+
+
+def test_optimiser_without_the_needed_capability_is_refused(
+    tmp_path: Path, with_echo: Path
+) -> None:
+    import types
+
+    from caikit_core import hookimpl, plugins
+    from caikit_core.errors import ConfigError
+
+    @hookimpl
+    def register_policy_optimisers(register):  # type: ignore[no-untyped-def]
+        register("sft-only", lambda config: None, capabilities={"sft"})
+
+    module = types.ModuleType("sft_only")
+    module.register_policy_optimisers = register_policy_optimisers  # type: ignore[attr-defined]
+    manager = plugins.PluginManager()
+    manager.load_entry_points()
+    manager.register(module, "sft-only", distribution="caikit-sft-only", version="1")
+    path = tmp_path / "rl.toml"
+    path.write_text(ECHO_RUN.replace('plugin = "copy"', 'plugin = "sft-only"'), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_run(path, manager.registry)
+    assert err.value.problems == [
+        "policy_optimiser.plugin: 'sft-only' cannot optimise a policy (needs 'ppo' or "
+        "'preference-loss'; it has: sft), which rl.train_policy = true needs"
+    ]
+    path.write_text(
+        ECHO_RUN.replace('plugin = "copy"', 'plugin = "sft-only"').replace(
+            'phases = ["sl", "rl"]', 'phases = ["sl"]'
+        ),
+        encoding="utf-8",
+    )
+    assert load_run(path, manager.registry).roles["policy_optimiser"].spec.name == "sft-only"

@@ -1,0 +1,1 @@
+"""Helpers for testing caikit and its plugins (tiny offline models, ...)."""

@@ -1,0 +1,1 @@
+"""caikit's bundled feedback plugins: the constitutional critic (and labellers)."""
