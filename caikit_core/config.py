@@ -100,6 +100,8 @@ class SLConfig:
 
     sampling: SamplingConfig = SamplingConfig()
     sft: bool = True
+    helpfulness_prompts: str | None = None
+    helpfulness_samples: int = attrs.field(default=2, validator=_positive)
 
 
 @attrs.frozen

@@ -77,6 +77,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("prompts", "data", "source", (), Prompt),
         StageDef("responses", "sl", "map", ("generator",), Sample),
         StageDef("revisions", "sl", "map", ("generator", "critic"), RevisionTrace),
+        StageDef("helpfulness", "sl", "map", ("generator",), RevisionTrace),
         StageDef("sft", "sl", "fit", ("policy_optimiser",), None),
         StageDef("pairs", "rl", "map", ("generator",), Comparison),
         StageDef("labels", "rl", "map", ("generator", "labeller"), PreferenceLabel),
@@ -92,6 +93,8 @@ def stage_names(run: ResolvedRun) -> list[str]:
     names = ["prompts"]
     if "sl" in phases:
         names += ["responses", "revisions"]
+        if run.config.sl.helpfulness_prompts is not None:
+            names.append("helpfulness")
         if run.config.sl.sft:
             names.append("sft")
     if "rl" in phases:
@@ -451,17 +454,81 @@ class Pipeline:
 
         return self._run_map(stage, samples, revise, item_id=_id, fp=fp, manifest=manifest)
 
+    def _stage_helpfulness(self, stage: StageDef) -> StageResult:
+        """Helpful-only samples mixed into the SFT data (the paper added 2 per prompt).
+
+        Each sample is stored as a trace without revision steps, so the SFT
+        optimiser trains on it as it is.
+        """
+        from caikit_core.prompts import PromptFileError, read_prompts
+
+        sl = self.cfg.sl
+        assert sl.helpfulness_prompts is not None
+        path = resolve_path(self.run.base_dir, sl.helpfulness_prompts)
+        if not path.is_file():
+            raise PromptFileError(
+                f"{path}: prompt file not found (sl.helpfulness_prompts in {self.run.source})"
+            )
+        policy = self.model("policy")
+        sampling = self._sampling(sl.sampling)
+        digest = file_digest(path, what="the helpfulness prompt file")
+        settings = {
+            "sampling": attrs.asdict(sampling),
+            "samples": sl.helpfulness_samples,
+            "shard_size": self.cfg.shard_size,
+            "policy": model_fingerprint(policy),
+        }
+        fp, config_fp = self._fingerprints(stage, digest, settings)
+        manifest = self._new_manifest(stage, fp, digest, config_fp, {"policy": policy})
+        if self._is_complete(stage, fp):
+            return self._skipped(stage, fp)
+        prompts = read_prompts(path)
+        seed, n = self.cfg.seed, sl.helpfulness_samples
+
+        def sample(batch: list[Prompt]) -> list[RevisionTrace]:
+            requests = [
+                GenerationRequest(
+                    p.id, p.messages, sampling, n, derive_seed(seed, p.id, "helpfulness")
+                )
+                for p in batch
+            ]
+            generations = self.generator(policy).generate(requests)
+            self._check_count(stage.name, "generator", generations, len(requests))
+            return [
+                RevisionTrace(
+                    stable_id("helpfulness", p.id, k),
+                    p.id,
+                    p.messages,
+                    text,
+                    (),
+                    text,
+                    "helpfulness",
+                )
+                for p, g in zip(batch, generations, strict=True)
+                for k, text in enumerate(g.texts)
+                if text.strip()
+            ]
+
+        return self._run_map(stage, prompts, sample, item_id=_id, fp=fp, manifest=manifest)
+
     def _stage_sft(self, stage: StageDef) -> StageResult:
         policy = self.model("policy")
         settings = {"policy": model_fingerprint(policy)}
+        upstream = ["revisions"] + (["helpfulness"] if "helpfulness" in self._fps else [])
+
+        def examples() -> list[RevisionTrace]:
+            rows: list[RevisionTrace] = []
+            for name in upstream:
+                rows += [t for t in self._load_rows(name) if t.skipped_reason is None]
+            return rows
+
         return self._run_fit(
             stage,
             "revisions",
             settings,
             {"policy": policy},
-            lambda optimiser, out: optimiser.sft(
-                policy, [t for t in self._load_rows("revisions") if t.skipped_reason is None], out
-            ),
+            lambda optimiser, out: optimiser.sft(policy, examples(), out),
+            input_fp=fingerprint([self._fps[n] for n in upstream], what="the sft stage inputs"),
         )
 
     def _stage_pairs(self, stage: StageDef) -> StageResult:

@@ -76,3 +76,16 @@ def test_every_config_key_is_in_the_reference() -> None:
     text = (DOCS / "config.md").read_text(encoding="utf-8")
     missing = [k for k in _keys(RunConfig) if f"`{k}`" not in text]
     assert missing == []
+
+
+def test_every_bundled_plugin_and_key_is_documented() -> None:
+    text = (DOCS / "plugins.md").read_text(encoding="utf-8")
+    sections = _sections(text)
+    bundled = [s for s in plugins.get_registry().all() if s.bundled]
+    assert bundled
+    for spec in bundled:
+        title = f"{spec.role} `{spec.name}`"
+        assert title in sections, f"docs/plugins.md has no '## {title}' section"
+        if spec.config_cls is not None:
+            for field in attrs.fields(spec.config_cls):
+                assert f"| `{field.name}` |" in sections[title], (spec.name, field.name)

@@ -184,8 +184,15 @@ def test_plugin_module_does_not_import_torch() -> None:
     ],
 )
 def test_config_validation(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    from caikit_core.converter import InvalidValue, describe_error, structure
+
+    with pytest.raises(InvalidValue) as err:
         HFGeneratorConfig(**kwargs)
+    assert err.value.field == message
+    with pytest.raises(Exception) as from_file:
+        structure(kwargs, HFGeneratorConfig)
+    (line,) = describe_error(from_file.value, prefix="generator")
+    assert line.startswith(f"generator.{message}: expected ")
 
 
 def test_config_defaults() -> None:

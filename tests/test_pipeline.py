@@ -260,3 +260,31 @@ def test_missing_prompt_file_is_a_clear_error(
     assert main(["run", str(echo_run)]) == 2
     err = capsys.readouterr().err
     assert "prompts.txt" in err and "Traceback" not in err
+
+
+def test_helpfulness_samples_are_mixed_into_sft(echo_run: Path, with_echo: Path) -> None:
+    (echo_run.parent / "helpful.txt").write_text("what is a good book?\nhow do magnets work?\n")
+    echo_run.write_text(
+        echo_run.read_text()
+        + '\n[sl]\nhelpfulness_prompts = "helpful.txt"\nhelpfulness_samples = 3\n'
+    )
+    summary = _run(echo_run)
+    helpful = summary.stage("helpfulness")  # type: ignore[attr-defined]
+    assert helpful.rows == 6
+    traces = [
+        t
+        for f in sorted(helpful.path.glob("shard-*.parquet"))
+        for t in from_arrow(pq.read_table(f), RevisionTrace)
+    ]
+    assert {t.critic for t in traces} == {"helpfulness"}
+    assert all(t.steps == () and t.final_response == t.initial_response for t in traces)
+    assert len({t.final_response for t in traces}) == 6  # three different samples each
+    sft = json.loads((summary.stage("sft").artifact / "config.json").read_text())  # type: ignore[attr-defined]
+    assert sft["examples"] == 11 + 6
+    # the red-team stages are untouched by the helpfulness settings
+    echo_run.write_text(
+        echo_run.read_text().replace("helpfulness_samples = 3", "helpfulness_samples = 2")
+    )
+    status = {s.name: s.status for s in _run(echo_run).stages}  # type: ignore[attr-defined]
+    assert status["revisions"] == "skipped" and status["helpfulness"] == "ran"
+    assert status["sft"] == "ran"

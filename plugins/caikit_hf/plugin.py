@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from caikit_core.converter import InvalidValue
 from caikit_core.hookspecs import Register, hookimpl
 from caikit_core.interfaces import CAN_SCORE, SEEDED
 
@@ -33,40 +34,40 @@ def _one_of(choices: tuple[str, ...]) -> Any:
     def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
-            raise ValueError(f"{attribute.name} must be one of {allowed}, got {value!r}")
+            raise InvalidValue(attribute.name, f"expected one of {allowed}, found {value!r}")
 
     return check
 
 
 def _device(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not _DEVICE.match(value):
-        raise ValueError(
-            f"{attribute.name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}"
+        raise InvalidValue(
+            attribute.name, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {value!r}"
         )
 
 
 def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+        raise InvalidValue(attribute.name, f"expected a positive integer, found {value!r}")
 
 
 def _optional_context(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{attribute.name} must be an integer >= 2 or None, got {value!r}")
+        raise InvalidValue(attribute.name, f"expected an integer >= 2, found {value!r}")
 
 
 def _optional_text(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{attribute.name} must be a non-empty string or None, got {value!r}")
+        raise InvalidValue(attribute.name, f"expected a non-empty string, found {value!r}")
 
 
 def _bool(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{attribute.name} must be true or false, got {value!r}")
+        raise InvalidValue(attribute.name, f"expected true or false, found {value!r}")
 
 
 @attrs.frozen
