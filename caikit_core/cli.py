@@ -189,8 +189,59 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
             )
         if s.name == "sft" and s.artifact is not None:
             console.print(f"SL-CAI checkpoint: {s.artifact}")
+    _print_rl_summary(summary, console)
     if show_traces:
         _print_traces(summary, show_traces, console)
+
+
+def _print_rl_summary(summary: Any, console: Any) -> None:
+    """Label distribution and swap-consistency, PM metrics, policy reward and KL."""
+    import json as _json
+
+    import pyarrow.parquet as pq
+
+    from caikit_core.records import PreferenceLabel, from_arrow
+    from caikit_core.store import RunStore
+
+    store = RunStore(summary.run_dir)
+    for s in summary.stages:
+        if s.name == "labels":
+            labels = [
+                x
+                for path in store.shard_paths("labels", s.fingerprint)
+                for x in from_arrow(pq.read_table(path), PreferenceLabel)
+            ]
+            if not labels:
+                continue
+            bins = [0] * 5
+            for x in labels:
+                bins[min(4, int(x.p_a * 5))] += 1
+            shown = "  ".join(
+                f"[{i / 5:.1f},{(i + 1) / 5:.1f}{']' if i == 4 else ')'}: {n}"
+                for i, n in enumerate(bins)
+            )
+            console.print(f"labels: {len(labels)}; P(A) distribution  {shown}")
+            prefer_a = sum(x.p_a > 0.5 for x in labels)
+            ties = sum(x.p_a == 0.5 for x in labels)
+            console.print(
+                f"  prefer A: {prefer_a}, prefer B: {len(labels) - prefer_a - ties}, ties: {ties}"
+            )
+            swaps = [x.swap_consistency for x in labels if x.swap_consistency is not None]
+            if swaps:
+                console.print(f"  swap-consistency: mean {sum(swaps) / len(swaps):.3f}")
+        elif s.name in ("preference_model", "policy") and s.metrics:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(s.metrics.items()))
+            console.print(f"{s.name}: {shown}")
+        if s.name == "policy" and s.artifact is not None:
+            history_file = s.artifact / "caikit_rl.json"
+            if history_file.is_file():
+                history = _json.loads(history_file.read_text(encoding="utf-8")).get("history", [])
+                for step, row in enumerate(history):
+                    reward = row.get("objective/scores", row.get("reward"))
+                    kl = row.get("objective/kl", row.get("kl"))
+                    if reward is not None or kl is not None:
+                        console.print(f"  step {step}: reward {reward}, KL {kl}")
+            console.print(f"RL-CAI policy checkpoint: {s.artifact}")
 
 
 def _print_traces(summary: Any, count: int, console: Any) -> None:

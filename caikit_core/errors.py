@@ -63,3 +63,15 @@ class ConstitutionError(CaikitError):
 
     def __reduce__(self) -> tuple[type[ConstitutionError], tuple[str, list[str]]]:
         return (type(self), (self.source, self.problems))
+
+
+class TrainingStopped(CaikitError):
+    """A training run stopped on a guard (e.g. KL above its bound, a non-finite loss).
+
+    ``checkpoint`` is the folder the trainer saved before stopping, if any; the
+    pipeline keeps it (it is not a completed stage) and names it in the error.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(message)

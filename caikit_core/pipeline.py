@@ -16,6 +16,8 @@ so an interrupted stage continues where it stopped.
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +28,7 @@ import attrs
 from caikit_core import __version__
 from caikit_core.config import ResolvedRun, resolve_path
 from caikit_core.constitution import Constitution
-from caikit_core.errors import CaikitError, StageError
+from caikit_core.errors import CaikitError, StageError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import (
     Comparison,
@@ -590,6 +592,23 @@ class Pipeline:
         def label(batch: list[Comparison]) -> list[PreferenceLabel]:
             labels: list[PreferenceLabel] = labeller.label(batch, seed=seed)
             self._check_count(stage.name, "labeller", labels, len(batch))
+            bad = [
+                f"{c.id} (p_a={x.p_a!r})"
+                for c, x in zip(batch, labels, strict=True)
+                if not (isinstance(x.p_a, float) and math.isfinite(x.p_a) and 0.0 <= x.p_a <= 1.0)
+            ]
+            wrong = [c.id for c, x in zip(batch, labels, strict=True) if x.comparison_id != c.id]
+            if bad or wrong:
+                what = (
+                    "probabilities that are not finite numbers in [0, 1] for records "
+                    + ", ".join(bad)
+                    if bad
+                    else f"labels for the wrong comparisons at records {', '.join(wrong)}"
+                )
+                raise StageError(
+                    f"stage 'labels': labeller '{role.spec.name}' ({role.spec.origin()}) "
+                    f"returned {what}"
+                )
             return labels
 
         return self._run_map(stage, comparisons, label, item_id=_id, fp=fp, manifest=manifest)
@@ -660,7 +679,15 @@ class Pipeline:
         started = time.perf_counter()
         instance = role.spec.build(role.config, **(build_kwargs or {}))
         with self.store.artifact_writer(stage.name, fp) as tmp:
-            report = fit(instance, tmp)
+            try:
+                report = fit(instance, tmp)
+            except TrainingStopped as stopped:
+                kept = self._keep_stopped(stage, fp, tmp, stopped)
+                raise TrainingStopped(
+                    f"stage '{stage.name}' stopped: {stopped}"
+                    + (f"; checkpoint kept at {kept}" if kept else ""),
+                    checkpoint=str(kept) if kept else None,
+                ) from stopped
         elapsed = time.perf_counter() - started
         manifest.artifact = "artifact"
         manifest.metrics = {k: float(v) for k, v in report.metrics.items()}
@@ -670,6 +697,22 @@ class Pipeline:
         self.store.write_manifest(manifest)
         self._artifacts[stage.name] = artifact
         return StageResult(stage.name, "ran", 0, elapsed, fp, path, artifact, manifest.metrics)
+
+    def _keep_stopped(
+        self, stage: StageDef, fp: str, tmp: Path, stopped: TrainingStopped
+    ) -> Path | None:
+        """Move what a stopped trainer saved out of the temporary folder (which is
+        removed) to ``stopped-<time>`` in the stage folder; the stage stays incomplete."""
+        source = Path(stopped.checkpoint) if stopped.checkpoint else None
+        if source is None or not source.exists():
+            return None
+        target = self.store.stage_dir(stage.name, fp) / f"stopped-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            source.resolve().relative_to(tmp.resolve())
+        except ValueError:
+            return source  # saved outside the temporary folder: already safe
+        shutil.move(str(source), str(target))
+        return target
 
     # helpers --------------------------------------------------------------------------
     def _sampling(self, cfg: Any) -> SamplingParams:

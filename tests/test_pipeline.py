@@ -288,3 +288,44 @@ def test_helpfulness_samples_are_mixed_into_sft(echo_run: Path, with_echo: Path)
     status = {s.name: s.status for s in _run(echo_run).stages}  # type: ignore[attr-defined]
     assert status["revisions"] == "skipped" and status["helpfulness"] == "ran"
     assert status["sft"] == "ran"
+
+
+@pytest.mark.parametrize("value", ["nan", "1.5", "-0.1"])
+def test_labeller_returning_a_bad_probability_is_named(
+    echo_run: Path,
+    with_echo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+) -> None:
+    monkeypatch.setenv("CAIKIT_ECHO_BAD_LABEL", value)
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    from caikit_core.prompts import make_prompt
+    from caikit_core.records import stable_id
+
+    bad = stable_id("pair", make_prompt(PROMPTS[3]).id)
+    assert "stage 'labels': labeller 'length' (plugin 'echo' from distribution 'caikit-echo'" in err
+    assert "not finite numbers in [0, 1] for records" in err
+    assert f"{bad} (p_a=" in err
+    assert "Traceback" not in err
+
+
+def test_training_stopped_keeps_its_checkpoint(
+    echo_run: Path,
+    with_echo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("CAIKIT_ECHO_KL_STOP", "1")
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'policy' stopped: KL 12.5 above kl_bound 10.0 at step 3" in err
+    (kept,) = (echo_run.parent / "out" / "stages" / "policy").glob("*/stopped-*")
+    assert (kept / "weights.json").is_file()
+    assert f"checkpoint kept at {kept}" in " ".join(err.split())
+    assert not any((echo_run.parent / "out" / "stages" / "policy").glob("*/artifact"))
+    monkeypatch.delenv("CAIKIT_ECHO_KL_STOP")
+    summary = _run(echo_run)
+    assert summary.stage("policy").status == "ran"  # type: ignore[attr-defined]
+    assert summary.stage("labels").status == "skipped"  # type: ignore[attr-defined]
