@@ -179,11 +179,11 @@ def test_config_defaults_and_round_trip() -> None:
     assert converter.structure(converter.unstructure(config), TorchOptimiserConfig) == config
 
 
-def test_registers_torch_with_sft_capability_only() -> None:
+def test_registers_torch_with_sft_and_rl_capabilities() -> None:
     manager = plugins.PluginManager()
     manager.register(torch_plugin, "torch")
     spec = manager.registry.get("policy_optimiser", "torch")
-    assert spec.capabilities == frozenset({"sft"})
+    assert spec.capabilities == frozenset({"sft", "ppo", "preference-loss"})
     assert spec.config_cls is TorchOptimiserConfig
     optimiser = spec.build(TorchOptimiserConfig())
     assert isinstance(optimiser, TorchOptimiser)
@@ -392,10 +392,10 @@ def test_folder_without_config_names_the_path(tmp_path: Path) -> None:
     assert str(tmp_path) in str(info.value)
 
 
-def test_optimise_is_refused_clearly(tmp_path: Path) -> None:
+def test_optimise_on_a_missing_policy_is_refused_clearly(tmp_path: Path) -> None:
     optimiser = TorchOptimiser(TorchOptimiserConfig(algorithm="dpo"))
-    with pytest.raises(CaikitError, match=r"algorithm 'dpo'\) is not implemented"):
-        optimiser.optimise("p", "p", None, [], [], tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(CaikitError, match=r"policy folder .*does not exist"):
+        optimiser.optimise(str(tmp_path / "p"), "p", None, [], [], tmp_path)  # type: ignore[arg-type]
 
 
 # --- in a run -------------------------------------------------------------------------

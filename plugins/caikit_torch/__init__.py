@@ -1,4 +1,5 @@
-"""caikit's torch policy optimiser (the ``torch`` plugin): SFT on revisions with TRL.
+"""caikit's PyTorch backend (the ``torch`` plugins): SFT, PPO, DPO, RLOO/GRPO and a
+soft-label preference model, with TRL where TRL has the trainer.
 
 Importing this package does not import torch, transformers or TRL;
 :class:`TorchOptimiser` is loaded on first access.

@@ -1,5 +1,8 @@
 """The ``torch`` policy optimiser's implementation: SFT on revisions with TRL.
 
+RL-CAI (:meth:`TorchOptimiser.optimise`) lives in :mod:`caikit_torch.rl`, imported
+when it is called.
+
 Every revision trace becomes a conversational *prompt-completion* example::
 
     {"prompt": [...the prompt's messages],
@@ -108,36 +111,40 @@ def sft_examples(traces: Sequence[RevisionTrace], target: str = "final") -> SFTE
     return SFTExamples(examples, used, empty, marked)
 
 
-def _policy_folder(policy: str) -> Path:
-    """The policy's checkpoint folder, or a :class:`PluginError` naming the path."""
+def _policy_folder(policy: str, who: str = _WHO, what: str = "policy") -> Path:
+    """The checkpoint folder of ``policy``, or a :class:`PluginError` naming the path.
+
+    :param who: the plugin named in errors.
+    :param what: what the folder is for (``"policy"``, ``"reference"``, ``"trunk"``).
+    """
     path = Path(policy).expanduser()
     if not path.exists():
         raise PluginError(
-            f"{_WHO}: policy folder {path} does not exist (the policy must be a local "
+            f"{who}: {what} folder {path} does not exist (the {what} must be a local "
             "Hugging Face checkpoint folder)"
         )
     if not path.is_dir():
-        raise PluginError(f"{_WHO}: policy {path} is not a folder")
+        raise PluginError(f"{who}: {what} {path} is not a folder")
     if not (path / "config.json").is_file():
         raise PluginError(
-            f"{_WHO}: policy folder {path} is not a Hugging Face checkpoint (no config.json)"
+            f"{who}: {what} folder {path} is not a Hugging Face checkpoint (no config.json)"
         )
     return path
 
 
-def _resolve_device(device: str) -> str:
+def _resolve_device(device: str, who: str = _WHO) -> str:
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
-        raise PluginError(f"{_WHO}: device = 'cuda' but torch sees no CUDA device")
+        raise PluginError(f"{who}: device = 'cuda' but torch sees no CUDA device")
     return "cuda" if device in ("auto", "cuda") and cuda else "cpu"
 
 
-def _precision(dtype: str, device: str) -> tuple[torch.dtype, bool]:
+def _precision(dtype: str, device: str, who: str = _WHO) -> tuple[torch.dtype, bool]:
     """The weights' dtype and whether to train with bfloat16 mixed precision."""
     bf16_ok = device == "cpu" or torch.cuda.is_bf16_supported()
     if dtype == "bfloat16":
         if not bf16_ok:
-            raise PluginError(f"{_WHO}: dtype = 'bfloat16' but this GPU does not support it")
+            raise PluginError(f"{who}: dtype = 'bfloat16' but this GPU does not support it")
         return torch.bfloat16, False
     if dtype == "float32":
         return torch.float32, False
@@ -184,10 +191,15 @@ def _progress_bars(show: bool) -> Iterator[None]:
 
 
 class _LossLog(transformers.TrainerCallback):
-    """Logs the training loss: every logged step at DEBUG, about every tenth at INFO."""
+    """Logs the training loss: every logged step at DEBUG, about every tenth at INFO.
 
-    def __init__(self, total: int) -> None:
+    :param total: the number of optimiser steps.
+    :param label: what the log lines start with (``"sft"``, ``"dpo"``, ...).
+    """
+
+    def __init__(self, total: int, label: str = "sft") -> None:
         self.total = total
+        self.label = label
         self.every = max(1, total // 10)
 
     def on_log(
@@ -202,7 +214,7 @@ class _LossLog(transformers.TrainerCallback):
             return
         step = int(state.global_step)
         level = logging.INFO if step % self.every == 0 or step == self.total else logging.DEBUG
-        log.log(level, "sft: step %d/%d, loss %.4f", step, self.total, logs["loss"])
+        log.log(level, "%s: step %d/%d, loss %.4f", self.label, step, self.total, logs["loss"])
 
 
 class TorchOptimiser:
@@ -369,16 +381,27 @@ class TorchOptimiser:
         labelled: Sequence[LabelledComparison],
         out: Path,
     ) -> FitReport:
-        """Not available: this plugin does SFT only (its capabilities are ``{"sft"}``).
+        """RL-CAI: optimise ``policy`` with the configured ``algorithm`` and save it to ``out``.
 
-        :raises CaikitError: always, naming the configured algorithm.
+        ``"ppo"``, ``"rloo"`` and ``"grpo"`` sample responses to ``prompts`` and reward
+        them with ``reward.score``, penalising the KL divergence to ``reference``;
+        ``"dpo"`` trains on the ``labelled`` pairs directly. See :mod:`caikit_torch.rl`.
+
+        :param policy: a local Hugging Face checkpoint folder (the SFT model).
+        :param reference: the checkpoint the KL penalty refers to (usually ``policy``).
+        :param reward: a fitted (or loaded) preference model.
+        :param prompts: the RL prompts (``ppo``, ``rloo``, ``grpo``).
+        :param labelled: the AI-labelled comparisons (``dpo``).
+        :param out: the folder to save the optimised checkpoint in (created if missing);
+            ``caikit_rl.json`` beside it records the settings and per-step metrics.
+        :returns: ``out`` and the final metrics.
+        :raises CaikitError: nothing to train on, or settings that cannot work together.
+        :raises PluginError: a model folder is missing or cannot be loaded.
+        :raises TrainingStopped: the KL to the reference went above ``kl_bound``.
         """
-        raise CaikitError(
-            f"{_WHO}: RL policy training (algorithm '{self.config.algorithm}') is not "
-            "implemented in this plugin yet; it supports SFT only. Run phase 'sl' alone, set "
-            "rl.train_policy = false, or choose a policy_optimiser with the 'ppo' or "
-            "'preference-loss' capability"
-        )
+        from caikit_torch.rl import optimise
+
+        return optimise(self, policy, reference, reward, prompts, labelled, Path(out))
 
     # helpers --------------------------------------------------------------------------
     def _load_tokenizer(self, folder: Path) -> Any:
