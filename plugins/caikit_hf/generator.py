@@ -11,7 +11,22 @@ rows, except through the model's floating-point arithmetic on a padded batch.
 Scoring runs one forward pass per micro-batch over left-padded
 ``context + continuation`` token ids, where the context (chat template, assistant
 turn opened, ``response_prefix``) and the continuation are tokenised separately,
-so the boundary between them is exact.
+so the boundary between them is exact. With ``prefix_reuse`` (the default) two
+shortcuts give the same results with less work:
+
+* **Shared prefixes.** The rows' contexts are sorted and split into groups that
+  share a long token prefix (instructions and few-shot examples, say); a small
+  dynamic programme picks the groups that save the most tokens. All group
+  prefixes are encoded once, in one left-padded forward pass with the KV cache
+  on, and each micro-batch then runs only its rows' suffixes (the rest of the
+  context and the continuation), attending to their group's cached prefix. The
+  layout of a row is ``[pads][prefix] [pads][suffix]``: the attention mask covers
+  the prefix and the suffix and nothing else, and explicit position ids continue
+  the prefix's positions, so every real token sees exactly the tokens and
+  positions it sees without the cache.
+* **Single tokens.** A request whose continuations are all single tokens (the
+  option letters of a multiple-choice question) is scored from one row: the
+  next-token distribution after its context gives every continuation at once.
 
 This module imports torch at import time; :mod:`caikit_hf.plugin` imports it only
 when the factory runs.
@@ -29,13 +44,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, SEEDED
 from caikit_core.records import Conversation, Generation, GenerationRequest, Score, ScoreRequest
 from caikit_hf.plugin import HFGeneratorConfig
 
-__all__ = ["FINISH_EOS", "FINISH_LENGTH", "FINISH_SKIPPED", "FINISH_STOP", "HFGenerator"]
+__all__ = [
+    "FINISH_EOS",
+    "FINISH_LENGTH",
+    "FINISH_SKIPPED",
+    "FINISH_STOP",
+    "HFGenerator",
+    "plan_shared_prefixes",
+]
 
 logger = logging.getLogger("caikit.hf")
 
@@ -47,6 +70,16 @@ FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 #: The prompt did not fit in the context and the truncation policy is ``"skip"``.
 FINISH_SKIPPED = "skipped"
+
+#: The shortest token prefix worth encoding once for several score rows.
+_MIN_SHARED_PREFIX = 16
+#: What a shared-prefix group costs, in tokens encoded: its share of the extra forward
+#: pass and the copies of its KV cache. A group must save more than this.
+_GROUP_COST = 128
+#: How far back (in sorted rows) a shared-prefix group may reach; bounds the planning work.
+_MAX_GROUP_SPAN = 512
+#: Attention implementations known to honour a 2-D mask with holes next to a KV cache.
+_PREFIX_ATTENTION = ("sdpa", "eager")
 
 # Files any of which marks a folder as holding a tokenizer.
 _TOKENIZER_FILES = (
@@ -100,12 +133,111 @@ class _Row:
 
 @dataclass
 class _ScoreRow:
-    """One continuation to score: continuation ``index`` of request ``request``."""
+    """One sequence to score.
+
+    With ``index >= 0`` the row scores continuation ``index`` of request
+    ``request`` (``continuation``, summed over its tokens). With ``index == -1``
+    the row holds only the context, and ``reads`` lists ``(continuation index,
+    token id)`` pairs read from the next-token distribution after it.
+    ``group`` is the shared prefix whose KV cache stands for the first ``shared``
+    context tokens (``-1`` and ``0``: none).
+    """
 
     request: int
     index: int
     context: list[int]
     continuation: list[int]
+    reads: list[tuple[int, int]] = field(default_factory=list)
+    group: int = -1
+    shared: int = 0
+
+
+@dataclass
+class _Prefixes:
+    """Encoded shared prefixes, left-padded to one width.
+
+    ``keys[layer]`` and ``values[layer]`` are ``[groups, kv_heads, width, head_dim]``;
+    ``mask`` is ``[groups, width]``; ``lengths[g]`` is group ``g``'s prefix length.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    lengths: list[int]
+
+    def select(self, groups: list[int]) -> tuple[Any, torch.Tensor]:
+        """A KV cache and attention mask for rows of the given groups (``-1``: none).
+
+        The width is cut to the longest selected prefix (the padding is on the
+        left); a row without a group gets an all-zero prefix mask.
+        """
+        from transformers import DynamicCache
+
+        width = max(self.lengths[g] for g in groups if g >= 0)
+        index = torch.tensor([max(g, 0) for g in groups], device=self.mask.device)
+        mask = self.mask[index, -width:].clone()
+        mask[torch.tensor([g < 0 for g in groups], device=mask.device)] = 0
+        data = [
+            (keys[index, :, -width:, :], values[index, :, -width:, :])
+            for keys, values in zip(self.keys, self.values, strict=True)
+        ]
+        return DynamicCache(ddp_cache_data=data), mask
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists (binary search)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_shared_prefixes(contexts: Sequence[list[int]]) -> list[tuple[list[int], int]]:
+    """Groups of contexts worth encoding a shared prefix for, as ``(members, length)``.
+
+    The contexts are sorted, so that contexts sharing a prefix are neighbours;
+    a group is a run of neighbours and its prefix the shortest common prefix of
+    its neighbouring pairs, at least :data:`_MIN_SHARED_PREFIX` tokens and never
+    a whole context (each row keeps its last context token, whose logits it
+    needs). Dynamic programming picks the runs that save the most tokens,
+    ``sum((len(members) - 1) * length - _GROUP_COST)``; a run that saves no more
+    than :data:`_GROUP_COST` is not worth a group. Contexts in no group are left out.
+    """
+    n = len(contexts)
+    if n < 2:
+        return []
+    order = sorted(range(n), key=lambda j: contexts[j])
+    caps = [len(contexts[j]) - 1 for j in order]
+    shared = [0] * n  # shared[a]: usable common prefix of sorted neighbours a-1 and a
+    for a in range(1, n):
+        common = _common_prefix(contexts[order[a - 1]], contexts[order[a]])
+        shared[a] = min(common, caps[a - 1], caps[a])
+    best = [0] * (n + 1)  # best[b]: the most tokens saved over the first b sorted rows
+    start = list(range(-1, n))  # start[b]: where the last group of that best split starts
+    length = [0] * (n + 1)  # length[b]: that group's prefix length (0: a lone row)
+    for b in range(1, n + 1):
+        best[b] = best[b - 1]
+        low = len(contexts[order[b - 1]])  # no group prefix is longer than a context
+        for a in range(b - 1, max(0, b - 1 - _MAX_GROUP_SPAN), -1):
+            low = min(low, shared[a])
+            if low < _MIN_SHARED_PREFIX:
+                break
+            value = best[a - 1] + (b - a) * low - _GROUP_COST
+            if value > best[b]:
+                best[b], start[b], length[b] = value, a - 1, low
+    groups: list[tuple[list[int], int]] = []
+    b = n
+    while b > 0:
+        a = start[b]
+        if length[b]:
+            groups.append(([order[j] for j in range(a, b)], length[b]))
+        b = a
+    groups.reverse()
+    return groups
 
 
 class HFGenerator:
@@ -173,6 +305,8 @@ class HFGenerator:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._has_position_ids = "position_ids" in params
+        # Set when the model's cache turns out not to be reusable (see _encode_prefixes).
+        self._prefix_cache_unusable = False
 
         self.eos_ids = self._eos_ids()
         pad = self.tokenizer.pad_token_id
@@ -278,9 +412,9 @@ class HFGenerator:
             kwargs["logits_to_keep"] = keep
         out = self.model(**kwargs)
         logits: torch.Tensor = out.logits[:, -keep:, :]
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = getattr(out, "past_key_values", None)
+        # Reading the other name of the cache makes transformers warn that it is deprecated.
+        name = "cache" if self._cache_kwarg == "cache" else "past_key_values"
+        new_cache = getattr(out, name, None)
         return logits, new_cache
 
     # --- generation ------------------------------------------------------------------
@@ -465,8 +599,9 @@ class HFGenerator:
 
         Each log-probability is summed over the continuation's tokens;
         ``token_counts`` gives their number (an empty continuation scores 0.0 over
-        0 tokens). One forward pass per micro-batch of continuations. A context too
-        long for the model is truncated from the left.
+        0 tokens). One forward pass per micro-batch of rows, plus, with
+        ``prefix_reuse``, one per micro-batch of shared prefixes (see the module
+        docstring). A context too long for the model is truncated from the left.
 
         :raises PluginError: a continuation alone does not fit in the context.
         """
@@ -477,26 +612,44 @@ class HFGenerator:
         )
         rows: list[_ScoreRow] = []
         for i, (req, context) in enumerate(zip(requests, contexts, strict=True)):
-            for k, continuation in enumerate(self._encode(list(req.continuations))):
-                rows.append(
-                    _ScoreRow(i, k, self._fit_context(req, context, continuation), continuation)
-                )
+            continuations = self._encode(list(req.continuations))
+            singles = [(k, c[0]) for k, c in enumerate(continuations) if len(c) == 1]
+            if self.config.prefix_reuse and singles and all(len(c) <= 1 for c in continuations):
+                # Every continuation is one token (or none): one row reads them all.
+                fitted = self._fit_context(req, context, continuations[singles[0][0]])
+                rows.append(_ScoreRow(i, -1, fitted, [], reads=singles))
+                continue
+            for k, continuation in enumerate(continuations):
+                fitted = self._fit_context(req, context, continuation)
+                if continuation:
+                    rows.append(_ScoreRow(i, k, fitted, continuation))
 
         logprobs = [[0.0] * len(r.continuations) for r in requests]
         counts = [[0] * len(r.continuations) for r in requests]
-        todo = [row for row in rows if row.continuation]
-        todo.sort(key=lambda r: -(len(r.context) + len(r.continuation)))
         size = self.config.max_batch_size
         with torch.inference_mode():
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                for row, value in zip(chunk, self._score_rows(chunk), strict=True):
-                    logprobs[row.request][row.index] = value
-                    counts[row.request][row.index] = len(row.continuation)
+            prefixes = self._encode_prefixes(rows) if self._prefix_reuse_possible() else None
+            rows.sort(key=lambda r: (-(len(r.context) + len(r.continuation) - r.shared), r.group))
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                for row, results in zip(chunk, self._score_rows(chunk, prefixes), strict=True):
+                    for index, value, count in results:
+                        logprobs[row.request][index] = value
+                        counts[row.request][index] = count
         return [
             Score(request_id=req.id, logprobs=tuple(logprobs[i]), token_counts=tuple(counts[i]))
             for i, req in enumerate(requests)
         ]
+
+    def _prefix_reuse_possible(self) -> bool:
+        """Whether this model can run suffixes against a cached, padded prefix."""
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        return (
+            self.config.prefix_reuse
+            and self._has_position_ids
+            and attention in _PREFIX_ATTENTION
+            and not self._prefix_cache_unusable
+        )
 
     def _fit_context(
         self, req: ScoreRequest, context: list[int], continuation: list[int]
@@ -526,24 +679,110 @@ class HFGenerator:
         )
         return context[-budget:]
 
-    def _score_rows(self, rows: list[_ScoreRow]) -> list[float]:
-        """Summed continuation log-probs of one micro-batch, in one forward pass."""
-        ids, mask, _ = self._left_pad([row.context + row.continuation for row in rows])
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    def _encode_prefixes(self, rows: list[_ScoreRow]) -> _Prefixes | None:
+        """Encode the rows' shared prefixes (setting ``group`` and ``shared`` on them).
+
+        Returns ``None``, changing no row, when no group is worth it or the model's
+        cache is not a plain :class:`transformers.DynamicCache` of full-attention
+        layers (sliding windows, linear attention, ...), which the suffixes could
+        not continue exactly.
+        """
+        groups = plan_shared_prefixes([row.context for row in rows])
+        if not groups:
+            return None
+        lengths = [length for _, length in groups]
+        seqs = [rows[members[0]].context[:length] for members, length in groups]
+        width = max(lengths)
+        parts: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = []
+        size = self.config.max_batch_size
+        for start in range(0, len(seqs), size):
+            ids, mask, chunk_width = self._left_pad(seqs[start : start + size])
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            _, cache = self._forward(
+                ids.to(self.device),
+                mask.to(self.device),
+                positions.to(self.device),
+                use_cache=True,
+                keep=1,
+            )
+            layers = _plain_layers(cache)
+            if layers is None:
+                logger.info("hf generator: this model's KV cache cannot be reused for prefixes")
+                self._prefix_cache_unusable = True
+                return None
+            pad = width - chunk_width
+            parts.append(
+                (
+                    [F.pad(layer.keys, (0, 0, pad, 0)) for layer in layers],
+                    [F.pad(layer.values, (0, 0, pad, 0)) for layer in layers],
+                    F.pad(mask, (pad, 0)),
+                )
+            )
+        keys = [torch.cat([part[0][i] for part in parts]) for i in range(len(parts[0][0]))]
+        values = [torch.cat([part[1][i] for part in parts]) for i in range(len(parts[0][1]))]
+        masks = torch.cat([part[2] for part in parts]).to(self.device)
+        for g, (members, length) in enumerate(groups):
+            for j in members:
+                rows[j].group, rows[j].shared = g, length
+        return _Prefixes(keys, values, masks, lengths)
+
+    def _score_rows(
+        self, rows: list[_ScoreRow], prefixes: _Prefixes | None
+    ) -> list[list[tuple[int, float, int]]]:
+        """``(continuation index, log-prob, tokens)`` per row of one micro-batch, in one pass.
+
+        Rows are left-padded after their ``shared`` prefix tokens, which come from
+        the prefix cache; their position ids continue the prefix's.
+        """
+        ids, mask, _ = self._left_pad([(r.context + r.continuation)[r.shared :] for r in rows])
+        shared = torch.tensor([row.shared for row in rows], dtype=torch.long)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0) + shared[:, None]
         longest = max(len(row.continuation) for row in rows)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        logits, _ = self._forward(ids, mask, positions, use_cache=False, keep=longest + 1)
-        # Position j of the kept logits predicts token j + 1 of the kept window.
-        predicting = logits[:, :-1, :].float()
-        targets = ids[:, -longest:]
-        token_logprobs = predicting.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(
-            predicting, dim=-1
+        cache = None
+        if prefixes is not None and any(row.group >= 0 for row in rows):
+            cache, prefix_mask = prefixes.select([row.group for row in rows])
+            mask = torch.cat([prefix_mask, mask], dim=1)
+        logits, _ = self._forward(
+            ids, mask, positions, cache=cache, use_cache=cache is not None, keep=longest + 1
         )
-        lengths = torch.tensor([len(row.continuation) for row in rows], device=self.device)
-        offsets = torch.arange(longest, device=self.device)[None, :]
-        valid = offsets >= (longest - lengths)[:, None]
-        sums = torch.where(valid, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
-        return [min(float(v), 0.0) for v in sums.tolist()]
+        logits = logits.float()
+        normaliser = torch.logsumexp(logits, dim=-1)
+        sums: list[float] = [0.0] * len(rows)
+        if longest:
+            # Position j of the kept logits predicts token j + 1 of the kept window.
+            targets = ids[:, -longest:]
+            token_logprobs = (
+                logits[:, :-1, :].gather(-1, targets[..., None])[..., 0] - normaliser[:, :-1]
+            )
+            lengths = torch.tensor([len(row.continuation) for row in rows], device=self.device)
+            offsets = torch.arange(longest, device=self.device)[None, :]
+            valid = offsets >= (longest - lengths)[:, None]
+            kept = torch.where(valid, token_logprobs, torch.zeros_like(token_logprobs))
+            sums = kept.sum(-1).tolist()
+        out: list[list[tuple[int, float, int]]] = []
+        for r, row in enumerate(rows):
+            if row.index >= 0:
+                out.append([(row.index, min(float(sums[r]), 0.0), len(row.continuation))])
+                continue
+            tokens = torch.tensor([token for _, token in row.reads], device=self.device)
+            values = (logits[r, -1, tokens] - normaliser[r, -1]).tolist()
+            out.append(
+                [(k, min(float(v), 0.0), 1) for (k, _), v in zip(row.reads, values, strict=True)]
+            )
+        return out
+
+
+def _plain_layers(cache: Any) -> list[Any] | None:
+    """The layers of a plain full-attention ``DynamicCache``, else ``None``."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not isinstance(cache, DynamicCache) or not cache.layers:
+        return None
+    layers = list(cache.layers)
+    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return layers
 
 
 class _TokenPicker:

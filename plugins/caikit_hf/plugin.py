@@ -95,6 +95,13 @@ class HFGeneratorConfig:
         ``None`` lets transformers choose.
     :ivar revision: the hub revision (branch, tag or commit) of a hub model id.
     :ivar local_files_only: never contact the hub.
+    :ivar prefix_reuse: make ``score`` cheaper without changing its results (equal
+        within floating-point noise): token prefixes shared by several rows of one
+        ``score`` call (e.g. instructions and few-shot examples) are encoded once and
+        their KV cache reused by every row, and a request whose continuations are all
+        single tokens is scored from one row's next-token distribution. Only used with
+        the ``sdpa`` and ``eager`` attention implementations and a plain
+        ``DynamicCache``; otherwise ``score`` runs without it.
     """
 
     dtype: str = attrs.field(default="auto", validator=_one_of(DTYPES))
@@ -107,6 +114,7 @@ class HFGeneratorConfig:
     attn_implementation: str | None = attrs.field(default=None, validator=_optional_text)
     revision: str | None = attrs.field(default=None, validator=_optional_text)
     local_files_only: bool = attrs.field(default=False, validator=_bool)
+    prefix_reuse: bool = attrs.field(default=True, validator=_bool)
 
 
 def build_generator(config: HFGeneratorConfig, *, model: str) -> HFGenerator:

@@ -331,14 +331,7 @@ class _Run:
             return _checked_scores(reward, samples)
 
         def on_step(metrics: dict[str, float]) -> None:
-            self.history.append(dict(metrics))
-            log.info(
-                "ppo: step %d/%d, score %.4f, kl %.4f",
-                len(self.history),
-                cfg.ppo_steps,
-                metrics.get("objective/scores", float("nan")),
-                metrics.get("objective/kl", float("nan")),
-            )
+            self.history.append(dict(metrics))  # train_ppo logs each step itself
 
         settings = PPOSettings(
             steps=cfg.ppo_steps,
