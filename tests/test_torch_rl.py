@@ -696,3 +696,49 @@ def test_rl_phase_of_a_run(
     assert type(model).__name__ == "LlamaForCausalLM"
     record = json.loads((policy.artifact / RL_RECORD).read_text())
     assert record["algorithm"] == "rloo" and record["base"] == str(base)
+
+
+def test_swapping_the_algorithm_is_one_line_and_reruns_only_the_policy(
+    tmp_path: Path, base: Path, with_rl_plugins: plugins.PluginManager
+) -> None:
+    from caikit_core.config import load_run
+    from caikit_core.pipeline import Pipeline
+
+    registry = plugins.get_registry()
+    if "direct" not in registry.names("labeller") or "hf" not in registry.names("generator"):
+        pytest.skip("the bundled 'direct' labeller or 'hf' generator is not installed")
+    (tmp_path / "prompts.txt").write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
+    path = tmp_path / "run.toml"
+    text = RL_RUN.format(policy=base).replace("mini_batch_size = 4", "mini_batch_size = 2")
+    for algorithm in ("rloo", "ppo", "dpo"):
+        path.write_text(
+            text.replace('algorithm = "rloo"', f'algorithm = "{algorithm}"'), encoding="utf-8"
+        )
+        summary = Pipeline(load_run(path, registry)).execute()
+        status = {s.name: s.status for s in summary.stages}
+        expected_before = "ran" if algorithm == "rloo" else "skipped"
+        assert status == {
+            "prompts": expected_before,
+            "pairs": expected_before,
+            "labels": expected_before,
+            "preference_model": expected_before,
+            "policy": "ran",
+        }, algorithm
+        policy = summary.stage("policy")
+        assert policy.artifact is not None
+        record = json.loads((policy.artifact / RL_RECORD).read_text())
+        assert record["algorithm"] == algorithm
+        transformers.AutoModelForCausalLM.from_pretrained(policy.artifact)
+
+
+def test_ppo_mini_batch_larger_than_rollout_is_a_config_error() -> None:
+    from caikit_core.converter import describe_error, structure
+
+    with pytest.raises(Exception) as err:
+        structure(
+            {"algorithm": "ppo", "rollout_batch_size": 2, "mini_batch_size": 4},
+            TorchOptimiserConfig,
+        )
+    assert describe_error(err.value, prefix="policy_optimiser") == [
+        "policy_optimiser.mini_batch_size: expected at most rollout_batch_size = 2 for PPO, found 4"
+    ]

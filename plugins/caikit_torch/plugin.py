@@ -292,6 +292,12 @@ class TorchOptimiserConfig:
                 f"applies only with dpo_loss = 'robust' or 'exo_pair' (TRL's other DPO losses "
                 f"ignore it), found dpo_loss = {self.dpo_loss!r}",
             )
+        if self.algorithm == "ppo" and self.mini_batch_size > self.rollout_batch_size:
+            raise InvalidValue(
+                "mini_batch_size",
+                f"expected at most rollout_batch_size = {self.rollout_batch_size} for PPO, "
+                f"found {self.mini_batch_size}",
+            )
 
 
 @attrs.frozen
