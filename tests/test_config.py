@@ -36,7 +36,8 @@ BAD_CONFIGS = [
     (
         "missing-role.toml",
         ECHO_RUN.replace('[labeller]\nplugin = "length"\n', ""),
-        "labeller: required by phase 'rl', found no [labeller] table (available plugins: length)",
+        "labeller: required by phase 'rl', found no [labeller] table (available plugins: cot, direct, "
+        "length)",
     ),
     (
         "nested-type.toml",
@@ -185,6 +186,8 @@ def test_config_show_prints_every_default(
     assert data["sl"] == {
         "sampling": {"max_new_tokens": 256, "temperature": 0.7, "top_p": 1.0},
         "sft": True,
+        "helpfulness_prompts": None,
+        "helpfulness_samples": 2,
     }
     assert data["generator"] == {"plugin": "echo", "prefix": "echo", "delay": 0.0, "fail_on": ""}
     assert data["critic"] == {"plugin": "shout", "revisions": 2}
