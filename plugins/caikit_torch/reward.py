@@ -75,7 +75,14 @@ from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import Conversation, LabelledComparison, Sample, stable_id
 from caikit_torch.plugin import PM_CAPABILITIES, TorchPreferenceConfig
-from caikit_torch.sft import _LossLog, _policy_folder, _precision, _progress_bars, _resolve_device
+from caikit_torch.sft import (
+    _LossLog,
+    _policy_folder,
+    _precision,
+    _progress_bars,
+    _resolve_device,
+    trainer_defaults,
+)
 
 __all__ = [
     "CALIBRATION_BINS",
@@ -352,18 +359,9 @@ class TorchPreferenceModel:
                 per_device_train_batch_size=cfg.batch_size,
                 max_length=None,  # sequences are truncated above, never dropped
                 activation_checkpointing=False,
-                bf16=mixed_bf16,
-                fp16=False,
-                use_cpu=self._device == "cpu",
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                logging_steps=max(1, total // 100),
-                save_strategy="no",
-                eval_strategy="no",
-                report_to="none",
-                push_to_hub=False,
-                dataloader_num_workers=0,
-                disable_tqdm=True,
+                **trainer_defaults(
+                    seed=cfg.seed, device=self._device, bf16=mixed_bf16, total=total
+                ),
             )
             trainer = SoftRewardTrainer(
                 model=model,

@@ -61,6 +61,7 @@ from caikit_torch.sft import (
     _progress_bars,
     _resolve_device,
     _total_steps,
+    trainer_defaults,
 )
 
 if TYPE_CHECKING:
@@ -434,18 +435,7 @@ class _Run:
                 loss_type=[cfg.dpo_loss],
                 label_smoothing=smoothing,
                 activation_checkpointing=cfg.gradient_checkpointing,
-                bf16=mixed_bf16,
-                fp16=False,
-                use_cpu=self.device == "cpu",
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                logging_steps=max(1, total // 100),
-                save_strategy="no",
-                eval_strategy="no",
-                report_to="none",
-                push_to_hub=False,
-                dataloader_num_workers=0,
-                disable_tqdm=True,
+                **trainer_defaults(seed=cfg.seed, device=self.device, bf16=mixed_bf16, total=total),
             )
             trainer = DPOTrainer(
                 model=model,
@@ -554,18 +544,9 @@ class _Run:
                 num_iterations=cfg.ppo_epochs,
                 epsilon=cfg.cliprange,
                 activation_checkpointing=cfg.gradient_checkpointing,
-                bf16=mixed_bf16,
-                fp16=False,
-                use_cpu=self.device == "cpu",
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                logging_steps=1,
-                save_strategy="no",
-                eval_strategy="no",
-                report_to="none",
-                push_to_hub=False,
-                dataloader_num_workers=0,
-                disable_tqdm=True,
+                **trainer_defaults(
+                    seed=cfg.seed, device=self.device, bf16=mixed_bf16, logging_steps=1
+                ),
             )
             trainer = TrainerClass(
                 model=model,

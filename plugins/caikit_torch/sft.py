@@ -217,6 +217,27 @@ class _LossLog(transformers.TrainerCallback):
         log.log(level, "%s: step %d/%d, loss %.4f", self.label, step, self.total, logs["loss"])
 
 
+def trainer_defaults(
+    *, seed: int, device: str, bf16: bool, total: int = 100, logging_steps: int | None = None
+) -> dict[str, Any]:
+    """The TrainingArguments every caikit trainer shares: seeded, offline, nothing saved
+    by the trainer itself (caikit saves the checkpoint), no hub, no reporting, no tqdm."""
+    return {
+        "bf16": bf16,
+        "fp16": False,
+        "use_cpu": device == "cpu",
+        "seed": seed,
+        "data_seed": seed,
+        "logging_steps": logging_steps if logging_steps is not None else max(1, total // 100),
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "push_to_hub": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
 class TorchOptimiser:
     """Fine-tunes a local checkpoint on revisions with TRL (see the module docstring)."""
 
@@ -318,18 +339,7 @@ class TorchOptimiser:
                 assistant_only_loss=False,
                 packing=False,
                 activation_checkpointing=cfg.gradient_checkpointing,
-                bf16=mixed_bf16,
-                fp16=False,
-                use_cpu=device == "cpu",
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                logging_steps=max(1, total // 100),
-                save_strategy="no",
-                eval_strategy="no",
-                report_to="none",
-                push_to_hub=False,
-                dataloader_num_workers=0,
-                disable_tqdm=True,
+                **trainer_defaults(seed=cfg.seed, device=device, bf16=mixed_bf16, total=total),
             )
             trainer = SFTTrainer(
                 model=model,
