@@ -36,8 +36,8 @@ BAD_CONFIGS = [
     (
         "missing-role.toml",
         ECHO_RUN.replace('[labeller]\nplugin = "length"\n', ""),
-        "labeller: required by phase 'rl', found no [labeller] table (available plugins: cot, direct, "
-        "length)",
+        "labeller: required by phase 'rl', found no [labeller] table "
+        "(available plugins: cot, direct, length)",
     ),
     (
         "nested-type.toml",
