@@ -223,6 +223,8 @@ class Pipeline:
 
     # driving ------------------------------------------------------------------------
     def execute(self) -> RunSummary:
+        if {"critic", "labeller"} & set(self.run.roles):
+            _ = self.constitution  # a bad constitution fails before any stage runs
         with self.store.lock():
             results = []
             for name in stage_names(self.run):

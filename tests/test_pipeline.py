@@ -329,3 +329,14 @@ def test_training_stopped_keeps_its_checkpoint(
     summary = _run(echo_run)
     assert summary.stage("policy").status == "ran"  # type: ignore[attr-defined]
     assert summary.stage("labels").status == "skipped"  # type: ignore[attr-defined]
+
+
+def test_bad_constitution_fails_before_any_stage_runs(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (echo_run.parent / "c.toml").write_text('name = "x"\n[[critique_revision]]\nid = "a"\n')
+    echo_run.write_text(echo_run.read_text() + '\n[constitution]\npath = "c.toml"\n')
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    assert "c.toml" in err and "critique_revision[0] (id 'a')" in err
+    assert not (echo_run.parent / "out" / "stages").exists()
