@@ -6,7 +6,10 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 STAMP       := $(VENV)/.caikit-installed
 
-.PHONY: setup test lint typecheck unit quickstart slow clean
+.PHONY: setup test lint typecheck unit contrib quickstart slow clean
+
+OPENAI_PLUGIN := contrib/caikit-openai
+VENV_ABS      := $(abspath $(VENV))
 
 # The virtual environment, with caikit (editable), the PyTorch backend and the
 # dev tools. The constraints file pins torch to the CPU build so a machine
@@ -29,8 +32,16 @@ typecheck: setup
 unit: setup
 	$(VENV)/bin/pytest -m "not slow and not gpu"
 
-# The README's test command: lint, types, then the default (fast) test suite.
-test: lint typecheck unit
+# Community plugins under contrib/ are their own distributions with their own
+# tests; they run against this checkout's caikit without being installed into
+# the venv (their tests pip-install them into a temporary folder themselves).
+contrib: setup
+	cd $(OPENAI_PLUGIN) && $(VENV_ABS)/bin/ruff check . && $(VENV_ABS)/bin/ruff format --check .
+	cd $(OPENAI_PLUGIN) && MYPYPATH=$(CURDIR) $(VENV_ABS)/bin/mypy
+	cd $(OPENAI_PLUGIN) && $(VENV_ABS)/bin/pytest
+
+# The README's test command: lint, types, the default (fast) test suite, contrib.
+test: lint typecheck unit contrib
 
 # Tests on the real demo model (minutes on CPU).
 slow: setup
