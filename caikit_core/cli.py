@@ -423,11 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``caikit check`` (the conformance kit, imported only here)."""
+    from caikit_core.testing.kit import add_check_command
+
+    add_check_command(sub, common)
+
+
 #: functions that add sub-commands (other modules append to this)
 _EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_constitution_commands,
     add_models_command,
     _add_export_command,
+    _add_check_command,
 ]
 
 

@@ -1,0 +1,764 @@
+"""The conformance checks: plain functions, one property of a role each.
+
+Each check is ``check_xxx(ctx) -> None`` and raises :class:`CheckFailed` with a
+message saying what is wrong and how to fix it, or :class:`CheckSkipped` when it
+cannot run. :data:`CHECKS` lists them per role, with the capabilities a plugin must
+declare for a check to apply (``capabilities`` of the built instance, else of its
+registration).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from caikit_core.interfaces import (
+    CAN_SCORE,
+    CHAIN_OF_THOUGHT,
+    CLAMP,
+    DEBIAS,
+    SEEDED,
+    SUPPORTS_PPO,
+    SUPPORTS_SFT,
+    FitReport,
+)
+from caikit_core.records import (
+    Comparison,
+    Generation,
+    GenerationRequest,
+    LabelledComparison,
+    OptionScore,
+    PreferenceLabel,
+    Prompt,
+    RevisionStep,
+    RevisionTrace,
+    Sample,
+    SamplingParams,
+    Score,
+    ScoreRequest,
+    conversation,
+    stable_id,
+)
+
+
+class CheckFailed(AssertionError):
+    """A check found a contract violation; the message says what to fix."""
+
+
+class CheckSkipped(Exception):
+    """A check cannot run for this plugin; the message says why."""
+
+
+@attrs.define
+class CheckContext:
+    """What a check runs against: the plugin's spec, config, built instance and a workdir.
+
+    ``build`` makes a new instance with the role's usual keyword arguments (``model``
+    for generators and preference models, ``generator`` and ``constitution`` for
+    critics and labellers); ``instance`` is built once. ``cache`` holds results that
+    several checks share (e.g. a fitted preference model).
+    """
+
+    role: str
+    name: str
+    spec: Any
+    config: Any
+    workdir: Path
+    seed: int = 0
+    given_instance: Any = None
+    cache: dict[str, Any] = attrs.field(factory=dict)
+
+    def role_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the pipeline would pass to the factory of this role."""
+        from caikit_core.testing import fixtures
+
+        if self.role in ("generator", "preference_model"):
+            return {"model": str(fixtures.tiny_model())}
+        if self.role in ("critic", "labeller"):
+            return {
+                "generator": fixtures.hf_generator(),
+                "constitution": fixtures.default_constitution(),
+            }
+        return {}
+
+    def build(self) -> Any:
+        """A fresh instance (or the given one when the kit was handed an instance)."""
+        if self.spec is None:
+            return self.given_instance
+        return self.spec.build(self.config, **self.role_kwargs())
+
+    @property
+    def instance(self) -> Any:
+        if "instance" not in self.cache:
+            self.cache["instance"] = (
+                self.given_instance if self.given_instance is not None else self.build()
+            )
+        return self.cache["instance"]
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The instance's declared capabilities, else the registration's."""
+        caps = getattr(self.instance, "capabilities", None)
+        if caps is None and self.spec is not None:
+            caps = self.spec.capabilities
+        return frozenset(caps or ())
+
+    def path(self, name: str) -> Path:
+        """A fresh path under the workdir."""
+        out = self.workdir / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+CheckFn = Callable[[CheckContext], None]
+
+
+@attrs.frozen
+class Check:
+    """A check function, its role and the capabilities it needs."""
+
+    name: str
+    role: str
+    fn: CheckFn
+    requires: frozenset[str] = frozenset()
+
+
+CHECKS: dict[str, list[Check]] = {}
+
+
+def _check(role: str, *requires: str) -> Callable[[CheckFn], CheckFn]:
+    def register(fn: CheckFn) -> CheckFn:
+        CHECKS.setdefault(role, []).append(Check(fn.__name__, role, fn, frozenset(requires)))
+        return fn
+
+    return register
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckFailed(message)
+
+
+def _typed_list(result: Any, cls: type, n: int, what: str) -> list[Any]:
+    _expect(
+        isinstance(result, list),
+        f"{what} must return a list, got {type(result).__name__}; return a list of {cls.__name__}",
+    )
+    _expect(
+        len(result) == n,
+        f"{what} returned {len(result)} items for {n} inputs; return exactly one per input, "
+        "in input order",
+    )
+    for i, item in enumerate(result):
+        _expect(
+            isinstance(item, cls),
+            f"{what} item {i} is a {type(item).__name__}, not a {cls.__name__}; build "
+            f"caikit_core.records.{cls.__name__} objects",
+        )
+    return list(result)
+
+
+# --- generator -------------------------------------------------------------------------
+
+_SHORT = SamplingParams(max_new_tokens=4, temperature=1.0)
+_GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
+_QUESTIONS = ("What is the capital of France?", "Say something nice.", "Why is the sky blue?")
+
+
+def _requests(sampling: SamplingParams, ns: Sequence[int] = (1, 1, 1)) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(f"req-{i}", conversation(("user", q)), sampling, n=n, seed=11 + i)
+        for i, (q, n) in enumerate(zip(_QUESTIONS, ns, strict=True))
+    ]
+
+
+def _generate(ctx: CheckContext, requests: list[GenerationRequest]) -> list[Generation]:
+    out = _typed_list(ctx.instance.generate(requests), Generation, len(requests), "generate")
+    for request, gen in zip(requests, out, strict=True):
+        _expect(
+            gen.request_id == request.id,
+            f"generate answered request '{request.id}' with request_id '{gen.request_id}'; "
+            "return generations in request order with request_id = request.id",
+        )
+        _expect(
+            all(isinstance(t, str) for t in gen.texts),
+            f"generation '{gen.request_id}' has non-string texts; texts must be str",
+        )
+    return out
+
+
+@_check("generator")
+def check_generator_n_completions_in_order(ctx: CheckContext) -> None:
+    """``n`` completions per request, generations in request order."""
+    requests = _requests(_SHORT, ns=(1, 2, 3))
+    for request, gen in zip(requests, _generate(ctx, requests), strict=True):
+        _expect(
+            len(gen.texts) == request.n,
+            f"request '{request.id}' asked for n={request.n} completions but got "
+            f"{len(gen.texts)}; return exactly n texts per request",
+        )
+
+
+@_check("generator", SEEDED)
+def check_generator_same_seed_same_output(ctx: CheckContext) -> None:
+    """The same request with the same seed gives the same texts (``seeded``)."""
+    requests = _requests(_SHORT, ns=(2, 1, 1))
+    first = _generate(ctx, requests)
+    second = _generate(ctx, list(reversed(requests)))[::-1]
+    for a, b in zip(first, second, strict=True):
+        _expect(
+            a.texts == b.texts,
+            f"request '{a.request_id}' gave {a.texts!r} then {b.texts!r} with the same seed; "
+            "seed sampling per request from GenerationRequest.seed (not from the batch), or "
+            "do not declare 'seeded'",
+        )
+
+
+@_check("generator")
+def check_generator_greedy_batch_equals_single(ctx: CheckContext) -> None:
+    """Greedy decoding gives the same text batched as one request at a time."""
+    requests = _requests(_GREEDY)
+    batched = _generate(ctx, requests)
+    for request, gen in zip(requests, batched, strict=True):
+        (single,) = _generate(ctx, [request])
+        _expect(
+            single.texts == gen.texts,
+            f"greedy request '{request.id}' gave {gen.texts!r} in a batch but {single.texts!r} "
+            "alone; check padding side and attention masks so batching does not change output",
+        )
+
+
+@_check("generator")
+def check_generator_empty_batch(ctx: CheckContext) -> None:
+    """``generate([])`` returns ``[]`` (and ``score([])`` too, with ``score``)."""
+    _expect(ctx.instance.generate([]) == [], "generate([]) must return [] without error")
+    if CAN_SCORE in ctx.capabilities:
+        _expect(ctx.instance.score([]) == [], "score([]) must return [] without error")
+
+
+@_check("generator")
+def check_generator_unicode(ctx: CheckContext) -> None:
+    """Non-ASCII prompts (accents, CJK, emoji) are accepted and give string texts."""
+    text = "Héllo wörld — 日本語 🌍 ¿qué?"
+    requests = [GenerationRequest("uni", conversation(("user", text)), _SHORT, n=1, seed=3)]
+    _generate(ctx, requests)
+
+
+@_check("generator", CAN_SCORE)
+def check_generator_scores_are_logprobs(ctx: CheckContext) -> None:
+    """``score`` gives one finite log-probability <= 0 per continuation, in order."""
+    requests = [
+        ScoreRequest(f"s-{i}", conversation(("user", q)), (" yes", " no, thanks", " 🌍"))
+        for i, q in enumerate(_QUESTIONS)
+    ]
+    scores = _typed_list(ctx.instance.score(requests), Score, len(requests), "score")
+    for request, score in zip(requests, scores, strict=True):
+        _expect(
+            score.request_id == request.id,
+            f"score answered '{request.id}' with request_id '{score.request_id}'; keep order",
+        )
+        _expect(
+            len(score.logprobs) == len(request.continuations),
+            f"score '{request.id}' has {len(score.logprobs)} logprobs for "
+            f"{len(request.continuations)} continuations; return one per continuation",
+        )
+        for lp in score.logprobs:
+            _expect(
+                isinstance(lp, float) and math.isfinite(lp) and lp <= 0.0,
+                f"score '{request.id}' has logprob {lp!r}; log-probabilities must be finite "
+                "floats <= 0 (sum the log-softmax of the continuation's tokens)",
+            )
+
+
+# --- critic ----------------------------------------------------------------------------
+
+
+def _samples() -> list[Sample]:
+    out = []
+    for text in _QUESTIONS:
+        pid = stable_id("prompt", text)
+        out.append(Sample(stable_id("r", pid), pid, conversation(("user", text)), f"Sure: {text}"))
+    return out
+
+
+def _revise(ctx: CheckContext, *, fresh: bool = False) -> list[RevisionTrace]:
+    """The traces of the kit's samples under seed 5 (cached unless ``fresh``)."""
+    if not fresh and "traces" in ctx.cache:
+        cached: list[RevisionTrace] = ctx.cache["traces"]
+        return cached
+    samples = _samples()
+    seed = 5
+    traces = _typed_list(
+        ctx.instance.revise(samples, seed=seed), RevisionTrace, len(samples), "revise"
+    )
+    for sample, trace in zip(samples, traces, strict=True):
+        _expect(
+            trace.prompt_id == sample.prompt_id and trace.initial_response == sample.response,
+            f"trace '{trace.id}' does not match sample '{sample.id}' (prompt_id/initial_response);"
+            " return one trace per sample, in sample order",
+        )
+        _expect(
+            isinstance(trace.steps, tuple)
+            and all(isinstance(s, RevisionStep) for s in trace.steps),
+            f"trace '{trace.id}' steps must be a tuple of RevisionStep",
+        )
+    if not fresh:
+        ctx.cache["traces"] = traces
+    return traces
+
+
+@_check("critic")
+def check_critic_steps_and_principles(ctx: CheckContext) -> None:
+    """Every trace has N indexed steps whose principle ids come from the constitution."""
+    from caikit_core.testing.fixtures import default_constitution
+
+    ids = {p.id for p in default_constitution().critique_revision}
+    expected = getattr(getattr(ctx.instance, "config", None), "revisions", None)
+    for trace in _revise(ctx):
+        if trace.skipped_reason is not None:
+            continue
+        if isinstance(expected, int):
+            _expect(
+                len(trace.steps) == expected,
+                f"trace '{trace.id}' has {len(trace.steps)} steps but config.revisions is "
+                f"{expected}; run one critique-revise step per revision",
+            )
+        _expect(len(trace.steps) >= 1, f"trace '{trace.id}' has no steps")
+        for i, step in enumerate(trace.steps):
+            _expect(step.index == i, f"trace '{trace.id}' step {i} has index {step.index}")
+            _expect(
+                step.principle_id in ids,
+                f"trace '{trace.id}' step {i} uses principle '{step.principle_id}', which is not "
+                "a critique_revision principle of the constitution passed to the factory",
+            )
+
+
+@_check("critic")
+def check_critic_deterministic(ctx: CheckContext) -> None:
+    """The same samples and seed give the same traces."""
+    first, second = _revise(ctx), _revise(ctx, fresh=True)
+    for a, b in zip(first, second, strict=True):
+        _expect(
+            a == b,
+            f"trace '{a.id}' differs between two revise calls with seed=5; derive principle "
+            "choice and sampling seeds from the seed and the record id",
+        )
+
+
+@_check("critic")
+def check_critic_records_prompts(ctx: CheckContext) -> None:
+    """Every step records its prompts and texts; the final response is the last revision."""
+    for trace in _revise(ctx):
+        for step in trace.steps:
+            for field in ("critique_prompt", "critique", "revision_prompt", "revision"):
+                _expect(
+                    isinstance(getattr(step, field), str),
+                    f"trace '{trace.id}' step {step.index} {field} must be a str",
+                )
+            _expect(
+                bool(step.revision_prompt),
+                f"trace '{trace.id}' step {step.index} has an empty revision_prompt; record the "
+                "exact prompt sent to the generator",
+            )
+        if trace.steps and trace.skipped_reason is None:
+            _expect(
+                trace.final_response == trace.steps[-1].revision,
+                f"trace '{trace.id}' final_response is not its last step's revision",
+            )
+
+
+# --- labeller --------------------------------------------------------------------------
+
+_PAIRS = (
+    ("What is the capital of France?", "The capital of France is Paris.", "It is Rome."),
+    ("How do I bake bread?", "You need flour, water, salt and yeast.", "I would rather not."),
+    ("Say something nice.", "You are welcome here.", "No."),
+)
+
+
+def _comparison(prompt: str, a: str, b: str) -> Comparison:
+    pid = stable_id("prompt", prompt)
+    return Comparison(stable_id("pair", pid, a, b), pid, conversation(("user", prompt)), a, b)
+
+
+def _label(ctx: CheckContext, comparisons: list[Comparison], seed: int = 3) -> list[Any]:
+    labels = _typed_list(
+        ctx.instance.label(comparisons, seed=seed), PreferenceLabel, len(comparisons), "label"
+    )
+    for c, label in zip(comparisons, labels, strict=True):
+        _expect(
+            label.comparison_id == c.id,
+            f"label '{label.id}' has comparison_id '{label.comparison_id}' for comparison "
+            f"'{c.id}'; return labels in comparison order",
+        )
+    return labels
+
+
+@_check("labeller")
+def check_labeller_probabilities_in_unit_interval(ctx: CheckContext) -> None:
+    """Every ``p_a`` is a finite probability in [0, 1]."""
+    for label in _label(ctx, [_comparison(*p) for p in _PAIRS]):
+        _expect(
+            isinstance(label.p_a, float) and math.isfinite(label.p_a) and 0.0 <= label.p_a <= 1.0,
+            f"label '{label.id}' has p_a={label.p_a!r}; p_a must be a finite float in [0, 1] "
+            "(normalise the option probabilities, e.g. softmax over the two option log-probs)",
+        )
+
+
+@_check("labeller")
+def check_labeller_deterministic(ctx: CheckContext) -> None:
+    """The same comparisons and seed give the same labels."""
+    comparisons = [_comparison(*p) for p in _PAIRS]
+    first, second = _label(ctx, comparisons, seed=9), _label(ctx, comparisons, seed=9)
+    for a, b in zip(first, second, strict=True):
+        _expect(
+            a.p_a == b.p_a,
+            f"label for comparison '{a.comparison_id}' gave p_a {a.p_a!r} then {b.p_a!r} with "
+            "seed=9; derive all randomness from the seed and the comparison id",
+        )
+
+
+@_check("labeller", DEBIAS)
+def check_labeller_swap_complements(ctx: CheckContext) -> None:
+    """(B, A) is labelled 1 - p(A, B) within 1e-6 (``debias``), in one call."""
+    comparisons = [_comparison(*p) for p in _PAIRS]
+    swapped = [
+        attrs.evolve(c, response_a=c.response_b, response_b=c.response_a) for c in comparisons
+    ]
+    labels = _label(ctx, [*comparisons, *swapped])
+    n = len(comparisons)
+    for c, ab, ba in zip(comparisons, labels[:n], labels[n:], strict=True):
+        _expect(
+            abs(ab.p_a + ba.p_a - 1.0) <= 1e-6,
+            f"comparison '{c.id}': p(A,B)={ab.p_a!r} and p(B,A)={ba.p_a!r} do not sum to 1; a "
+            "'debias' labeller must score both orders and average them",
+        )
+
+
+@_check("labeller", DEBIAS)
+def check_labeller_identical_responses_half(ctx: CheckContext) -> None:
+    """Two identical responses give p_a = 0.5 (within 1e-6) when order bias is removed."""
+    same = _comparison("Say something nice.", "You are welcome here.", "You are welcome here.")
+    (label,) = _label(ctx, [same])
+    _expect(
+        abs(label.p_a - 0.5) <= 1e-6,
+        f"identical responses gave p_a={label.p_a!r}, not 0.5; a 'debias' labeller must "
+        "average both option orders",
+    )
+
+
+@_check("labeller", CLAMP)
+def check_labeller_clamp_respected(ctx: CheckContext) -> None:
+    """With ``clamp``, every ``p_a`` lies in the configured interval (``config.clamp``)."""
+    clamp = getattr(getattr(ctx.instance, "config", None), "clamp", None)
+    if clamp is None:
+        raise CheckSkipped("declares 'clamp' but its instance has no config.clamp to read")
+    low, high = clamp
+    for label in _label(ctx, [_comparison(*p) for p in _PAIRS]):
+        _expect(
+            low - 1e-9 <= label.p_a <= high + 1e-9,
+            f"label '{label.id}' has p_a={label.p_a!r} outside the configured clamp "
+            f"[{low}, {high}]; clamp p_a after combining the options",
+        )
+
+
+@_check("labeller")
+def check_labeller_provenance(ctx: CheckContext) -> None:
+    """Labels name their labeller and carry their evidence (option log-probs, rationale)."""
+    for label in _label(ctx, [_comparison(*p) for p in _PAIRS]):
+        _expect(
+            isinstance(label.labeller, str) and bool(label.labeller),
+            f"label '{label.id}' has labeller={label.labeller!r}; set it to the labeller's name",
+        )
+        _expect(
+            bool(label.evidence) and all(isinstance(e, OptionScore) for e in label.evidence),
+            f"label '{label.id}' has no OptionScore evidence; record the option log-probs per "
+            "principle and order in PreferenceLabel.evidence",
+        )
+        if CHAIN_OF_THOUGHT in ctx.capabilities:
+            _expect(
+                all(e.rationale is not None for e in label.evidence),
+                f"label '{label.id}' declares 'chain-of-thought' but its evidence has no "
+                "rationale; record the reasoning in OptionScore.rationale",
+            )
+
+
+# --- preference model ------------------------------------------------------------------
+
+_MARKER = "please"
+_WORDS = ("the", "sky", "is", "blue", "water", "boils", "good", "morning", "bread", "sea")
+
+
+def marker_set(n: int = 48, seed: int = 0) -> list[LabelledComparison]:
+    """Random-word response pairs; the one containing the marker word wins with p = 0.9."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        messages = conversation(("user", rng.choice(_QUESTIONS)))
+        a = " ".join(rng.choice(_WORDS) for _ in range(6))
+        b = " ".join(rng.choice(_WORDS) for _ in range(6))
+        a_wins = rng.random() < 0.5
+        a, b = (f"{a} {_MARKER}", b) if a_wins else (a, f"{b} {_MARKER}")
+        comparison = Comparison(f"m{i}", f"p-m{i}", messages, a, b)
+        label = PreferenceLabel(f"l-m{i}", f"m{i}", 0.9 if a_wins else 0.1, "kit")
+        out.append(LabelledComparison(comparison, label))
+    return out
+
+
+def _pair_samples(items: Sequence[LabelledComparison]) -> list[Sample]:
+    return [
+        Sample(f"s{k}-{i}", lc.comparison.prompt_id, lc.comparison.messages, text)
+        for i, lc in enumerate(items)
+        for k, text in enumerate((lc.comparison.response_a, lc.comparison.response_b))
+    ]
+
+
+def _fitted(ctx: CheckContext) -> tuple[Any, Path, list[float]]:
+    """The instance fitted on the marker set, its saved folder and its scores (cached)."""
+    if "fitted" not in ctx.cache:
+        items = marker_set()
+        out = ctx.path("preference-model")
+        ctx.instance.fit(items, out)
+        scores = ctx.instance.score(_pair_samples(items))
+        _expect(
+            isinstance(scores, list) and len(scores) == 2 * len(items),
+            "score must return one float per sample, in order",
+        )
+        ctx.cache["fitted"] = (ctx.instance, out, [float(s) for s in scores])
+    fitted: tuple[Any, Path, list[float]] = ctx.cache["fitted"]
+    return fitted
+
+
+@_check("preference_model")
+def check_preference_model_fits_marker_set(ctx: CheckContext) -> None:
+    """Fitting a soft-labelled marker set ranks the preferred response higher (> 90%)."""
+    items = marker_set()
+    _, _, scores = _fitted(ctx)
+    right = 0
+    for i, lc in enumerate(items):
+        a, b = scores[2 * i], scores[2 * i + 1]
+        right += (a > b) == (lc.label.p_a > 0.5)
+    accuracy = right / len(items)
+    _expect(
+        accuracy > 0.9,
+        f"after fit, pairwise accuracy on the training pairs is {accuracy:.2f} (need > 0.9); "
+        "train on the soft labels (p_a) and score the response end",
+    )
+
+
+@_check("preference_model")
+def check_preference_model_scores_deterministic(ctx: CheckContext) -> None:
+    """Scoring the same samples twice gives the same floats."""
+    model, _, scores = _fitted(ctx)
+    again = [float(s) for s in model.score(_pair_samples(marker_set()))]
+    _expect(
+        again == scores,
+        "two score calls on the same samples differ; put the model in eval mode (no dropout)",
+    )
+
+
+@_check("preference_model")
+def check_preference_model_save_load(ctx: CheckContext) -> None:
+    """A fresh instance that loads the fitted folder gives the same scores (within 1e-5)."""
+    _, out, scores = _fitted(ctx)
+    fresh = ctx.build()
+    fresh.load(out)
+    loaded = [float(s) for s in fresh.score(_pair_samples(marker_set()))]
+    worst = max(abs(a - b) for a, b in zip(scores, loaded, strict=True))
+    _expect(
+        worst <= 1e-5,
+        f"scores after load differ by up to {worst:.3g}; fit must save everything score needs "
+        "(trunk and head) into its out folder, and load must restore it",
+    )
+
+
+# --- policy optimiser ------------------------------------------------------------------
+
+
+def toy_traces(n: int = 8) -> list[RevisionTrace]:
+    """Short revision traces whose final responses are the SFT targets."""
+    out = []
+    for i in range(n):
+        q = _QUESTIONS[i % len(_QUESTIONS)]
+        pid = f"p{i}"
+        step = RevisionStep(0, "harmful", "Critique?", "Rude.", "Revise.", "Sure, happy to help.")
+        out.append(
+            RevisionTrace(
+                f"t{i}", pid, conversation(("user", q)), "No.", (step,), "Sure, happy to help."
+            )
+        )
+    return out
+
+
+def _sft(ctx: CheckContext) -> tuple[Any, Path]:
+    if "sft" not in ctx.cache:
+        from caikit_core.testing.fixtures import tiny_model
+
+        out = ctx.path("sft")
+        report = ctx.instance.sft(str(tiny_model()), toy_traces(), out)
+        ctx.cache["sft"] = (report, out)
+    result: tuple[Any, Path] = ctx.cache["sft"]
+    return result
+
+
+@_check("policy_optimiser", SUPPORTS_SFT)
+def check_sft_loss_decreases(ctx: CheckContext) -> None:
+    """SFT on a toy set lowers the loss (FitReport metrics ``loss_first``/``loss_last``)."""
+    report, _ = _sft(ctx)
+    metrics = getattr(report, "metrics", {}) or {}
+    if "loss_first" not in metrics or "loss_last" not in metrics:
+        raise CheckSkipped("FitReport.metrics has no loss_first/loss_last to compare")
+    _expect(
+        metrics["loss_last"] < metrics["loss_first"],
+        f"SFT loss went from {metrics['loss_first']:.4g} to {metrics['loss_last']:.4g}; it "
+        "should decrease on a toy set (check the labels mask and the learning rate)",
+    )
+
+
+@_check("policy_optimiser", SUPPORTS_SFT)
+def check_sft_checkpoint_loads_in_hf(ctx: CheckContext) -> None:
+    """The SFT checkpoint is an HF folder that the bundled ``hf`` generator loads."""
+    from caikit_core.plugins import get_registry
+
+    report, out = _sft(ctx)
+    folder = Path(getattr(report, "path", "") or out)
+    spec = get_registry().get("generator", "hf")
+    assert spec.config_cls is not None
+    try:
+        generator = spec.build(spec.config_cls(device="cpu"), model=str(folder))
+        (gen,) = generator.generate(_requests(_GREEDY)[:1])
+    except Exception as exc:
+        raise CheckFailed(
+            f"the hf generator cannot use the SFT checkpoint {folder}: {exc}; save the model "
+            "and tokenizer with save_pretrained into the out folder"
+        ) from exc
+    _expect(len(gen.texts) == 1, "the SFT checkpoint generated no text")
+
+
+class LengthReward:
+    """A fixed reward for the PPO check: longer responses score higher. Needs no model."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def fit(self, labelled: Sequence[LabelledComparison], out: Path) -> FitReport:
+        return FitReport(str(out))
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        return [len(s.response) / 10.0 for s in samples]
+
+    def load(self, path: Path) -> None:
+        return None
+
+
+#: Settings for one short PPO update, applied to the fields an optimiser's config has.
+PPO_SETTINGS: dict[str, Any] = {
+    "algorithm": "ppo",
+    "ppo_steps": 1,
+    "rollout_batch_size": 2,
+    "mini_batch_size": 2,
+    "ppo_epochs": 1,
+    "max_new_tokens": 4,
+}
+
+
+@_check("policy_optimiser", SUPPORTS_PPO)
+def check_ppo_reports_zero_kl_before_update(ctx: CheckContext) -> None:
+    """One PPO step reports ``kl_last``, which is 0 (the policy is not updated yet)."""
+    from caikit_core.testing.fixtures import tiny_model
+
+    optimiser = ctx.instance
+    config = getattr(optimiser, "config", None)
+    if ctx.spec is not None and config is not None and attrs.has(type(config)):
+        names = {f.name for f in attrs.fields(type(config))}
+        changes = {k: v for k, v in PPO_SETTINGS.items() if k in names}
+        optimiser = ctx.spec.build(attrs.evolve(config, **changes))
+    policy = str(tiny_model())
+    prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(_QUESTIONS[:2])]
+    report = optimiser.optimise(policy, policy, LengthReward(), prompts, [], ctx.path("ppo"))
+    metrics = getattr(report, "metrics", {}) or {}
+    if "kl_last" not in metrics:
+        raise CheckSkipped("FitReport.metrics has no kl_last to read")
+    kl = metrics["kl_last"]
+    _expect(
+        isinstance(kl, float) and math.isfinite(kl) and abs(kl) <= 1e-6,
+        f"after one PPO step kl_last is {kl!r}; the first rollout comes from the unchanged "
+        "policy, so its KL to the reference (the same checkpoint) must be 0",
+    )
+
+
+# --- executor --------------------------------------------------------------------------
+
+
+def _square(batch: list[int]) -> list[int]:
+    return [x * x for x in batch]
+
+
+def _slow_early(batch: list[int]) -> list[int]:
+    time.sleep(0.02 * max(0, 5 - batch[0]) if batch else 0)
+    return [x + 1 for x in batch]
+
+
+class KitBoom(RuntimeError):
+    """The error the exception-propagation check raises inside ``fn``."""
+
+
+def _boom(batch: list[int]) -> list[int]:
+    if 7 in batch:
+        raise KitBoom("kit-boom on record 7")
+    return batch
+
+
+def _run_map(ctx: CheckContext, fn: Any, batches: list[list[int]]) -> list[list[int]]:
+    total = sum(len(b) for b in batches)
+    result = ctx.instance.map(fn, iter(batches), total=total, describe="conformance")
+    return [list(x) for x in result]
+
+
+@_check("executor")
+def check_executor_matches_local(ctx: CheckContext) -> None:
+    """Results equal running ``fn`` on each batch in turn (the ``local`` executor)."""
+    batches = [[1, 2, 3], [4], [5, 6], []]
+    expected = [_square(b) for b in batches]
+    got = _run_map(ctx, _square, batches)
+    _expect(
+        got == expected,
+        f"map gave {got!r}, expected {expected!r}; yield exactly fn(batch) for every batch",
+    )
+
+
+@_check("executor")
+def check_executor_order_preserved(ctx: CheckContext) -> None:
+    """Outputs come back in batch order even when early batches finish last."""
+    batches = [[i] for i in range(6)]
+    got = _run_map(ctx, _slow_early, batches)
+    _expect(
+        got == [[i + 1] for i in range(6)],
+        f"map yielded {got!r}; yield outputs in input batch order, not completion order",
+    )
+
+
+@_check("executor")
+def check_executor_empty(ctx: CheckContext) -> None:
+    """Mapping over no batches yields nothing."""
+    _expect(_run_map(ctx, _square, []) == [], "map over no batches must yield nothing")
+
+
+@_check("executor")
+def check_executor_propagates_exceptions(ctx: CheckContext) -> None:
+    """An exception from ``fn`` reaches the caller (so the pipeline can name the records)."""
+    try:
+        _run_map(ctx, _boom, [[1, 2], [7, 8], [9]])
+    except Exception as exc:
+        _expect(
+            "kit-boom" in str(exc) or "kit-boom" in repr(exc.__cause__),
+            f"map raised {exc!r}, which hides fn's error; re-raise it (or chain it) so its "
+            "message reaches the caller",
+        )
+        return
+    raise CheckFailed("fn raised but map finished normally; let exceptions from fn propagate")
