@@ -4,11 +4,13 @@ checks that name their bug, and ``caikit check`` reports both."""
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import attrs
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,19 +18,24 @@ torch = pytest.importorskip("torch")
 from caikit_core import hookimpl, plugins  # noqa: E402
 from caikit_core.cli import main  # noqa: E402
 from caikit_core.errors import PluginError  # noqa: E402
-from caikit_core.interfaces import DEBIAS  # noqa: E402
+from caikit_core.interfaces import DEBIAS, SUPPORTS_PREFERENCE_LOSS  # noqa: E402
 from caikit_core.records import (  # noqa: E402
     Comparison,
     Generation,
     GenerationRequest,
+    LabelledComparison,
+    Message,
     OptionScore,
     PreferenceLabel,
     Sample,
+    Score,
+    ScoreRequest,
 )
 from caikit_core.testing.checks import CHECKS  # noqa: E402
 from caikit_core.testing.kit import (  # noqa: E402
     CheckResult,
     check_plugin,
+    make_context,
     parametrize_with_checks,
 )
 
@@ -69,7 +76,7 @@ def test_preference_model_torch(check: Any) -> None:
     check()
 
 
-# SFT checks and one short PPO step (the kit has no check for preference-loss yet).
+# SFT, one short PPO step and a short DPO run (algorithm = "dpo"), each loaded in hf.
 @parametrize_with_checks("policy_optimiser", "torch")
 def test_policy_optimiser_torch(check: Any) -> None:
     check()
@@ -78,6 +85,13 @@ def test_policy_optimiser_torch(check: Any) -> None:
 @parametrize_with_checks("executor", "local")
 def test_executor_local(check: Any) -> None:
     check()
+
+
+def test_generator_hf_skip_policy_passes_the_over_long_check() -> None:
+    results = check_plugin("generator", "hf", config={"truncation": "skip"}, pattern="over_long")
+    assert [(r.check, r.status) for r in results] == [
+        ("check_generator_over_long_prompt", "passed")
+    ]
 
 
 def test_parametrize_ids_and_xfail_marks() -> None:
@@ -150,6 +164,81 @@ class DictCritic:
         return [{"id": s.id, "final_response": s.response} for s in samples]
 
 
+class ContextCrashGenerator:
+    """Echoes the prompt, but crashes with an IndexError on a prompt over 1000 characters."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        out = []
+        for r in requests:
+            text = r.messages[-1].content
+            if len(text) > 1000:
+                raise IndexError("index 1000 is out of bounds for dimension 0 with size 1000")
+            out.append(Generation(r.id, tuple(text for _ in range(r.n))))
+        return out
+
+
+@attrs.frozen
+class SkipConfig:
+    truncation: str = "skip"
+
+
+class NotReallySkipping:
+    """Declares ``truncation = "skip"`` but keeps the end of a long prompt, with a warning."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.config = SkipConfig()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        out = []
+        for r in requests:
+            text = r.messages[-1].content
+            warnings = ("prompt truncated",) if len(text) > 1000 else ()
+            out.append(Generation(r.id, (text[-1000:],) * r.n, ("length",) * r.n, warnings))
+        return out
+
+
+class SystemTurnScorer:
+    """The hf generator, but ``score`` adds a system turn that ``generate`` does not see."""
+
+    def __init__(self) -> None:
+        from caikit_core.testing.fixtures import hf_generator
+
+        self.inner = hf_generator()
+        self.capabilities = self.inner.capabilities
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        generations: list[Generation] = self.inner.generate(requests)
+        return generations
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        system = Message("system", "Be brief.")
+        shifted = [attrs.evolve(r, messages=(system, *r.messages)) for r in requests]
+        scores: list[Score] = self.inner.score(shifted)
+        return scores
+
+
+class SwappedDPO:
+    """The torch optimiser's DPO, but it trains on the rejected response as the chosen one."""
+
+    capabilities = frozenset({SUPPORTS_PREFERENCE_LOSS})
+
+    def __init__(self) -> None:
+        self.inner = make_context("policy_optimiser", "torch", config={"algorithm": "dpo"}).instance
+
+    def optimise(
+        self, policy: str, reference: str, reward: Any, prompts: Any, labelled: Any, out: Any
+    ) -> Any:
+        flipped = [
+            LabelledComparison(lc.comparison, attrs.evolve(lc.label, p_a=1.0 - lc.label.p_a))
+            for lc in labelled
+        ]
+        return self.inner.optimise(policy, reference, reward, prompts, flipped, out)
+
+
 def _failed(results: list[CheckResult]) -> dict[str, str]:
     return {r.check: r.reason for r in results if r.status == "failed"}
 
@@ -173,6 +262,50 @@ def test_wrong_n_generator_fails_the_n_check() -> None:
     reason = failed["check_generator_n_completions_in_order"]
     assert "asked for n=1 completions but got 2" in reason
     assert "return exactly n texts per request" in reason
+
+
+def test_crash_on_a_long_prompt_fails_the_over_long_check() -> None:
+    failed = _failed(check_plugin("generator", ContextCrashGenerator()))
+    assert set(failed) == {"check_generator_over_long_prompt"}
+    reason = failed["check_generator_over_long_prompt"]
+    assert "an over-long prompt (15000 characters) raised IndexError: index 1000" in reason
+    assert "or raise a CaikitError that names the request ('over-long')" in reason
+
+
+def test_declared_skip_policy_must_skip() -> None:
+    failed = _failed(check_plugin("generator", NotReallySkipping()))
+    assert set(failed) == {"check_generator_over_long_prompt"}
+    assert failed["check_generator_over_long_prompt"].startswith(
+        "config.truncation is 'skip' but an over-long prompt (15000 characters) was not "
+        "skipped (finish reasons ('length',))"
+    )
+
+
+def test_scoring_another_context_fails_the_greedy_choice_check() -> None:
+    failed = _failed(check_plugin("generator", SystemTurnScorer()))
+    assert set(failed) == {"check_generator_greedy_choice_scores_highest"}
+    reason = failed["check_generator_greedy_choice_scores_highest"]
+    assert re.match(
+        r"for 'top-\d' the greedy one-token completion '.+' scores -?[\d.]+ but", reason
+    )
+    assert "score and generate must render the same context" in reason
+
+
+def test_dpo_on_swapped_pairs_fails_the_chosen_margin_check() -> None:
+    results = check_plugin("policy_optimiser", SwappedDPO(), pattern="preference_loss")
+    assert {r.check: r.status for r in results} == {
+        "check_preference_loss_decreases": "passed",
+        "check_preference_loss_checkpoint_loads_in_hf": "passed",
+        "check_preference_loss_raises_chosen_margin": "failed",
+    }
+    reason = _failed(results)["check_preference_loss_raises_chosen_margin"]
+    match = re.match(
+        r"log P\(chosen\) - log P\(rejected\), averaged over the toy pairs, went from "
+        r"(-?[\d.e+]+) under the starting policy to (-?[\d.e+]+) under the checkpoint",
+        reason,
+    )
+    assert match, reason
+    assert float(match.group(2)) < float(match.group(1))
 
 
 def test_critic_with_wrong_types_fails_every_critic_check() -> None:
@@ -259,6 +392,7 @@ def test_caikit_check_command_runs() -> None:
 def test_importing_the_kit_does_not_import_torch() -> None:
     code = (
         "import sys, caikit_core.testing, caikit_core.testing.kit, caikit_core.testing.checks, "
-        "caikit_core.testing.fixtures; assert 'torch' not in sys.modules"
+        "caikit_core.testing.fixtures, caikit_core.testing.base; "
+        "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

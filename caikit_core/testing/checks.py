@@ -25,10 +25,12 @@ from caikit_core.interfaces import (
     DEBIAS,
     SEEDED,
     SUPPORTS_PPO,
+    SUPPORTS_PREFERENCE_LOSS,
     SUPPORTS_SFT,
     FitReport,
 )
 from caikit_core.records import (
+    FINISH_SKIPPED,
     Comparison,
     Generation,
     GenerationRequest,
@@ -63,6 +65,11 @@ class CheckContext:
     for generators and preference models, ``generator`` and ``constitution`` for
     critics and labellers); ``instance`` is built once. ``cache`` holds results that
     several checks share (e.g. a fitted preference model).
+
+    ``role_kwargs_factory``, ``model_factory`` and ``constitution_factory`` replace
+    the kit's defaults (the ``hf`` generator on the tiny model and the default
+    constitution; the tiny model; the default constitution); each is called at most
+    once per context, when first needed.
     """
 
     role: str
@@ -73,13 +80,57 @@ class CheckContext:
     seed: int = 0
     given_instance: Any = None
     cache: dict[str, Any] = attrs.field(factory=dict)
+    role_kwargs_factory: Callable[[], dict[str, Any]] | None = None
+    model_factory: Callable[[], Path] | None = None
+    constitution_factory: Callable[[], Any] | None = None
+
+    def base_model(self) -> Path:
+        """The checkpoint folder model-backed checks start from (the tiny model by default).
+
+        It is the ``model`` a generator or preference model is built on, and the
+        policy the optimiser checks fine-tune.
+        """
+        if "base_model" not in self.cache:
+            if self.model_factory is not None:
+                self.cache["base_model"] = Path(self.model_factory())
+            else:
+                from caikit_core.testing import fixtures
+
+                self.cache["base_model"] = fixtures.tiny_model()
+        path: Path = self.cache["base_model"]
+        return path
 
     def role_kwargs(self) -> dict[str, Any]:
         """The keyword arguments the pipeline would pass to the factory of this role."""
+        if "role_kwargs" not in self.cache:
+            self.cache["role_kwargs"] = self._default_role_kwargs()
+        kwargs: dict[str, Any] = self.cache["role_kwargs"]
+        return dict(kwargs)
+
+    def constitution(self) -> Any:
+        """The constitution a critic or labeller was (or would be) built with."""
+        if "constitution" not in self.cache:
+            kwargs = self.cache.get("role_kwargs") or {}
+            if "constitution" in kwargs:
+                found = kwargs["constitution"]
+            elif self.constitution_factory is not None:
+                found = self.constitution_factory()
+            elif self.spec is not None and self.role in ("critic", "labeller"):
+                found = self.role_kwargs()["constitution"]
+            else:
+                from caikit_core.testing import fixtures
+
+                found = fixtures.default_constitution()
+            self.cache["constitution"] = found
+        return self.cache["constitution"]
+
+    def _default_role_kwargs(self) -> dict[str, Any]:
+        if self.role_kwargs_factory is not None:
+            return dict(self.role_kwargs_factory())
         from caikit_core.testing import fixtures
 
         if self.role in ("generator", "preference_model"):
-            return {"model": str(fixtures.tiny_model())}
+            return {"model": str(self.base_model())}
         if self.role in ("critic", "labeller"):
             return {
                 "generator": fixtures.hf_generator(),
@@ -276,6 +327,135 @@ def check_generator_scores_are_logprobs(ctx: CheckContext) -> None:
             )
 
 
+#: A prompt of 3,600 words: longer than the kit's tiny model's 2048 positions.
+_LONG_PROMPT = "the sea is wide and deep " * 600
+#: Values of ``config.truncation`` that mean "raise an error" rather than truncate.
+_RAISE_POLICIES = ("error", "raise")
+
+
+@_check("generator")
+def check_generator_over_long_prompt(ctx: CheckContext) -> None:
+    """An over-long prompt is truncated with a warning, skipped with finish reason
+    ``skipped`` and a warning, or refused with a ``CaikitError`` naming the request, as
+    ``config.truncation`` declares; the other requests of the batch still run."""
+    from caikit_core.errors import CaikitError
+
+    policy = getattr(getattr(ctx.instance, "config", None), "truncation", None)
+    long = GenerationRequest("over-long", conversation(("user", _LONG_PROMPT)), _GREEDY, seed=1)
+    short = _requests(_GREEDY)[0]
+    where = f"an over-long prompt ({len(_LONG_PROMPT)} characters)"
+    try:
+        gen, other = _generate(ctx, [long, short])
+    except CheckFailed:
+        raise
+    except Exception as exc:
+        _expect(
+            isinstance(exc, CaikitError) and long.id in str(exc),
+            f"{where} raised {type(exc).__name__}: {exc}; truncate it and record a warning, "
+            "skip it (empty texts, finish reason 'skipped', a warning), or raise a CaikitError "
+            f"that names the request ('{long.id}')",
+        )
+        _expect(
+            policy is None or policy in _RAISE_POLICIES,
+            f"config.truncation is {policy!r}, but {where} raised {type(exc).__name__}: {exc}",
+        )
+        return
+    skipped = FINISH_SKIPPED in gen.finish_reasons
+    if skipped:
+        _expect(
+            len(gen.finish_reasons) == len(gen.texts)
+            and all(r == FINISH_SKIPPED for r in gen.finish_reasons)
+            and all(t == "" for t in gen.texts),
+            f"{where} was partly skipped: texts {gen.texts!r}, finish reasons "
+            f"{gen.finish_reasons!r}; a skipped request has an empty text and finish reason "
+            "'skipped' for every completion",
+        )
+        _expect(
+            bool(gen.warnings),
+            f"{where} was skipped without a warning; say why in Generation.warnings",
+        )
+    _expect(
+        FINISH_SKIPPED not in other.finish_reasons,
+        f"request '{other.request_id}', a short prompt, was skipped when batched with "
+        f"{where}; handle each request on its own",
+    )
+    if policy == "skip":
+        _expect(
+            skipped,
+            f"config.truncation is 'skip' but {where} was not skipped (finish reasons "
+            f"{gen.finish_reasons!r}); return empty texts with finish reason 'skipped'",
+        )
+    elif policy in _RAISE_POLICIES:
+        raise CheckFailed(
+            f"config.truncation is {policy!r} but {where} did not raise; raise a CaikitError "
+            f"that names the request ('{long.id}')"
+        )
+    elif policy is not None:
+        _expect(
+            not skipped and bool(gen.warnings),
+            f"config.truncation is {policy!r} but {where} was "
+            + ("skipped" if skipped else "answered with no warning")
+            + "; truncate it and record in Generation.warnings that it was truncated",
+        )
+    elif not skipped and not gen.warnings:
+        raise CheckSkipped(
+            f"{where} was answered with no warning and no 'skipped' finish reason, and the "
+            "generator declares no truncation policy (config.truncation); the kit cannot tell "
+            "whether it has a context limit"
+        )
+
+
+@_check("generator", CAN_SCORE)
+def check_generator_greedy_choice_scores_highest(ctx: CheckContext) -> None:
+    """``score`` agrees with ``generate``: a greedy one-token completion is the most likely
+    next token, so no other continuation of the same messages scores higher."""
+    one = SamplingParams(max_new_tokens=1, temperature=0.0)
+    messages = [conversation(("user", q)) for q in (*_QUESTIONS, "Tell me about the sea.")]
+    greedy = _generate(ctx, [GenerationRequest(f"top-{i}", m, one) for i, m in enumerate(messages)])
+    # Other plausible continuations: sampled first tokens, and a few longer samples.
+    sampled = [
+        _generate(
+            ctx,
+            [
+                GenerationRequest(f"any-{i}", m, SamplingParams(tokens, 1.0), n=n, seed=7 + i)
+                for i, m in enumerate(messages)
+            ],
+        )
+        for tokens, n in ((1, 8), (3, 4))
+    ]
+    requests = []
+    for i, (m, top) in enumerate(zip(messages, greedy, strict=True)):
+        first = top.texts[0] if top.texts else ""
+        if not first or "\ufffd" in first:  # end of sequence, or part of a character
+            continue
+        texts = [t for gens in sampled for t in gens[i].texts]
+        others = [t for t in (*texts, " yes", " no", "Paris.") if t and t != first]
+        requests.append(ScoreRequest(f"top-{i}", m, (first, *dict.fromkeys(others))))
+    if not requests:
+        raise CheckSkipped(
+            "every greedy first token was empty (end of sequence) or part of a character; "
+            "nothing to compare"
+        )
+    scores = _typed_list(ctx.instance.score(requests), Score, len(requests), "score")
+    compared = 0
+    for request, score in zip(requests, scores, strict=True):
+        if score.token_counts and score.token_counts[0] != 1:
+            continue  # the greedy token's text does not encode back to one token
+        compared += 1
+        best = score.logprobs[0]
+        for text, lp in zip(request.continuations[1:], score.logprobs[1:], strict=True):
+            _expect(
+                lp <= best + 1e-3,
+                f"for '{request.id}' the greedy one-token completion {request.continuations[0]!r} "
+                f"scores {best:.4g} but {text!r} scores {lp:.4g}; nothing may score above the "
+                "most likely next token: score and generate must render the same context (chat "
+                "template, assistant turn opened, response_prefix) and score must sum the "
+                "log-softmax of the continuation's tokens",
+            )
+    if not compared:
+        raise CheckSkipped("no greedy token's text scores as one token; nothing to compare")
+
+
 # --- critic ----------------------------------------------------------------------------
 
 
@@ -316,9 +496,7 @@ def _revise(ctx: CheckContext, *, fresh: bool = False) -> list[RevisionTrace]:
 @_check("critic")
 def check_critic_steps_and_principles(ctx: CheckContext) -> None:
     """Every trace has N indexed steps whose principle ids come from the constitution."""
-    from caikit_core.testing.fixtures import default_constitution
-
-    ids = {p.id for p in default_constitution().critique_revision}
+    ids = {p.id for p in ctx.constitution().critique_revision}
     expected = getattr(getattr(ctx.instance, "config", None), "revisions", None)
     for trace in _revise(ctx):
         if trace.skipped_reason is not None:
@@ -596,12 +774,64 @@ def toy_traces(n: int = 8) -> list[RevisionTrace]:
     return out
 
 
+def _tuned(ctx: CheckContext, settings: dict[str, Any]) -> Any:
+    """The instance, rebuilt with ``settings`` applied to the fields its config has.
+
+    A given instance (no spec to rebuild from) or a config that is not an attrs
+    class is used as it is.
+    """
+    optimiser = ctx.instance
+    config = getattr(optimiser, "config", None)
+    if ctx.spec is not None and config is not None and attrs.has(type(config)):
+        names = {f.name for f in attrs.fields(type(config))}
+        changes = {k: v for k, v in settings.items() if k in names}
+        if changes:
+            optimiser = ctx.spec.build(attrs.evolve(config, **changes))
+    return optimiser
+
+
+def _metrics(report: Any) -> dict[str, float]:
+    metrics: dict[str, float] = dict(getattr(report, "metrics", {}) or {})
+    return metrics
+
+
+def _checkpoint(report: Any, out: Path) -> Path:
+    """The folder a fit saved its policy in: ``FitReport.path``, else the ``out`` given."""
+    return Path(getattr(report, "path", "") or out)
+
+
+def _hf_on(ctx: CheckContext, folder: Path, what: str) -> Any:
+    """The bundled ``hf`` generator on ``folder`` (cached per folder in the context).
+
+    :raises CheckFailed: the folder does not load, or greedy generation fails on it.
+    """
+    key = f"hf:{folder}"
+    if key not in ctx.cache:
+        from caikit_core.plugins import get_registry
+
+        spec = get_registry().get("generator", "hf")
+        assert spec.config_cls is not None
+        try:
+            generator = spec.build(spec.config_cls(device="cpu"), model=str(folder))
+            generations = generator.generate(_requests(_GREEDY)[:1])
+        except Exception as exc:
+            raise CheckFailed(
+                f"the hf generator cannot use the {what} checkpoint {folder}: {exc}; save the "
+                "model and tokenizer (with its chat template) with save_pretrained into the out "
+                "folder, or return its folder as FitReport.path"
+            ) from exc
+        _expect(
+            len(generations) == 1 and len(generations[0].texts) == 1,
+            f"the {what} checkpoint {folder} loads in the hf generator but generated no text",
+        )
+        ctx.cache[key] = generator
+    return ctx.cache[key]
+
+
 def _sft(ctx: CheckContext) -> tuple[Any, Path]:
     if "sft" not in ctx.cache:
-        from caikit_core.testing.fixtures import tiny_model
-
         out = ctx.path("sft")
-        report = ctx.instance.sft(str(tiny_model()), toy_traces(), out)
+        report = ctx.instance.sft(str(ctx.base_model()), toy_traces(), out)
         ctx.cache["sft"] = (report, out)
     result: tuple[Any, Path] = ctx.cache["sft"]
     return result
@@ -611,7 +841,7 @@ def _sft(ctx: CheckContext) -> tuple[Any, Path]:
 def check_sft_loss_decreases(ctx: CheckContext) -> None:
     """SFT on a toy set lowers the loss (FitReport metrics ``loss_first``/``loss_last``)."""
     report, _ = _sft(ctx)
-    metrics = getattr(report, "metrics", {}) or {}
+    metrics = _metrics(report)
     if "loss_first" not in metrics or "loss_last" not in metrics:
         raise CheckSkipped("FitReport.metrics has no loss_first/loss_last to compare")
     _expect(
@@ -624,25 +854,12 @@ def check_sft_loss_decreases(ctx: CheckContext) -> None:
 @_check("policy_optimiser", SUPPORTS_SFT)
 def check_sft_checkpoint_loads_in_hf(ctx: CheckContext) -> None:
     """The SFT checkpoint is an HF folder that the bundled ``hf`` generator loads."""
-    from caikit_core.plugins import get_registry
-
     report, out = _sft(ctx)
-    folder = Path(getattr(report, "path", "") or out)
-    spec = get_registry().get("generator", "hf")
-    assert spec.config_cls is not None
-    try:
-        generator = spec.build(spec.config_cls(device="cpu"), model=str(folder))
-        (gen,) = generator.generate(_requests(_GREEDY)[:1])
-    except Exception as exc:
-        raise CheckFailed(
-            f"the hf generator cannot use the SFT checkpoint {folder}: {exc}; save the model "
-            "and tokenizer with save_pretrained into the out folder"
-        ) from exc
-    _expect(len(gen.texts) == 1, "the SFT checkpoint generated no text")
+    _hf_on(ctx, _checkpoint(report, out), "SFT")
 
 
 class LengthReward:
-    """A fixed reward for the PPO check: longer responses score higher. Needs no model."""
+    """A fixed reward for the RL checks: longer responses score higher. Needs no model."""
 
     capabilities: frozenset[str] = frozenset()
 
@@ -667,21 +884,24 @@ PPO_SETTINGS: dict[str, Any] = {
 }
 
 
+def _ppo(ctx: CheckContext) -> tuple[Any, Path]:
+    """One short PPO run from the base model against :class:`LengthReward` (cached)."""
+    if "ppo" not in ctx.cache:
+        optimiser = _tuned(ctx, PPO_SETTINGS)
+        policy = str(ctx.base_model())
+        prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(_QUESTIONS[:2])]
+        out = ctx.path("ppo")
+        report = optimiser.optimise(policy, policy, LengthReward(), prompts, [], out)
+        ctx.cache["ppo"] = (report, out)
+    result: tuple[Any, Path] = ctx.cache["ppo"]
+    return result
+
+
 @_check("policy_optimiser", SUPPORTS_PPO)
 def check_ppo_reports_zero_kl_before_update(ctx: CheckContext) -> None:
     """One PPO step reports ``kl_last``, which is 0 (the policy is not updated yet)."""
-    from caikit_core.testing.fixtures import tiny_model
-
-    optimiser = ctx.instance
-    config = getattr(optimiser, "config", None)
-    if ctx.spec is not None and config is not None and attrs.has(type(config)):
-        names = {f.name for f in attrs.fields(type(config))}
-        changes = {k: v for k, v in PPO_SETTINGS.items() if k in names}
-        optimiser = ctx.spec.build(attrs.evolve(config, **changes))
-    policy = str(tiny_model())
-    prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(_QUESTIONS[:2])]
-    report = optimiser.optimise(policy, policy, LengthReward(), prompts, [], ctx.path("ppo"))
-    metrics = getattr(report, "metrics", {}) or {}
+    report, _ = _ppo(ctx)
+    metrics = _metrics(report)
     if "kl_last" not in metrics:
         raise CheckSkipped("FitReport.metrics has no kl_last to read")
     kl = metrics["kl_last"]
@@ -689,6 +909,127 @@ def check_ppo_reports_zero_kl_before_update(ctx: CheckContext) -> None:
         isinstance(kl, float) and math.isfinite(kl) and abs(kl) <= 1e-6,
         f"after one PPO step kl_last is {kl!r}; the first rollout comes from the unchanged "
         "policy, so its KL to the reference (the same checkpoint) must be 0",
+    )
+
+
+@_check("policy_optimiser", SUPPORTS_PPO)
+def check_ppo_checkpoint_loads_in_hf(ctx: CheckContext) -> None:
+    """The PPO checkpoint is an HF folder that the bundled ``hf`` generator loads."""
+    report, out = _ppo(ctx)
+    _hf_on(ctx, _checkpoint(report, out), "PPO")
+
+
+#: Settings for a short preference-loss (DPO) run, applied to the fields an optimiser's
+#: config has (an optimiser that does several things picks its algorithm by config).
+PREFERENCE_LOSS_SETTINGS: dict[str, Any] = {"algorithm": "dpo"}
+
+#: (question, helpful answer, refusal): the helpful answer is preferred.
+_PREFERENCES = (
+    ("What is the capital of France?", "The capital of France is Paris.", "I will not say."),
+    ("How do I bake bread?", "You need flour, water, salt and yeast.", "I would rather not."),
+    ("Say something nice.", "You are welcome here.", "No."),
+)
+
+
+def toy_preferences() -> list[LabelledComparison]:
+    """Helpful-vs-refusal pairs in both option orders, soft-labelled 0.9 for the helpful one."""
+    out = []
+    for i, (question, good, bad) in enumerate(_PREFERENCES):
+        pid = f"pref-p{i}"
+        messages = conversation(("user", question))
+        for order, (a, b, p_a) in enumerate(((good, bad, 0.9), (bad, good, 0.1))):
+            cid = f"pref-{i}-{order}"
+            label = PreferenceLabel(f"l-{cid}", cid, p_a, "kit")
+            out.append(LabelledComparison(Comparison(cid, pid, messages, a, b), label))
+    return out
+
+
+def _preference_fit(ctx: CheckContext) -> tuple[Any, Path]:
+    """A short preference-loss run from the base model on :func:`toy_preferences` (cached).
+
+    It is called as the pipeline calls it: the same policy and reference, a reward
+    (which a preference loss need not use), the prompts and the labelled pairs.
+    """
+    if "preference-loss" not in ctx.cache:
+        optimiser = _tuned(ctx, PREFERENCE_LOSS_SETTINGS)
+        policy = str(ctx.base_model())
+        items = toy_preferences()
+        prompts = list(
+            {
+                lc.comparison.prompt_id: Prompt(lc.comparison.prompt_id, lc.comparison.messages)
+                for lc in items
+            }.values()
+        )
+        out = ctx.path("preference-loss")
+        report = optimiser.optimise(policy, policy, LengthReward(), prompts, items, out)
+        ctx.cache["preference-loss"] = (report, out)
+    result: tuple[Any, Path] = ctx.cache["preference-loss"]
+    return result
+
+
+@_check("policy_optimiser", SUPPORTS_PREFERENCE_LOSS)
+def check_preference_loss_decreases(ctx: CheckContext) -> None:
+    """A preference loss on toy pairs goes down (``loss_first``/``loss_last``), and the
+    chosen-over-rejected reward margin it reports (``margin_last``, if any) is positive."""
+    report, _ = _preference_fit(ctx)
+    metrics = _metrics(report)
+    if "loss_first" not in metrics or "loss_last" not in metrics:
+        raise CheckSkipped("FitReport.metrics has no loss_first/loss_last to compare")
+    first, last = metrics["loss_first"], metrics["loss_last"]
+    _expect(
+        math.isfinite(last) and last < first,
+        f"the preference loss went from {first:.4g} to {last:.4g} on {len(toy_preferences())} "
+        "toy pairs; it should decrease (check that chosen and rejected are not swapped, the "
+        "learning rate, and that the policy, not the reference, is trained)",
+    )
+    if "margin_last" in metrics:
+        margin = metrics["margin_last"]
+        _expect(
+            math.isfinite(margin) and margin > 0.0,
+            f"margin_last is {margin:.4g} after training; the implicit reward of the chosen "
+            "responses should exceed the rejected ones' (it starts at 0, policy = reference)",
+        )
+
+
+@_check("policy_optimiser", SUPPORTS_PREFERENCE_LOSS)
+def check_preference_loss_checkpoint_loads_in_hf(ctx: CheckContext) -> None:
+    """The preference-loss checkpoint is an HF folder that the ``hf`` generator loads."""
+    report, out = _preference_fit(ctx)
+    _hf_on(ctx, _checkpoint(report, out), "preference-loss")
+
+
+def _chosen_margin(generator: Any) -> float:
+    """Mean of log P(chosen) - log P(rejected) over the toy pairs, by ``generator.score``."""
+    requests = [
+        ScoreRequest(f"pref-{i}", conversation(("user", q)), (good, bad))
+        for i, (q, good, bad) in enumerate(_PREFERENCES)
+    ]
+    scores = generator.score(requests)
+    return float(sum(s.logprobs[0] - s.logprobs[1] for s in scores) / len(scores))
+
+
+@_check("policy_optimiser", SUPPORTS_PREFERENCE_LOSS)
+def check_preference_loss_raises_chosen_margin(ctx: CheckContext) -> None:
+    """After training, the checkpoint prefers the chosen responses more than the starting
+    policy did: log P(chosen) - log P(rejected), scored by the ``hf`` generator, goes up."""
+    from caikit_core.testing.fixtures import hf_generator
+
+    report, out = _preference_fit(ctx)
+    try:
+        after_generator = _hf_on(ctx, _checkpoint(report, out), "preference-loss")
+    except CheckFailed as exc:
+        raise CheckSkipped(
+            "the checkpoint does not load in the hf generator (see "
+            "check_preference_loss_checkpoint_loads_in_hf)"
+        ) from exc
+    before = _chosen_margin(hf_generator(ctx.base_model()))
+    after = _chosen_margin(after_generator)
+    _expect(
+        after > before,
+        f"log P(chosen) - log P(rejected), averaged over the toy pairs, went from {before:.4g} "
+        f"under the starting policy to {after:.4g} under the checkpoint; training on pairs "
+        "labelled for the chosen response should raise it (check which response is chosen: "
+        "A when p_a > 0.5, B when p_a < 0.5)",
     )
 
 

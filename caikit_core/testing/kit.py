@@ -33,6 +33,7 @@ __all__ = [
     "make_context",
     "parametrize_with_checks",
     "select_checks",
+    "unmet_requirement",
 ]
 
 Status = Literal["passed", "failed", "skipped", "xfail"]
@@ -94,12 +95,22 @@ def make_context(
     *,
     config: Any = None,
     workdir: Path | None = None,
+    role_kwargs_factory: Callable[[], dict[str, Any]] | None = None,
+    model_factory: Callable[[], Path] | None = None,
+    constitution_factory: Callable[[], Any] | None = None,
 ) -> CheckContext:
     """The context the checks run in, for a plugin name, a spec or an instance.
 
     ``config`` is a config object, or a dict of settings layered over the kit's
-    defaults; ``None`` uses the kit's defaults (or ``config_cls()``).
+    defaults; ``None`` uses the kit's defaults (or ``config_cls()``). The factories
+    replace the kit's defaults for the factory's keyword arguments, the base model
+    and the constitution (see :class:`~caikit_core.testing.checks.CheckContext`).
     """
+    factories: dict[str, Any] = {
+        "role_kwargs_factory": role_kwargs_factory,
+        "model_factory": model_factory,
+        "constitution_factory": constitution_factory,
+    }
     if role not in ROLES:
         raise PluginError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
     folder = workdir or Path(tempfile.mkdtemp(prefix=f"caikit-check-{role}-"))
@@ -108,9 +119,9 @@ def make_context(
     if isinstance(target, PluginSpec):
         if config is None or isinstance(config, dict):
             config = _default_config(target, config)
-        return CheckContext(role, target.name, target, config, folder)
+        return CheckContext(role, target.name, target, config, folder, **factories)
     name = type(target).__name__
-    return CheckContext(role, name, None, config, folder, given_instance=target)
+    return CheckContext(role, name, None, config, folder, given_instance=target, **factories)
 
 
 def select_checks(role: str, pattern: str | None = None) -> list[Check]:
@@ -121,10 +132,18 @@ def select_checks(role: str, pattern: str | None = None) -> list[Check]:
     return checks
 
 
-def _run_one(check: Check, ctx: CheckContext, expected: dict[str, str]) -> CheckResult:
+def unmet_requirement(check: Check, ctx: CheckContext) -> str | None:
+    """Why ``check`` does not apply to the plugin (a capability it lacks), else ``None``."""
     missing = check.requires - ctx.capabilities
     if missing:
-        return CheckResult(check.name, "skipped", f"needs capability {', '.join(sorted(missing))}")
+        return f"needs capability {', '.join(sorted(missing))}"
+    return None
+
+
+def _run_one(check: Check, ctx: CheckContext, expected: dict[str, str]) -> CheckResult:
+    unmet = unmet_requirement(check, ctx)
+    if unmet is not None:
+        return CheckResult(check.name, "skipped", unmet)
     try:
         check.fn(ctx)
     except CheckSkipped as exc:
