@@ -6,18 +6,19 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 STAMP       := $(VENV)/.caikit-installed
 
-.PHONY: setup test lint typecheck unit contrib quickstart slow clean
+.PHONY: setup test lint typecheck unit contrib quickstart quickstart-jax slow clean
 
 OPENAI_PLUGIN := contrib/caikit-openai
 VENV_ABS      := $(abspath $(VENV))
 
-# The virtual environment, with caikit (editable), the PyTorch backend and the
-# dev tools. The constraints file pins torch to the CPU build so a machine
-# without a GPU never pulls a multi-GB CUDA wheel.
+# The virtual environment, with caikit (editable), the PyTorch and JAX backends
+# and the dev tools, checked with `pip check`. The constraints file pins torch to
+# the CPU build so a machine without a GPU never pulls a multi-GB CUDA wheel.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,torch]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,torch,jax]'
+	$(PIP) check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -51,6 +52,14 @@ slow: setup
 quickstart: setup
 	$(VENV)/bin/caikit models fetch smollm2-135m-instruct
 	$(VENV)/bin/caikit run examples/quickstart.toml
+
+# The same quickstart with the preference model and the policy optimiser on JAX: the
+# run file differs only in their two `plugin = "torch"` lines. Its output folder is the
+# quickstart's, so stages that do not depend on the backend are reused.
+quickstart-jax: setup
+	$(VENV)/bin/caikit models fetch smollm2-135m-instruct
+	sed 's/^plugin = "torch"/plugin = "jax"/' examples/quickstart.toml > examples/quickstart-jax.toml
+	$(VENV)/bin/caikit run examples/quickstart-jax.toml
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

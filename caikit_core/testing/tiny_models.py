@@ -150,7 +150,8 @@ def build_tiny_llama(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model: Any = LlamaForCausalLM(config)
+        model_class: Any = LlamaForCausalLM
+        model: Any = model_class(config)
     model.to(torch.float32)
     model.eval()
 

@@ -1,0 +1,284 @@
+"""Every correction caikit applies to Tunix, in one module.
+
+caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
+pyproject.toml). Each class or function here corrects one upstream defect, names the
+upstream code it corrects, and has a test (``tests/test_jax.py`` for items 1-4,
+``tests/test_jax_ppo.py`` for 5-7) that shows the defect without it. Nothing else in
+caikit patches Tunix.
+
+1. :class:`RopeThetaAttention`: ``tunix/models/llama3/model.py``,
+   ``Attention.block`` calls ``apply_rope(query_proj, segment_pos, head_dim=...)``
+   without ``rope_theta``, so every model runs with the function's default of
+   1,000,000 whatever its ``ModelConfig.rope_theta`` says (SmolLM2 uses 100,000,
+   the tiny test models 10,000: logits off by several units).
+2. :func:`auto_mesh`: ``jax.make_mesh`` makes ``Explicit`` axes by default since JAX
+   0.7, and ``Embedder.encode`` in the same file gathers rows with
+   ``self.input_embedding[(x,)]``, which explicit sharding refuses ("out sharding
+   could not be resolved unambiguously"). Meshes for Tunix models need ``Auto`` axes.
+3. :func:`float_zeros_like`: ``tunix/rl/ppo/ppo_learner.py``,
+   ``_generate_and_compute_advantage`` builds the per-token reward tensor with
+   ``jnp.zeros_like(jax_completion_ids)``, an integer array, so the preference
+   model's float scores are truncated towards zero when added to it. The shim gives
+   that module a ``jnp`` whose ``zeros_like`` of an integer array is float32.
+4. :func:`critic_from_actor`: ``tunix/rl/utils.py``, ``create_critic_model``
+   replaces ``lm_head`` with a one-output head, and a tied-embedding model (SmolLM2,
+   Llama 3.2) has no ``lm_head``: it decodes through the embedding matrix, so the
+   "critic" would emit vocabulary logits. The shim builds the critic untied.
+5. :class:`SegmentIdsTolerant`: ``tunix/rl/common.py``, ``compute_score`` passes
+   ``segment_ids=`` to the critic, which Tunix's own ``Llama3.__call__`` does not
+   accept, so PPO with a Llama critic fails on its first rollout.
+6. :func:`reseed_rollouts`: ``tunix/rl/rollout/vanilla_rollout.py``,
+   ``VanillaRollout.generate`` samples every rollout with the same seed, so a prompt
+   seen twice gets the same response twice.
+7. :func:`untempered_reference_logps`: ``tunix/rl/rl_cluster.py``,
+   ``RLCluster.get_ref_per_token_logps`` divides the reference's logits by the
+   rollout temperature while the policy's are at temperature 1, so the KL of an
+   unchanged policy is not 0 when sampling at another temperature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tunix.models.llama3 import model as llama3
+
+__all__ = [
+    "TUNIX_VERSION",
+    "CaikitLlama3",
+    "RopeThetaAttention",
+    "SegmentIdsTolerant",
+    "auto_mesh",
+    "critic_from_actor",
+    "float_zeros_like",
+    "patch_ppo_rewards",
+    "ppo_critic",
+    "reseed_rollouts",
+    "untempered_reference_logps",
+]
+
+#: The Tunix release these shims were written against (pinned in pyproject.toml).
+TUNIX_VERSION = "0.1.7"
+
+# --- 1. RoPE theta ---------------------------------------------------------------------
+
+_rope_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _rope_theta(theta: float) -> Iterator[None]:
+    """While tracing one attention block, make ``llama3.apply_rope`` use ``theta``.
+
+    ``Attention.block`` looks ``apply_rope`` up in its module's globals at trace
+    time; binding the theta there for the duration of the call is the smallest
+    correction that keeps the rest of Tunix's block (GQA, the KV cache, sharding
+    constraints) exactly as upstream wrote it. The lock keeps two models with
+    different thetas from tracing into each other.
+    """
+    with _rope_lock:
+        original = llama3.apply_rope
+        llama3.apply_rope = functools.partial(original, rope_theta=theta)
+        try:
+            yield
+        finally:
+            llama3.apply_rope = original
+
+
+class RopeThetaAttention(llama3.Attention):  # type: ignore[misc]  # Tunix is untyped
+    """Tunix's Llama attention, rotating queries and keys with the model's own theta."""
+
+    def block(
+        self,
+        x: jax.Array,
+        segment_pos: jax.Array,
+        cache: llama3.LayerCache | None,
+        attn_mask: jax.Array | None,
+    ) -> tuple[llama3.LayerCache | None, jax.Array]:
+        with _rope_theta(self.config.rope_theta):
+            out: tuple[llama3.LayerCache | None, jax.Array] = super().block(
+                x, segment_pos, cache, attn_mask
+            )
+        return out
+
+
+class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
+    """Tunix's ``Llama3`` with :class:`RopeThetaAttention` in every layer.
+
+    Parameter paths are upstream's (``layers.N.attn.q_proj.w``), so Tunix's
+    safetensors key mapping, trainers and samplers apply unchanged.
+    """
+
+    def __init__(self, config: llama3.ModelConfig, *, rngs: nnx.Rngs) -> None:
+        super().__init__(config, rngs=rngs)
+        for layer in self.layers:
+            layer.attn = RopeThetaAttention(config=config, rngs=rngs)
+
+
+# --- 2. meshes -----------------------------------------------------------------------
+
+
+def auto_mesh(shape: tuple[int, ...], axis_names: tuple[str, ...]) -> jax.sharding.Mesh:
+    """A device mesh whose axes are all ``Auto`` (see the module docstring, item 2)."""
+    return jax.make_mesh(
+        shape, axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names)
+    )
+
+
+# --- 3. PPO rewards -------------------------------------------------------------------
+
+
+def float_zeros_like(x: Any, *args: Any, **kwargs: Any) -> jax.Array:
+    """``jnp.zeros_like``, but float32 where ``x`` is an integer array (item 3)."""
+    if "dtype" not in kwargs and not args and jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+        kwargs["dtype"] = jnp.float32
+    return jnp.zeros_like(x, *args, **kwargs)
+
+
+def patch_ppo_rewards() -> None:
+    """Give ``tunix.rl.ppo.ppo_learner`` a ``jnp`` with :func:`float_zeros_like`.
+
+    Only that module's name ``jnp`` is rebound (to a namespace that forwards every
+    other attribute to ``jax.numpy``); ``jax.numpy`` itself is untouched. Idempotent.
+    """
+    from tunix.rl.ppo import ppo_learner
+
+    if getattr(ppo_learner.jnp, "_caikit_shim", False):
+        return
+    namespace = types.SimpleNamespace(zeros_like=float_zeros_like, _caikit_shim=True)
+
+    class _Numpy(types.SimpleNamespace):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(jnp, name)
+
+    ppo_learner.jnp = _Numpy(**vars(namespace))
+
+
+# --- 4. critics ------------------------------------------------------------------------
+
+
+def critic_from_actor(actor: llama3.Llama3, *, seed: int = 0) -> llama3.Llama3:
+    """A value model: a copy of ``actor``'s trunk with a one-output head (item 4).
+
+    Works for tied and untied embeddings alike: the copy is built untied, so its
+    forward pass reads ``lm_head``, which is a fresh zero-initialised ``[D, 1]``
+    projection (values start at 0, as PPO's value head usually does).
+    """
+    import dataclasses
+
+    graph, state = nnx.split(actor)
+    copy = nnx.merge(graph, jax.tree.map(jnp.copy, state))
+    copy.config = dataclasses.replace(actor.config, weight_tying=False)
+    head = nnx.Linear(
+        in_features=actor.config.embed_dim,
+        out_features=1,
+        use_bias=False,
+        kernel_init=nnx.initializers.zeros_init(),
+        rngs=nnx.Rngs(seed),
+    )
+    copy.lm_head = head
+    return copy
+
+
+# --- 5.-7. PPO on an RLCluster (used by caikit_jax.ppo; tests in tests/test_jax_ppo.py) ---
+
+
+class SegmentIdsTolerant(nnx.Module):
+    """``model`` called as Tunix's ``Llama3`` is, ignoring a ``segment_ids`` keyword.
+
+    Corrects ``tunix/rl/common.py``, ``compute_score`` (what the PPO critic's values
+    go through, in ``InferenceWorker.get_values`` and ``ppo_value_loss_fn``): it
+    passes ``segment_ids=`` to every model, unlike ``compute_per_token_logps``, which
+    first checks the model's signature, and Tunix's own ``Llama3.__call__`` takes no
+    such argument, so PPO with a Llama critic fails with "unexpected keyword argument
+    'segment_ids'". The attention mask passed alongside already keeps padding out,
+    so dropping the ids changes nothing else.
+    """
+
+    def __init__(self, model: nnx.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self,
+        input_tokens: jax.Array,
+        positions: jax.Array,
+        cache: Any,
+        attention_mask: jax.Array | None,
+        segment_ids: jax.Array | None = None,
+    ) -> Any:
+        del segment_ids  # see the class docstring
+        return self.model(input_tokens, positions, cache, attention_mask)
+
+
+def ppo_critic(actor: llama3.Llama3, *, seed: int = 0) -> SegmentIdsTolerant:
+    """:func:`critic_from_actor`, callable by Tunix's ``compute_score`` (item 5)."""
+    return SegmentIdsTolerant(critic_from_actor(actor, seed=seed))
+
+
+def _mix_seed(seed: int, count: int) -> int:
+    """A non-negative 31-bit integer from ``(seed, count)`` (stable across runs)."""
+    value = (seed & 0xFFFFFFFF) * 0x9E3779B1 ^ (count & 0xFFFFFFFF) * 0x85EBCA77
+    value ^= value >> 15
+    return (value * 0xC2B2AE3D) & 0x7FFFFFFF
+
+
+def reseed_rollouts(rollout: Any, seed: int) -> None:
+    """Give each of ``rollout``'s ``generate`` calls a sampling seed of its own (item 6).
+
+    Corrects ``tunix/rl/rollout/vanilla_rollout.py``, ``VanillaRollout.generate``: it
+    hands ``rollout_config.seed`` to the sampler on every call, so every rollout of a
+    training run draws with the same PRNG key (``PRNGKey(0)`` when the seed is
+    ``None``) and a prompt sampled twice by a policy that has barely moved gets the
+    same response twice. Passing a ``jax.Array`` key instead is no way out:
+    ``tunix/generate/sampler.py`` donates the sampling state, key included, to its
+    compiled prefill, so the second rollout fails with "Array has been deleted".
+    The shim wraps the instance's ``generate`` to pass the ``n``-th call the integer
+    seed ``mix(seed, n)``. Idempotent.
+    """
+    original = rollout.generate
+    if getattr(original, "_caikit_reseeded", False):
+        return
+    calls = iter(range(1 << 62))
+    lock = threading.Lock()
+
+    def generate(prompts: Any, rollout_config: Any, **kwargs: Any) -> Any:
+        import dataclasses
+
+        with lock:
+            count = next(calls)
+        seeded = dataclasses.replace(rollout_config, seed=_mix_seed(seed, count))
+        return original(prompts, seeded, **kwargs)
+
+    generate._caikit_reseeded = True  # type: ignore[attr-defined]
+    rollout.generate = generate
+
+
+def untempered_reference_logps(worker: Any) -> None:
+    """Compute the reference's log-probabilities at temperature 1, as the policy's are (item 7).
+
+    Corrects ``tunix/rl/rl_cluster.py``, ``RLCluster.get_ref_per_token_logps``: it
+    passes the rollout temperature to the reference model's log-probabilities, while
+    the policy's are computed at temperature 1 (``get_old_per_token_logps`` through
+    ``VanillaRollout.get_per_token_logps``, and the new ones in
+    ``tunix/rl/algo_core.py``, ``ppo_policy_loss_fn``). With a temperature other
+    than 1 the KL penalty then compares two different distributions and is not 0
+    for an unchanged policy. The shim wraps ``worker``'s (the cluster's
+    ``InferenceWorker``) ``get_ref_per_token_logps`` to use temperature 1.
+    Idempotent.
+    """
+    original = worker.get_ref_per_token_logps
+    if getattr(original, "_caikit_untempered", False):
+        return
+
+    def get_ref_per_token_logps(*args: Any, **kwargs: Any) -> Any:
+        kwargs["temperature"] = 1.0
+        return original(*args, **kwargs)
+
+    get_ref_per_token_logps._caikit_untempered = True  # type: ignore[attr-defined]
+    worker.get_ref_per_token_logps = get_ref_per_token_logps
