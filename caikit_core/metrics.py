@@ -9,14 +9,25 @@ For margins ``m = r_A - r_B`` and soft labels ``p = P(A preferred)``:
 - ``brier``: mean of ``(sigmoid(m) - p) ** 2``;
 - ``examples``: the number of comparisons.
 
-Computed in float64 with numpy (imported when called).
+Computed in float64 with numpy (imported when called). The helpers below are what
+every preference-model backend shares: label validation, the held-out split, and the
+metrics of a model's scores on labelled comparisons.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["CALIBRATION_BINS", "preference_metrics"]
+from caikit_core.errors import CaikitError
+from caikit_core.records import LabelledComparison, Sample, stable_id
+
+__all__ = [
+    "CALIBRATION_BINS",
+    "check_soft_labels",
+    "comparison_metrics",
+    "held_out_split",
+    "preference_metrics",
+]
 
 #: Equal-width bins of ``sigmoid(r_A - r_B)`` for the ``calibration`` metric.
 CALIBRATION_BINS = 5
@@ -58,3 +69,58 @@ def preference_metrics(margins: Sequence[float], p_a: Sequence[float]) -> dict[s
     out["calibration"] = ece
     out["brier"] = float(np.mean((q - p) ** 2))
     return out
+
+
+def check_soft_labels(labelled: Sequence[LabelledComparison], who: str) -> None:
+    """Refuse labels outside [0, 1], naming up to five comparisons.
+
+    :raises CaikitError: ``who`` and the offending comparison ids and labels.
+    """
+    outside = [
+        f"{lc.comparison.id} (p_a={lc.label.p_a!r})"
+        for lc in labelled
+        if lc.label.p_a < 0.0 or lc.label.p_a > 1.0
+    ]
+    if outside:
+        raise CaikitError(
+            f"{who}: labels must be probabilities in [0, 1]; found "
+            + ", ".join(outside[:5])
+            + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        )
+
+
+def held_out_split(
+    labelled: Sequence[LabelledComparison], fraction: float, seed: int
+) -> tuple[list[LabelledComparison], list[LabelledComparison]]:
+    """Training and held-out comparisons: a comparison is held out when a hash of
+    ``(seed, comparison id)`` falls below ``fraction``, so the split does not depend on
+    the order or the number of comparisons."""
+    if fraction <= 0.0:
+        return list(labelled), []
+    train: list[LabelledComparison] = []
+    held: list[LabelledComparison] = []
+    for lc in labelled:
+        draw = int(stable_id("pm-eval", seed, lc.comparison.id), 16) / 16**16
+        (held if draw < fraction else train).append(lc)
+    return train, held
+
+
+def comparison_metrics(
+    score: Callable[[list[Sample]], list[float]],
+    labelled: Sequence[LabelledComparison],
+    prefix: str = "",
+) -> dict[str, float]:
+    """:func:`preference_metrics` of a preference model's ``score`` on ``labelled``,
+    each key prefixed with ``prefix`` (e.g. ``"eval_"``)."""
+
+    def sample(lc: LabelledComparison, response: str) -> Sample:
+        c = lc.comparison
+        return Sample(stable_id("pm", c.id, response), c.prompt_id, c.messages, response)
+
+    samples_a = [sample(lc, lc.comparison.response_a) for lc in labelled]
+    samples_b = [sample(lc, lc.comparison.response_b) for lc in labelled]
+    scores = score(samples_a + samples_b)
+    n = len(labelled)
+    margins = [scores[i] - scores[n + i] for i in range(n)]
+    found = preference_metrics(margins, [lc.label.p_a for lc in labelled])
+    return {f"{prefix}{k}": v for k, v in found.items()}

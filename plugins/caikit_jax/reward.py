@@ -37,8 +37,8 @@ from flax import nnx
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
-from caikit_core.metrics import preference_metrics
-from caikit_core.records import Conversation, LabelledComparison, Sample, stable_id
+from caikit_core.metrics import check_soft_labels, comparison_metrics, held_out_split
+from caikit_core.records import Conversation, LabelledComparison, Sample
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -144,16 +144,8 @@ class JaxPreferenceModel:
         started = time.perf_counter()
         if not labelled:
             raise CaikitError(f"{_WHO}: fit was given no labelled comparisons")
-        outside = [
-            f"{lc.comparison.id} (p_a={lc.label.p_a!r})"
-            for lc in labelled
-            if not 0.0 <= lc.label.p_a <= 1.0
-        ]
-        if outside:
-            raise CaikitError(
-                f"{_WHO}: labels must be probabilities in [0, 1]; found " + ", ".join(outside[:5])
-            )
-        train, held = self._split(labelled)
+        check_soft_labels(labelled, _WHO)
+        train, held = held_out_split(labelled, cfg.eval_fraction, cfg.seed)
         if not train:
             raise CaikitError(
                 f"{_WHO}: eval_fraction = {cfg.eval_fraction} held out all {len(labelled)} "
@@ -175,9 +167,9 @@ class JaxPreferenceModel:
         metrics = self._train(train)
         out = Path(out)
         self.save(out, base=str(folder))
-        metrics.update(self._named_metrics(train, ""))
+        metrics.update(comparison_metrics(self.score, train))
         if held:
-            metrics.update(self._named_metrics(held, "eval_"))
+            metrics.update(comparison_metrics(self.score, held, "eval_"))
         metrics["ties"] = float(sum(1 for lc in labelled if lc.label.p_a == 0.5))
         metrics["seconds"] = time.perf_counter() - started
         self.metrics = metrics
@@ -189,21 +181,6 @@ class JaxPreferenceModel:
             out,
         )
         return FitReport(str(out), metrics)
-
-    def _split(
-        self, labelled: Sequence[LabelledComparison]
-    ) -> tuple[list[LabelledComparison], list[LabelledComparison]]:
-        """Training and held-out comparisons, by a hash of (seed, comparison id), as
-        the ``torch`` preference model splits them."""
-        fraction = self.config.eval_fraction
-        if fraction <= 0.0:
-            return list(labelled), []
-        train: list[LabelledComparison] = []
-        held: list[LabelledComparison] = []
-        for lc in labelled:
-            draw = int(stable_id("pm-eval", self.config.seed, lc.comparison.id), 16) / 16**16
-            (held if draw < fraction else train).append(lc)
-        return train, held
 
     def _train(self, labelled: list[LabelledComparison]) -> dict[str, float]:
         cfg = self.config
@@ -259,22 +236,6 @@ class JaxPreferenceModel:
         }
 
     # evaluate, save, load, score ----------------------------------------------------------
-    def _named_metrics(
-        self, labelled: Sequence[LabelledComparison], prefix: str
-    ) -> dict[str, float]:
-        samples_a = [self._sample(lc, lc.comparison.response_a) for lc in labelled]
-        samples_b = [self._sample(lc, lc.comparison.response_b) for lc in labelled]
-        scores = self.score(samples_a + samples_b)
-        n = len(labelled)
-        margins = [scores[i] - scores[n + i] for i in range(n)]
-        found = preference_metrics(margins, [lc.label.p_a for lc in labelled])
-        return {f"{prefix}{k}": v for k, v in found.items()}
-
-    @staticmethod
-    def _sample(lc: LabelledComparison, response: str) -> Sample:
-        c = lc.comparison
-        return Sample(stable_id("pm", c.id, response), c.prompt_id, c.messages, response)
-
     def save(self, path: Path, *, base: str | None = None) -> None:
         """Write the model as a ``LlamaForSequenceClassification`` folder and the record."""
         model, tokenizer = self._require()

@@ -73,8 +73,14 @@ from trl.trainer.reward_trainer import (
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
-from caikit_core.metrics import CALIBRATION_BINS, preference_metrics
-from caikit_core.records import Conversation, LabelledComparison, Sample, stable_id
+from caikit_core.metrics import (
+    CALIBRATION_BINS,
+    check_soft_labels,
+    comparison_metrics,
+    held_out_split,
+    preference_metrics,
+)
+from caikit_core.records import Conversation, LabelledComparison, Sample
 from caikit_torch.plugin import PM_CAPABILITIES, TorchPreferenceConfig
 from caikit_torch.sft import (
     _LossLog,
@@ -232,18 +238,8 @@ class TorchPreferenceModel:
         started = time.perf_counter()
         if not labelled:
             raise CaikitError(f"{_WHO}: fit was given no labelled comparisons")
-        outside = [
-            f"{lc.comparison.id} (p_a={lc.label.p_a!r})"
-            for lc in labelled
-            if lc.label.p_a < 0.0 or lc.label.p_a > 1.0
-        ]
-        if outside:
-            raise CaikitError(
-                f"{_WHO}: labels must be probabilities in [0, 1]; found "
-                + ", ".join(outside[:5])
-                + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
-            )
-        train, held = self._split(labelled)
+        check_soft_labels(labelled, _WHO)
+        train, held = held_out_split(labelled, cfg.eval_fraction, cfg.seed)
         if not train:
             raise CaikitError(
                 f"{_WHO}: eval_fraction = {cfg.eval_fraction} held out all {len(labelled)} "
@@ -259,9 +255,9 @@ class TorchPreferenceModel:
             # Score with the weights as saved and as a later ``load`` gives them: the
             # trained tensors' memory alignment can change float32 results in the last bit.
             self.load(out)
-        metrics.update(self._named_metrics(train, ""))
+        metrics.update(comparison_metrics(self.score, train))
         if held:
-            metrics.update(self._named_metrics(held, "eval_"))
+            metrics.update(comparison_metrics(self.score, held, "eval_"))
         metrics["ties"] = float(sum(1 for lc in labelled if lc.label.p_a == 0.5))
         metrics["seconds"] = time.perf_counter() - started
         self.metrics = metrics
@@ -274,20 +270,6 @@ class TorchPreferenceModel:
             out,
         )
         return FitReport(str(out), metrics)
-
-    def _split(
-        self, labelled: Sequence[LabelledComparison]
-    ) -> tuple[list[LabelledComparison], list[LabelledComparison]]:
-        """Training and held-out comparisons, held out by a hash of (seed, comparison id)."""
-        fraction = self.config.eval_fraction
-        if fraction <= 0.0:
-            return list(labelled), []
-        train: list[LabelledComparison] = []
-        held: list[LabelledComparison] = []
-        for lc in labelled:
-            draw = int(stable_id("pm-eval", self.config.seed, lc.comparison.id), 16) / 16**16
-            (held if draw < fraction else train).append(lc)
-        return train, held
 
     def _train(self, folder: Path, labelled: list[LabelledComparison]) -> dict[str, float]:
         """Load the trunk, train, keep the model; returns the training metrics."""
@@ -371,23 +353,7 @@ class TorchPreferenceModel:
 
         :raises CaikitError: the model is neither fitted nor loaded.
         """
-        return self._named_metrics(labelled, "")
-
-    def _named_metrics(
-        self, labelled: Sequence[LabelledComparison], prefix: str
-    ) -> dict[str, float]:
-        samples_a = [self._sample(lc, lc.comparison.response_a) for lc in labelled]
-        samples_b = [self._sample(lc, lc.comparison.response_b) for lc in labelled]
-        scores = self.score(samples_a + samples_b)
-        n = len(labelled)
-        margins = [scores[i] - scores[n + i] for i in range(n)]
-        found = preference_metrics(margins, [lc.label.p_a for lc in labelled])
-        return {f"{prefix}{k}": v for k, v in found.items()}
-
-    @staticmethod
-    def _sample(lc: LabelledComparison, response: str) -> Sample:
-        c = lc.comparison
-        return Sample(stable_id("pm", c.id, response), c.prompt_id, c.messages, response)
+        return comparison_metrics(self.score, labelled)
 
     def save(self, path: Path, *, base: str | None = None) -> None:
         """Write the model (safetensors), its tokenizer and :data:`PM_RECORD` to ``path``.
