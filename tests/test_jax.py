@@ -361,21 +361,29 @@ def test_runs_on_a_two_device_mesh(tiny: Path, tmp_path: Path) -> None:
 
 # --- the conformance kit -------------------------------------------------------------------
 
-_PM_KIT = {"learning_rate": 3e-3, "epochs": 2.0, "batch_size": 8, "max_length": 128}
+# with the kit's settings for the jax plugins (KIT_CONFIGS), as `caikit check` runs them
 
 
-@parametrize_with_checks("preference_model", "jax", config=_PM_KIT)
+@parametrize_with_checks("preference_model", "jax")
 def test_preference_model_jax(check: Any) -> None:
     check()
 
 
-@parametrize_with_checks(
-    "policy_optimiser",
-    "jax",
-    config={"learning_rate": 1e-2, "max_steps": 4, "batch_size": 4, "max_length": 256},
-)
+@parametrize_with_checks("policy_optimiser", "jax")
 def test_policy_optimiser_jax(check: Any) -> None:
     check()
+
+
+def test_caikit_check_passes_for_the_jax_preference_model() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "caikit_core.cli", "check", "preference_model", "jax"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, CAIKIT_LOAD_PLUGINS="jax"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "3 passed" in done.stdout
 
 
 # --- one line of config ----------------------------------------------------------------------

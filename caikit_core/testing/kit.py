@@ -58,6 +58,18 @@ KIT_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
         "lora_dropout": 0.0,
         "device": "cpu",
     },
+    ("preference_model", "jax"): {
+        "learning_rate": 3e-3,
+        "epochs": 2.0,
+        "batch_size": 8,
+        "max_length": 128,
+    },
+    ("policy_optimiser", "jax"): {
+        "learning_rate": 1e-2,
+        "max_steps": 4,
+        "batch_size": 4,
+        "max_length": 256,
+    },
 }
 
 
