@@ -85,13 +85,7 @@ TOY = [trace(f"sky{i}", SKY, SKY_ANSWER) for i in range(8)] + [
 FAST = {"learning_rate": 1e-2, "batch_size": 4, "device": "cpu", "lora_dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread, even more on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
