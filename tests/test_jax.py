@@ -297,6 +297,25 @@ def test_sft_lowers_the_loss_and_saves_a_checkpoint_torch_loads(tiny: Path, tmp_
     assert record["backend"] == "jax" and record["versions"]["tunix"] == shims.TUNIX_VERSION
 
 
+def test_training_steps_compile_once(tiny: Path, tmp_path: Path) -> None:
+    """On one device a second step must not recompile: the new head and optimizer state
+    are laid out as the step returns them before the first step (without it, each fit
+    compiled its step twice)."""
+    from caikit_jax import reward, train
+
+    # shapes no other test uses, so each fit compiles its step exactly once
+    before = reward._train_step.jitted_fn._cache_size()
+    pm = JaxPreferenceModel(
+        JaxPreferenceConfig(max_steps=3, batch_size=5, max_length=112), str(tiny)
+    )
+    pm.fit(marker_set(5), tmp_path / "pm")
+    assert reward._train_step.jitted_fn._cache_size() - before == 1
+    before = train._sft_step.jitted_fn._cache_size()
+    optimiser = JaxOptimiser(JaxOptimiserConfig(max_steps=3, batch_size=8, max_length=256))
+    optimiser.sft(str(tiny), toy_traces(), tmp_path / "sft")
+    assert train._sft_step.jitted_fn._cache_size() - before == 1
+
+
 def test_dpo_raises_the_chosen_margin(tiny: Path, tmp_path: Path) -> None:
     optimiser = JaxOptimiser(
         JaxOptimiserConfig(

@@ -35,6 +35,7 @@ __all__ = [
     "make_mesh",
     "model_config",
     "param_dtype",
+    "place_on_mesh",
     "read_tokenizer",
     "save_checkpoint",
     "save_tensors",
@@ -160,6 +161,35 @@ def make_mesh(devices: int | None = None) -> jax.sharding.Mesh:
 
     count = devices if devices is not None else jax.device_count()
     return auto_mesh((count, 1), ("fsdp", "tp"))
+
+
+def place_on_mesh(mesh: jax.sharding.Mesh, *objects: Any) -> None:
+    """Lay out the state of nnx ``objects`` (a model, its optimizer, a new head) on
+    ``mesh`` by their sharding annotations, before the first jitted step.
+
+    A freshly built optimizer state or head lives on one device; the state a jitted
+    step returns is laid out on the mesh, so without this the second step sees new
+    input shardings and compiles the step again (Tunix's ``PeftTrainer`` shards its
+    optimizer for the same reason). On a one-device mesh XLA returns every array
+    replicated (``P()``), whatever its annotation, so that is the layout given there.
+    On a larger mesh the state is laid out by its annotations; XLA's output layouts
+    can still differ from them in equivalent ways (``P('tp', 'fsdp')`` comes back as
+    ``P(None, 'fsdp')`` when ``tp`` has one device), and the step then compiles a
+    second time, once per fit.
+    """
+    from flax import nnx
+
+    if mesh.devices.size == 1:
+        spec: Any = jax.sharding.PartitionSpec
+        replicated = jax.sharding.NamedSharding(mesh, spec())
+        for obj in objects:
+            nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
+        return
+    constrain: Any = jax.lax.with_sharding_constraint
+    with mesh:
+        for obj in objects:
+            state = nnx.state(obj)
+            nnx.update(obj, constrain(state, nnx.get_partition_spec(state)))
 
 
 def load_model(

@@ -45,6 +45,7 @@ from caikit_jax.model import (
     load_model,
     make_mesh,
     param_dtype,
+    place_on_mesh,
     read_tokenizer,
     save_tensors,
     versions,
@@ -127,6 +128,7 @@ class JaxPreferenceModel:
         self._model: _RewardModel | None = None
         self._tokenizer: Any = None
         self._source: Path | None = None
+        self._mesh: jax.sharding.Mesh | None = None
 
     # fit --------------------------------------------------------------------------------
     def fit(self, labelled: Sequence[LabelledComparison], out: Path) -> FitReport:
@@ -154,7 +156,8 @@ class JaxPreferenceModel:
         check_device(cfg.device, _WHO)
         folder = _folder(self.trunk, "trunk")
         self._tokenizer = read_tokenizer(folder, who=_WHO)
-        trunk = load_model(folder, mesh=make_mesh(), dtype=param_dtype(cfg.dtype), trunk_only=True)
+        self._mesh = make_mesh()
+        trunk = load_model(folder, mesh=self._mesh, dtype=param_dtype(cfg.dtype), trunk_only=True)
         head = nnx.Linear(
             trunk.config.embed_dim,
             1,
@@ -202,6 +205,8 @@ class JaxPreferenceModel:
         optimizer = nnx.Optimizer(
             self._model, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param
         )
+        assert self._mesh is not None
+        place_on_mesh(self._mesh, self._model, optimizer)
         rng = np.random.default_rng(cfg.seed)
         order: list[int] = []
         self.losses = []

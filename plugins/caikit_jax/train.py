@@ -43,6 +43,7 @@ from caikit_jax.model import (
     load_model,
     make_mesh,
     param_dtype,
+    place_on_mesh,
     read_tokenizer,
     save_checkpoint,
     token_logprobs,
@@ -150,10 +151,9 @@ class JaxOptimiser:
             raise CaikitError(
                 f"{_WHO}: every prompt is at least max_length = {cfg.max_length} tokens long"
             )
-        model = load_model(
-            folder, mesh=make_mesh(), dtype=_dtype(cfg), remat=cfg.gradient_checkpointing
-        )
-        metrics = self._fit_sft(model, rows, int(tokenizer.pad_token_id))
+        mesh = make_mesh()
+        model = load_model(folder, mesh=mesh, dtype=_dtype(cfg), remat=cfg.gradient_checkpointing)
+        metrics = self._fit_sft(mesh, model, rows, int(tokenizer.pad_token_id))
         out = Path(out)
         save_checkpoint(model, out, source=folder)
         metrics.update(
@@ -174,7 +174,9 @@ class JaxOptimiser:
         )
         return FitReport(str(out), metrics)
 
-    def _fit_sft(self, model: Any, rows: list[tuple[list[int], int]], pad: int) -> dict[str, float]:
+    def _fit_sft(
+        self, mesh: jax.sharding.Mesh, model: Any, rows: list[tuple[list[int], int]], pad: int
+    ) -> dict[str, float]:
         cfg = self.config
         accumulate = cfg.gradient_accumulation_steps
         per_epoch = math.ceil(len(rows) / (cfg.batch_size * accumulate))
@@ -189,6 +191,7 @@ class JaxOptimiser:
         if accumulate > 1:
             tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        place_on_mesh(mesh, model, optimizer)
         rng = np.random.default_rng(cfg.seed)
         order: list[int] = []
         self.losses = []
