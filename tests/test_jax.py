@@ -372,6 +372,34 @@ def test_runs_on_a_two_device_mesh(tiny: Path, tmp_path: Path) -> None:
     assert np.isfinite(found["loss"])
 
 
+def test_the_jax_plugins_need_no_torch(tiny: Path, tmp_path: Path) -> None:
+    """With torch unimportable, the jax preference model, SFT and DPO still run."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        from pathlib import Path
+        from caikit_core.testing.checks import marker_set, toy_traces
+        from caikit_jax.plugin import JaxOptimiserConfig, JaxPreferenceConfig
+        from caikit_jax.reward import JaxPreferenceModel
+        from caikit_jax.train import JaxOptimiser
+        tiny, out = {str(tiny)!r}, Path({str(tmp_path)!r})
+        pm = JaxPreferenceModel(JaxPreferenceConfig(max_steps=1, batch_size=4, max_length=96), tiny)
+        pm.fit(marker_set(4), out / "pm")
+        small = dict(max_steps=1, batch_size=4, max_length=128)
+        JaxOptimiser(JaxOptimiserConfig(**small)).sft(tiny, toy_traces(4), out / "sft")
+        dpo = JaxOptimiser(JaxOptimiserConfig(algorithm="dpo", **small))
+        dpo.optimise(tiny, tiny, pm, [], marker_set(4), out / "dpo")
+        print("torch-free:", "torch" not in {{k for k, v in sys.modules.items() if v is not None}})
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "torch-free: True"
+
+
 # --- the conformance kit -------------------------------------------------------------------
 
 # with the kit's settings for the jax plugins (KIT_CONFIGS), as `caikit check` runs them

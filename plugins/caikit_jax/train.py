@@ -1,7 +1,7 @@
 """The ``jax`` policy optimiser: SFT on revisions, DPO and PPO on Tunix's Llama.
 
 - :meth:`JaxOptimiser.sft`: completion-only fine-tuning, the same examples as the
-  ``torch`` optimiser builds (:func:`caikit_torch.sft.sft_examples`): the prompt is
+  ``torch`` optimiser builds (:func:`caikit_core.training_data.sft_examples`): the prompt is
   the chat-formatted conversation with the assistant turn opened, the loss the mean
   negative log-likelihood of the completion's tokens. AdamW (no weight decay,
   linear decay to 0), ``gradient_accumulation_steps`` through ``optax.MultiSteps``.
@@ -9,7 +9,7 @@
   loss mask from one ``input_mask``, so it cannot train on completions only without
   replacing both its loss and its input function.
 - ``algorithm = "dpo"``: Tunix's ``DPOTrainer`` (sigmoid loss, ``beta = kl_coef``,
-  the reference model frozen) on the pairs :func:`caikit_torch.rl.dpo_pairs` builds
+  the reference model frozen) on the pairs :func:`caikit_core.training_data.dpo_pairs` builds
   from the soft labels (ties and identical responses left out).
 - ``algorithm = "ppo"``: :func:`caikit_jax.ppo.train_ppo`.
 
@@ -37,6 +37,7 @@ from flax import nnx
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
+from caikit_core.training_data import dpo_pairs, sft_examples
 from caikit_jax.model import (
     check_device,
     forward_inputs,
@@ -119,13 +120,11 @@ class JaxOptimiser:
         ``skipped_marked``, ``too_long``, ``steps``, ``seconds``) and
         ``compile_seconds`` (the first step, which includes XLA compilation).
         """
-        from caikit_torch.sft import sft_examples
-
         cfg = self.config
         started = time.perf_counter()
         if not examples:
             raise CaikitError(f"{_WHO}: sft was given no revision traces to train on")
-        data = sft_examples(examples, cfg.sft_target)
+        data = sft_examples(examples, cfg.sft_target, who=_WHO)
         if not data.examples:
             raise CaikitError(
                 f"{_WHO}: none of the {len(examples)} revision traces has a final response to "
@@ -272,14 +271,13 @@ class JaxOptimiser:
     def _dpo(
         self, policy: Path, reference: Path, labelled: Sequence[LabelledComparison], out: Path
     ) -> dict[str, float]:
-        from caikit_torch.rl import dpo_pairs
         from tunix.sft import hooks
         from tunix.sft.dpo import dpo_trainer
 
         cfg = self.config
         if not labelled:
             raise CaikitError(f"{_WHO}: dpo was given no labelled comparisons to train on")
-        pairs = dpo_pairs(labelled)
+        pairs = dpo_pairs(labelled, who=_WHO)
         if not pairs.examples:
             raise CaikitError(
                 f"{_WHO}: none of the {len(labelled)} labelled comparisons has a preferred "

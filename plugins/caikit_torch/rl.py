@@ -53,6 +53,7 @@ import trl
 from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import Conversation, LabelledComparison, Message, Prompt, Sample, stable_id
+from caikit_core.training_data import DPOPairs, dpo_pairs
 from caikit_torch.plugin import SMOOTHED_DPO_LOSSES, TorchOptimiserConfig
 from caikit_torch.sft import (
     _LossLog,
@@ -84,60 +85,6 @@ RL_RECORD = "caikit_rl.json"
 _WHO = "torch policy optimiser"
 #: The bounds of the label smoothing derived from the soft labels.
 _SMOOTHING_RANGE = (1e-3, 0.49)
-
-
-@attrs.frozen
-class DPOPairs:
-    """DPO examples built from labelled comparisons, and what was left out.
-
-    :ivar examples: conversational preference examples: ``prompt`` (the messages),
-        ``chosen`` and ``rejected`` (one assistant turn each), in input order.
-    :ivar ties: comparisons left out because ``p_a == 0.5``.
-    :ivar identical: comparisons left out because both responses are the same text.
-    :ivar label_noise: the mean of ``min(p_a, 1 - p_a)`` over the examples (0 with none).
-    """
-
-    examples: list[dict[str, Any]]
-    ties: int
-    identical: int
-    label_noise: float
-
-
-def dpo_pairs(labelled: Sequence[LabelledComparison]) -> DPOPairs:
-    """Turn soft-labelled comparisons into chosen/rejected pairs (see the module).
-
-    :raises CaikitError: a label that is not a finite number in [0, 1], or a
-        comparison without prompt messages.
-    """
-    examples: list[dict[str, Any]] = []
-    noise: list[float] = []
-    ties = identical = 0
-    for lc in labelled:
-        c, p = lc.comparison, lc.label.p_a
-        if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p <= 1.0):
-            raise CaikitError(
-                f"{_WHO}: comparison {c.id} has label p_a = {p!r}; expected a finite number "
-                "in [0, 1]"
-            )
-        if not c.messages:
-            raise CaikitError(f"{_WHO}: comparison {c.id} has no prompt messages")
-        if c.response_a == c.response_b:
-            identical += 1
-            continue
-        if p == 0.5:
-            ties += 1
-            continue
-        chosen, rejected = (c.response_a, c.response_b) if p > 0.5 else (c.response_b, c.response_a)
-        examples.append(
-            {
-                "prompt": _turns(c.messages),
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-        noise.append(min(p, 1.0 - p))
-    mean_noise = sum(noise) / len(noise) if noise else 0.0
-    return DPOPairs(examples, ties, identical, mean_noise)
 
 
 def derived_label_smoothing(pairs: DPOPairs) -> float:
@@ -384,7 +331,7 @@ class _Run:
         cfg = self.cfg
         if not labelled:
             raise CaikitError(f"{_WHO}: dpo was given no labelled comparisons to train on")
-        pairs = dpo_pairs(labelled)
+        pairs = dpo_pairs(labelled, who=_WHO)
         if not pairs.examples:
             raise CaikitError(
                 f"{_WHO}: none of the {len(labelled)} labelled comparisons has a preferred "

@@ -49,6 +49,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 from caikit_core.errors import CaikitError, PluginError
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
+from caikit_core.training_data import SFTExamples, sft_examples
 from caikit_torch.plugin import CAPABILITIES, TorchOptimiserConfig
 
 __all__ = ["SFT_RECORD", "SFTExamples", "TorchOptimiser", "sft_examples"]
@@ -59,57 +60,6 @@ log = logging.getLogger(__name__)
 SFT_RECORD = "caikit_sft.json"
 
 _WHO = "torch policy optimiser"
-
-
-@attrs.frozen
-class SFTExamples:
-    """The training examples built from revision traces, and what was left out.
-
-    :ivar examples: conversational prompt-completion examples, in trace order.
-    :ivar traces: the traces that gave at least one example.
-    :ivar empty: traces left out because their final response is empty.
-    :ivar marked_skipped: traces left out because the critic marked them skipped.
-    """
-
-    examples: list[dict[str, Any]]
-    traces: int
-    empty: int
-    marked_skipped: int
-
-
-def sft_examples(traces: Sequence[RevisionTrace], target: str = "final") -> SFTExamples:
-    """Build conversational prompt-completion examples from revision traces.
-
-    :param traces: the revision traces.
-    :param target: ``"final"``: one example per trace, its final response.
-        ``"all"``: one example per revision step with a non-empty revision (a
-        trace without steps gives its final response).
-    :raises CaikitError: a trace has no prompt messages, or ``target`` is unknown.
-    """
-    if target not in ("final", "all"):
-        raise CaikitError(f"{_WHO}: unknown sft_target {target!r} (expected 'final' or 'all')")
-    examples: list[dict[str, Any]] = []
-    used = empty = marked = 0
-    for trace in traces:
-        if trace.skipped_reason is not None:
-            marked += 1
-            continue
-        if not trace.final_response.strip():
-            empty += 1
-            continue
-        if not trace.messages:
-            raise CaikitError(f"{_WHO}: revision trace {trace.id} has no prompt messages")
-        prompt = [{"role": m.role, "content": m.content} for m in trace.messages]
-        if target == "all" and trace.steps:
-            texts = [step.revision for step in trace.steps if step.revision.strip()]
-        else:
-            texts = [trace.final_response]
-        for text in texts:
-            examples.append(
-                {"prompt": prompt, "completion": [{"role": "assistant", "content": text}]}
-            )
-        used += bool(texts)
-    return SFTExamples(examples, used, empty, marked)
 
 
 def _policy_folder(policy: str, who: str = _WHO, what: str = "policy") -> Path:
@@ -294,7 +244,7 @@ class TorchOptimiser:
         started = time.perf_counter()
         if not examples:
             raise CaikitError(f"{_WHO}: sft was given no revision traces to train on")
-        data = sft_examples(examples, cfg.sft_target)
+        data = sft_examples(examples, cfg.sft_target, who=_WHO)
         if not data.examples:
             raise CaikitError(
                 f"{_WHO}: none of the {len(examples)} revision traces has a final response to "
