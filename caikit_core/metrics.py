@@ -16,6 +16,7 @@ metrics of a model's scores on labelled comparisons.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from caikit_core.errors import CaikitError
@@ -24,6 +25,7 @@ from caikit_core.records import LabelledComparison, Sample, stable_id
 __all__ = [
     "CALIBRATION_BINS",
     "check_soft_labels",
+    "checked_scores",
     "comparison_metrics",
     "held_out_split",
     "preference_metrics",
@@ -124,3 +126,25 @@ def comparison_metrics(
     margins = [scores[i] - scores[n + i] for i in range(n)]
     found = preference_metrics(margins, [lc.label.p_a for lc in labelled])
     return {f"{prefix}{k}": v for k, v in found.items()}
+
+
+def checked_scores(
+    reward: Callable[[list[Sample]], list[float]], samples: list[Sample], who: str
+) -> list[float]:
+    """``reward(samples)`` as floats, refusing a wrong count or a non-finite score.
+
+    :raises CaikitError: ``who``, and the ids of up to five samples with non-finite scores.
+    """
+    scores = [float(x) for x in reward(samples)]
+    if len(scores) != len(samples):
+        raise CaikitError(
+            f"{who}: the preference model returned {len(scores)} scores for "
+            f"{len(samples)} responses"
+        )
+    bad = [s.id for s, x in zip(samples, scores, strict=True) if not math.isfinite(x)]
+    if bad:
+        raise CaikitError(
+            f"{who}: the preference model returned non-finite scores for samples "
+            + ", ".join(bad[:5])
+        )
+    return scores

@@ -18,7 +18,15 @@ import attrs
 from caikit_core.errors import CaikitError
 from caikit_core.records import Conversation, LabelledComparison, RevisionTrace
 
-__all__ = ["DPOPairs", "SFTExamples", "dpo_pairs", "sft_examples", "turns"]
+__all__ = [
+    "DPOPairs",
+    "SFTExamples",
+    "dpo_pairs",
+    "require_dpo_pairs",
+    "require_sft_examples",
+    "sft_examples",
+    "turns",
+]
 
 _WHO = "policy optimiser"
 
@@ -134,3 +142,38 @@ def dpo_pairs(labelled: Sequence[LabelledComparison], *, who: str = _WHO) -> DPO
         noise.append(min(p, 1.0 - p))
     mean_noise = sum(noise) / len(noise) if noise else 0.0
     return DPOPairs(examples, ties, identical, mean_noise)
+
+
+def require_sft_examples(
+    traces: Sequence[RevisionTrace], target: str = "final", *, who: str = _WHO
+) -> SFTExamples:
+    """:func:`sft_examples`, refusing input that leaves nothing to train on.
+
+    :raises CaikitError: no traces, or none with a final response to train on.
+    """
+    if not traces:
+        raise CaikitError(f"{who}: sft was given no revision traces to train on")
+    data = sft_examples(traces, target, who=who)
+    if not data.examples:
+        raise CaikitError(
+            f"{who}: none of the {len(traces)} revision traces has a final response to "
+            f"train on ({data.empty} empty, {data.marked_skipped} skipped)"
+        )
+    return data
+
+
+def require_dpo_pairs(labelled: Sequence[LabelledComparison], *, who: str = _WHO) -> DPOPairs:
+    """:func:`dpo_pairs`, refusing input that leaves no pair to train on.
+
+    :raises CaikitError: no comparisons, or none with a preferred response.
+    """
+    if not labelled:
+        raise CaikitError(f"{who}: dpo was given no labelled comparisons to train on")
+    pairs = dpo_pairs(labelled, who=who)
+    if not pairs.examples:
+        raise CaikitError(
+            f"{who}: none of the {len(labelled)} labelled comparisons has a preferred "
+            f"response ({pairs.ties} ties at p_a = 0.5, {pairs.identical} with identical "
+            "responses)"
+        )
+    return pairs

@@ -429,47 +429,6 @@ def test_caikit_check_passes_for_the_jax_preference_model() -> None:
 
 # --- one line of config ----------------------------------------------------------------------
 
-_RUN = """\
-output_dir = "out"
-phases = ["rl"]
-seed = 3
-batch_size = 4
-shard_size = 4
-
-[models]
-policy = "{policy}"
-
-[data]
-prompts = "prompts.txt"
-limit = 4
-
-[rl.sampling]
-max_new_tokens = 8
-temperature = 1.0
-
-[generator]
-plugin = "hf"
-device = "cpu"
-
-[labeller]
-plugin = "direct"
-
-[preference_model]
-plugin = "torch"
-learning_rate = 0.003
-epochs = 2
-batch_size = 4
-max_length = 128
-
-[policy_optimiser]
-plugin = "torch"
-algorithm = "dpo"
-learning_rate = 0.01
-max_steps = 2
-batch_size = 2
-max_length = 256
-"""
-
 
 def test_the_same_run_file_with_plugin_jax(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -488,7 +447,9 @@ def test_the_same_run_file_with_plugin_jax(
     registry = plugins.get_registry()
     questions = ["Why is the sky blue?", "How do I bake bread?", "Tell me about the sea.", "Hi!"]
     (tmp_path / "prompts.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
-    text = _RUN.format(policy=tiny)
+    from tests.test_torch_rl import RL_RUN
+
+    text = RL_RUN.format(policy=tiny).replace('algorithm = "rloo"', 'algorithm = "dpo"')
     statuses = {}
     artifacts = {}
     for backend in ("torch", "jax"):

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,6 +60,7 @@ import numpy as np
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel
+from caikit_core.metrics import checked_scores
 from caikit_core.records import Prompt, Sample, stable_id
 from caikit_jax.plugin import JaxOptimiserConfig
 
@@ -177,19 +177,7 @@ def _check_settings(cfg: JaxOptimiserConfig) -> None:
 
 
 def _scores(reward: PreferenceModel, samples: list[Sample]) -> list[float]:
-    scores = [float(x) for x in reward.score(samples)]
-    if len(scores) != len(samples):
-        raise CaikitError(
-            f"{_WHO}: the preference model returned {len(scores)} scores for "
-            f"{len(samples)} responses"
-        )
-    bad = [s.id for s, x in zip(samples, scores, strict=True) if not math.isfinite(x)]
-    if bad:
-        raise CaikitError(
-            f"{_WHO}: the preference model returned non-finite scores for samples "
-            + ", ".join(bad[:5])
-        )
-    return scores
+    return checked_scores(reward.score, samples, _WHO)
 
 
 def _learner_class() -> type:

@@ -37,7 +37,7 @@ from flax import nnx
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
-from caikit_core.training_data import dpo_pairs, sft_examples
+from caikit_core.training_data import require_dpo_pairs, require_sft_examples
 from caikit_jax.model import (
     check_device,
     forward_inputs,
@@ -122,14 +122,7 @@ class JaxOptimiser:
         """
         cfg = self.config
         started = time.perf_counter()
-        if not examples:
-            raise CaikitError(f"{_WHO}: sft was given no revision traces to train on")
-        data = sft_examples(examples, cfg.sft_target, who=_WHO)
-        if not data.examples:
-            raise CaikitError(
-                f"{_WHO}: none of the {len(examples)} revision traces has a final response to "
-                f"train on ({data.empty} empty, {data.marked_skipped} skipped)"
-            )
+        data = require_sft_examples(examples, cfg.sft_target, who=_WHO)
         _check_device(cfg)
         folder = _folder(policy, "policy")
         tokenizer = read_tokenizer(folder, who=_WHO)
@@ -275,15 +268,7 @@ class JaxOptimiser:
         from tunix.sft.dpo import dpo_trainer
 
         cfg = self.config
-        if not labelled:
-            raise CaikitError(f"{_WHO}: dpo was given no labelled comparisons to train on")
-        pairs = dpo_pairs(labelled, who=_WHO)
-        if not pairs.examples:
-            raise CaikitError(
-                f"{_WHO}: none of the {len(labelled)} labelled comparisons has a preferred "
-                f"response ({pairs.ties} ties at p_a = 0.5, {pairs.identical} with identical "
-                "responses)"
-            )
+        pairs = require_dpo_pairs(labelled, who=_WHO)
         tokenizer = read_tokenizer(policy, who=_WHO)
         pad = int(tokenizer.pad_token_id)
         encoded = []

@@ -37,7 +37,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -52,8 +51,9 @@ import trl
 
 from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import FitReport, PreferenceModel
+from caikit_core.metrics import checked_scores
 from caikit_core.records import Conversation, LabelledComparison, Message, Prompt, Sample, stable_id
-from caikit_core.training_data import DPOPairs, dpo_pairs
+from caikit_core.training_data import DPOPairs, dpo_pairs, require_dpo_pairs
 from caikit_torch.plugin import SMOOTHED_DPO_LOSSES, TorchOptimiserConfig
 from caikit_torch.sft import (
     _LossLog,
@@ -178,19 +178,7 @@ def _conversation(turns: Any) -> Conversation:
 
 
 def _checked_scores(reward: PreferenceModel, samples: list[Sample]) -> list[float]:
-    scores = [float(x) for x in reward.score(samples)]
-    if len(scores) != len(samples):
-        raise CaikitError(
-            f"{_WHO}: the preference model returned {len(scores)} scores for "
-            f"{len(samples)} responses"
-        )
-    bad = [s.id for s, x in zip(samples, scores, strict=True) if not math.isfinite(x)]
-    if bad:
-        raise CaikitError(
-            f"{_WHO}: the preference model returned non-finite scores for samples "
-            + ", ".join(bad[:5])
-        )
-    return scores
+    return checked_scores(reward.score, samples, _WHO)
 
 
 def _sequence_kl(logs: dict[str, Any]) -> float | None:
@@ -329,15 +317,7 @@ class _Run:
         from trl.trainer.dpo_trainer import DPOTrainer
 
         cfg = self.cfg
-        if not labelled:
-            raise CaikitError(f"{_WHO}: dpo was given no labelled comparisons to train on")
-        pairs = dpo_pairs(labelled, who=_WHO)
-        if not pairs.examples:
-            raise CaikitError(
-                f"{_WHO}: none of the {len(labelled)} labelled comparisons has a preferred "
-                f"response ({pairs.ties} ties at p_a = 0.5, {pairs.identical} with identical "
-                "responses)"
-            )
+        pairs = require_dpo_pairs(labelled, who=_WHO)
         if cfg.dpo_loss in SMOOTHED_DPO_LOSSES:
             smoothing = (
                 cfg.label_smoothing

@@ -49,7 +49,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 from caikit_core.errors import CaikitError, PluginError
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
-from caikit_core.training_data import SFTExamples, sft_examples
+from caikit_core.training_data import SFTExamples, require_sft_examples, sft_examples
 from caikit_torch.plugin import CAPABILITIES, TorchOptimiserConfig
 
 __all__ = ["SFT_RECORD", "SFTExamples", "TorchOptimiser", "sft_examples"]
@@ -242,14 +242,7 @@ class TorchOptimiser:
         """
         cfg = self.config
         started = time.perf_counter()
-        if not examples:
-            raise CaikitError(f"{_WHO}: sft was given no revision traces to train on")
-        data = sft_examples(examples, cfg.sft_target, who=_WHO)
-        if not data.examples:
-            raise CaikitError(
-                f"{_WHO}: none of the {len(examples)} revision traces has a final response to "
-                f"train on ({data.empty} empty, {data.marked_skipped} skipped)"
-            )
+        data = require_sft_examples(examples, cfg.sft_target, who=_WHO)
         folder = _policy_folder(policy)
         device = _resolve_device(cfg.device)
         out = Path(out)
