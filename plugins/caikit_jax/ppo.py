@@ -111,21 +111,6 @@ class _PromptTokenizer:
         return self.pad
 
 
-def _load_tokenizer(folder: Path) -> Any:
-    import transformers
-
-    try:
-        tokenizer: Any = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PluginError(f"{_WHO}: cannot load the tokenizer of {folder}: {exc}") from exc
-    if not getattr(tokenizer, "chat_template", None):
-        raise PluginError(
-            f"{_WHO}: the tokenizer of {folder} has no chat template; PPO on conversations "
-            "needs one"
-        )
-    return tokenizer
-
-
 def _eos_ids(tokenizer: Any, folder: Path) -> list[int]:
     """The tokenizer's end-of-sequence token and the generation config's, as the torch PPO."""
     import json
@@ -349,14 +334,14 @@ def train_ppo(
     from tunix.rl.rollout import base_rollout
 
     from caikit_jax import shims
-    from caikit_jax.model import load_model, make_mesh, save_checkpoint
+    from caikit_jax.model import load_model, make_mesh, read_tokenizer, save_checkpoint
 
     cfg = config
     _check_settings(cfg)
     if not prompts:
         raise CaikitError(f"{_WHO}: no prompts to train on")
     policy, reference, out = Path(policy), Path(reference), Path(out)
-    tokenizer = _load_tokenizer(policy)
+    tokenizer = read_tokenizer(policy, who=_WHO)
     eos_ids = _eos_ids(tokenizer, policy)
     pad = tokenizer.pad_token_id
     pad_id = int(pad) if pad is not None else eos_ids[0]
