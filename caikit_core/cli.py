@@ -126,8 +126,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from caikit_core.config import check_run_data, read_file
-    from caikit_core.pipeline import Pipeline
     from caikit_core.plugins import get_registry
+    from caikit_core.runner import Runner
     from caikit_core.store import RunStore
 
     registry = get_registry()
@@ -165,13 +165,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             store.write_run(info)
     log.info("run directory: %s", store.root)
-    summary = Pipeline(run, store=store).execute()
+    summary = Runner(run, store=store).execute()
     _print_summary(summary, args.show_traces)
     return 0
 
 
 def _print_summary(summary: Any, show_traces: int = 0) -> None:
+    """The stage table, then each stage's own summary lines (and example traces)."""
     from rich.console import Console
+    from rich.panel import Panel
     from rich.table import Table
 
     table = Table("stage", "status", "rows", "seconds", "output")
@@ -181,103 +183,14 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
     console = Console(file=sys.stdout, width=200)
     console.print(table)
     console.print(f"run directory: {summary.run_dir}")
+    ctx = summary.context
     for s in summary.stages:
-        if s.name == "revisions":
-            console.print(f"SL-CAI dataset (Parquet shards): {s.path}")
-            console.print(
-                f"  export to the HF CAI schema: caikit export {summary.run_dir} --out cai.parquet"
-            )
-        if s.name == "sft" and s.artifact is not None:
-            console.print(f"SL-CAI checkpoint: {s.artifact}")
-    _print_rl_summary(summary, console)
+        for line in ctx.stages[s.name]().summary(ctx, s):
+            console.print(line, markup=False, highlight=False)
     if show_traces:
-        _print_traces(summary, show_traces, console)
-
-
-def _print_rl_summary(summary: Any, console: Any) -> None:
-    """Label distribution and swap-consistency, PM metrics, policy reward and KL."""
-    import json as _json
-
-    import pyarrow.parquet as pq
-
-    from caikit_core.records import PreferenceLabel, from_arrow
-    from caikit_core.store import RunStore
-
-    store = RunStore(summary.run_dir)
-    for s in summary.stages:
-        if s.name == "labels":
-            labels = [
-                x
-                for path in store.shard_paths("labels", s.fingerprint)
-                for x in from_arrow(pq.read_table(path), PreferenceLabel)
-            ]
-            if not labels:
-                continue
-            bins = [0] * 5
-            for x in labels:
-                bins[min(4, int(x.p_a * 5))] += 1
-            shown = "  ".join(
-                f"[{i / 5:.1f},{(i + 1) / 5:.1f}{']' if i == 4 else ')'}: {n}"
-                for i, n in enumerate(bins)
-            )
-            console.print(f"labels: {len(labels)}; P(A) distribution  {shown}")
-            prefer_a = sum(x.p_a > 0.5 for x in labels)
-            ties = sum(x.p_a == 0.5 for x in labels)
-            console.print(
-                f"  prefer A: {prefer_a}, prefer B: {len(labels) - prefer_a - ties}, ties: {ties}"
-            )
-            swaps = [x.swap_consistency for x in labels if x.swap_consistency is not None]
-            if swaps:
-                console.print(f"  swap-consistency: mean {sum(swaps) / len(swaps):.3f}")
-        elif s.name in ("preference_model", "policy") and s.metrics:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(s.metrics.items()))
-            console.print(f"{s.name}: {shown}")
-        if s.name == "policy" and s.artifact is not None:
-            history_file = s.artifact / "caikit_rl.json"
-            if history_file.is_file():
-                history = _json.loads(history_file.read_text(encoding="utf-8")).get("history", [])
-                for step, row in enumerate(history):
-                    reward = row.get("objective/scores", row.get("reward"))
-                    kl = row.get("objective/kl", row.get("kl"))
-                    if reward is not None or kl is not None:
-                        console.print(f"  step {step}: reward {reward}, KL {kl}")
-            console.print(f"RL-CAI policy checkpoint: {s.artifact}")
-
-
-def _print_traces(summary: Any, count: int, console: Any) -> None:
-    from rich.panel import Panel
-
-    from caikit_core.records import RevisionTrace, from_arrow
-    from caikit_core.store import RunStore
-
-    stage = next((s for s in summary.stages if s.name == "revisions"), None)
-    if stage is None:
-        return
-    store = RunStore(summary.run_dir)
-    shown = 0
-    for path in store.shard_paths("revisions", stage.fingerprint):
-        import pyarrow.parquet as pq
-
-        for trace in from_arrow(pq.read_table(path), RevisionTrace):
-            if shown >= count:
-                return
-            lines = [f"[bold]prompt:[/bold] {_esc(trace.messages[-1].content)}"]
-            lines.append(f"[bold]initial response:[/bold] {_esc(trace.initial_response)}")
-            for step in trace.steps:
-                lines.append(f"[bold]step {step.index} ({step.principle_id})[/bold]")
-                if step.critique_prompt:
-                    lines.append(f"  [cyan]critique:[/cyan] {_esc(step.critique)}")
-                lines.append(f"  [green]revision:[/green] {_esc(step.revision)}")
-            if trace.skipped_reason:
-                lines.append(f"[red]skipped:[/red] {_esc(trace.skipped_reason)}")
-            console.print(Panel("\n".join(lines), title=f"trace {trace.id}", expand=False))
-            shown += 1
-
-
-def _esc(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+        for s in summary.stages:
+            for title, lines in ctx.stages[s.name]().examples(ctx, s, show_traces):
+                console.print(Panel("\n".join(lines), title=title, expand=False))
 
 
 # --- constitution ------------------------------------------------------------------

@@ -7,9 +7,9 @@ pipeline read to decide what a plugin can be asked to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -64,16 +64,16 @@ ALL_CAPABILITIES = frozenset(
     }
 )
 
-T = TypeVar("T")
-U = TypeVar("U")
-
 
 @attrs.frozen
 class FitReport:
-    """What a fit produced: where it saved, and its metrics (loss, accuracy, ...)."""
+    """What a fit produced: where it saved, its final metrics (loss, accuracy, ...)
+    and, optionally, per-step metrics (``history``: e.g. PPO's ``reward`` and ``kl``
+    per step), which the run's manifest keeps and ``caikit run`` prints."""
 
     path: str
     metrics: dict[str, float] = attrs.field(factory=dict)
+    history: Sequence[Mapping[str, float]] = ()
 
 
 # --- the roles ------------------------------------------------------------------------
@@ -142,29 +142,46 @@ class PolicyOptimiser(Protocol):
     ) -> FitReport: ...
 
 
-class BatchFn(Protocol[T, U]):
-    def __call__(self, batch: list[T]) -> list[U]: ...
+class BatchWorker(Protocol):
+    """A stage's worker as built by ``WorkerSpec.build()``: one batch in, its records out.
+
+    Raises ``caikit_core.stages.base.BatchFailed`` (carrying ``key``) when the batch
+    fails, so the runner can name the batch's records.
+    """
+
+    def __call__(self, key: Hashable, batch: list[Any]) -> list[Any]: ...
+
+
+class WorkerFactory(Protocol):
+    """What an executor receives for a stage: picklable, built where batches run."""
+
+    def build(self) -> BatchWorker: ...
 
 
 @runtime_checkable
 class Executor(Protocol):
-    """Maps a function over batches, yielding one output list per batch, in order.
+    """Maps a stage's worker over keyed batches, yielding ``(key, outputs)`` pairs.
 
-    ``describe`` labels the progress display; ``total`` is the number of items
-    over all batches. An exception from ``fn`` propagates (the pipeline names
-    the failing records).
+    ``worker`` is a ``caikit_core.stages.base.WorkerSpec``: a module-level class and
+    plain arguments, never a closure over loaded models. An executor calls
+    ``worker.build()`` once in each process that runs batches (the build loads the
+    stage's models there) and then ``built(key, batch)`` per batch. Results may come
+    back in any order; an executor that retries may yield a key twice (the runner
+    keeps one). ``describe`` labels the progress display; ``total`` is the number of
+    items over all batches. An exception from a batch propagates (the runner names
+    the failing records from its key).
     """
 
     capabilities: frozenset[str]
 
     def map(
         self,
-        fn: BatchFn[Any, Any],
-        batches: Iterable[list[Any]],
+        worker: WorkerFactory,
+        batches: Iterable[tuple[Hashable, list[Any]]],
         *,
         total: int,
         describe: str,
-    ) -> Iterator[list[Any]]: ...
+    ) -> Iterator[tuple[Hashable, list[Any]]]: ...
 
 
 # Roles, their hook names and protocols, in pipeline order.

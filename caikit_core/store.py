@@ -112,6 +112,8 @@ class StageManifest:
     rows: int = 0
     artifact: str | None = None
     metrics: dict[str, float] = attrs.field(factory=dict)
+    #: a fit stage's per-step metrics (e.g. PPO's reward and KL), when its plugin reports them
+    history: list[dict[str, float]] = attrs.field(factory=list)
     timings: dict[str, float] = attrs.field(factory=dict)
     created_at: float = attrs.field(factory=time.time)
     finished_at: float | None = None

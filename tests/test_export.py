@@ -22,9 +22,9 @@ from caikit_core.export import (
     load_traces,
     output_paths,
 )
-from caikit_core.pipeline import Pipeline
 from caikit_core.plugins import get_registry
 from caikit_core.records import RevisionStep, RevisionTrace, conversation, to_arrow
+from caikit_core.runner import Runner
 from caikit_core.store import RunStore, ShardInfo, StageManifest
 
 SKY = conversation(
@@ -279,7 +279,7 @@ def test_export_of_a_real_run(
     echo_run: Path, with_echo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CAIKIT_LOAD_PLUGINS", "echo,local")  # only what the run names
-    summary = Pipeline(load_run(echo_run, get_registry())).execute()
+    summary = Runner(load_run(echo_run, get_registry())).execute()
     run_dir = echo_run.parent / "out"
     [path] = export_run(run_dir, tmp_path / "real.parquet")
     rows = pq.read_table(path).to_pylist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,6 @@ import pytest
 from caikit_core.cli import main
 from caikit_core.config import load_run
 from caikit_core.errors import FingerprintError, StoreError
-from caikit_core.pipeline import Pipeline
 from caikit_core.plugins import get_registry
 from caikit_core.records import (
     Comparison,
@@ -22,12 +22,13 @@ from caikit_core.records import (
     derive_seed,
     from_arrow,
 )
+from caikit_core.runner import Runner
 from caikit_core.store import RunStore, fingerprint
 from tests.conftest import PROMPTS
 
 
 def _run(path: Path) -> object:
-    return Pipeline(load_run(path, get_registry())).execute()
+    return Runner(load_run(path, get_registry())).execute()
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -178,12 +179,20 @@ def test_batch_size_does_not_change_results(echo_run: Path, with_echo: Path) -> 
 
 
 def test_executor_honours_batch_size(echo_run: Path, with_echo: Path) -> None:
-    run = load_run(echo_run, get_registry())
-    pipeline = Pipeline(run)
-    pipeline.execute()
-    gen = pipeline.generator("echo-policy")
+    runner = Runner(load_run(echo_run, get_registry()))
+    sizes: dict[str, list[int]] = {}
+    local_map = runner.executor.map
+
+    def recording_map(worker: Any, batches: Any, **kwargs: Any) -> Any:
+        given = list(batches)
+        sizes[kwargs["describe"]] = [len(batch) for _, batch in given]
+        return local_map(worker, iter(given), **kwargs)
+
+    runner.executor.map = recording_map
+    runner.execute()
     # responses: 3 shards of 4, 4, 3 prompts in batches of 2 -> 2, 2, 2, 2, 2, 1
-    assert gen.calls[:6] == [2, 2, 2, 2, 2, 1]
+    assert sizes["responses"] == [2, 2, 2, 2, 2, 1]
+    assert sizes.keys() == {"responses", "revisions", "pairs", "labels"}
 
 
 def test_failing_record_is_named(
@@ -222,7 +231,7 @@ def test_second_process_is_refused_while_locked(echo_run: Path, with_echo: Path)
     run = load_run(echo_run, get_registry())
     store = RunStore(run.output_path())
     with store.lock(), pytest.raises(StoreError, match="another caikit process"):
-        Pipeline(run, store=store).execute()
+        Runner(run, store=store).execute()
 
 
 def test_unfingerprintable_settings_are_an_error() -> None:

@@ -194,7 +194,7 @@ def test_impl_may_take_fewer_arguments_and_in_process_registration() -> None:
 def test_import_is_light() -> None:
     code = (
         "import sys, json\n"
-        "import caikit_core, caikit_core.cli, caikit_core.config, caikit_core.pipeline\n"
+        "import caikit_core, caikit_core.cli, caikit_core.config, caikit_core.runner\n"
         "import caikit_core.store, caikit_core.plugins, caikit_core.records\n"
         "from caikit_core.plugins import get_registry\n"
         "get_registry()\n"

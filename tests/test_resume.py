@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from caikit_core.pipeline import STAGES
 from caikit_core.records import from_arrow, to_dict
+from caikit_core.stages import STAGES
 from caikit_core.store import RunStore
 from tests.conftest import ECHO_RUN, PROMPTS, run_cli
 

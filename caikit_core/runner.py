@@ -1,0 +1,348 @@
+"""Runs a resolved run file's stages against a run directory.
+
+The runner knows no stage by name: it asks each stage of
+:data:`caikit_core.stages.STAGES` that the run includes for its input and
+settings, fingerprints them, and skips the stage when the run directory already
+holds a complete result with that fingerprint. Otherwise
+
+- a ``source`` stage's records are written as shards;
+- a ``map`` stage's items are cut into shards of ``shard_size`` and batches of
+  ``batch_size``; each batch goes to the executor under a key ``(shard, offset)``
+  with the stage's :class:`~caikit_core.stages.base.WorkerSpec`; results come back
+  keyed, in any order, and a shard is written once all its batches are in, its rows
+  in item order and each record id once (an executor that retries a batch cannot
+  duplicate rows). Complete shards are kept, so an interrupted stage resumes where
+  it stopped;
+- a ``fit`` stage trains into a temporary folder that becomes its ``artifact``.
+
+A stage's fingerprint covers its own settings, its roles' plugins and configs, the
+seed, the constitution (for critics and labellers) and its input's fingerprint, so
+a changed setting re-runs that stage and everything after it, and nothing before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from caikit_core import __version__
+from caikit_core.config import ResolvedRun
+from caikit_core.errors import StageError, TrainingStopped
+from caikit_core.records import to_arrow
+from caikit_core.stages import STAGES, stage_names
+from caikit_core.stages.base import (
+    BatchFailed,
+    Context,
+    Key,
+    Stage,
+    StageResult,
+    release_instances,
+)
+from caikit_core.store import RunStore, ShardInfo, StageManifest, fingerprint
+
+log = logging.getLogger("caikit.runner")
+
+#: bump when a stage's semantics change so old results are not reused
+STAGE_VERSION = 1
+
+
+@attrs.define
+class RunSummary:
+    """Every stage's result, in run order, and the context they ran in."""
+
+    run_dir: Path
+    stages: list[StageResult]
+    context: Context
+
+    def stage(self, name: str) -> StageResult:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class Runner:
+    """Runs a resolved run file's stages against a run directory."""
+
+    def __init__(self, run: ResolvedRun, *, store: RunStore | None = None) -> None:
+        self.run = run
+        self.store = store or RunStore(run.output_path())
+        self.ctx = Context(run, self.store, STAGES)
+        role = run.roles["executor"]
+        self.executor = role.spec.build(role.config)
+
+    def execute(self) -> RunSummary:
+        if {"critic", "labeller"} & set(self.run.roles):
+            _ = self.ctx.constitution  # a bad constitution fails before any stage runs
+        with self.store.lock():
+            results = []
+            try:
+                for name in stage_names(self.run.config):
+                    results.append(self._execute(STAGES[name]()))
+                    self._write_run_info()
+            finally:
+                release_instances()
+            return RunSummary(self.store.root, results, self.ctx)
+
+    def _write_run_info(self) -> None:
+        info = self.store.read_run() if self.store.exists() else {}
+        info.update(
+            {
+                "caikit_version": __version__,
+                "stages": dict(self.ctx.fingerprints),
+                "updated_at": time.time(),
+            }
+        )
+        self.store.write_run(info)
+
+    # fingerprints and manifests -----------------------------------------------------------
+    def _fingerprints(self, stage: Stage) -> tuple[str, str, str]:
+        """The stage's input, config and full fingerprints (the last names its folder)."""
+        input_fp = stage.input_fingerprint(self.ctx)
+        config_payload: dict[str, Any] = {
+            "stage": stage.name,
+            "stage_version": STAGE_VERSION,
+            "roles": {
+                role: {
+                    "plugin": self.ctx.role(role).plugin,
+                    "options": self.ctx.role(role).options(),
+                }
+                for role in stage.roles
+            },
+            "settings": stage.settings(self.ctx),
+            "seed": self.ctx.seed,
+        }
+        if self._uses_constitution(stage):
+            config_payload["constitution"] = self.ctx.constitution.content_hash()
+        config_fp = fingerprint(config_payload, what=f"the settings of stage '{stage.name}'")
+        fp = fingerprint({"config": config_fp, "input": input_fp}, what=f"stage '{stage.name}'")
+        self.ctx.fingerprints[stage.name] = fp
+        return input_fp, config_fp, fp
+
+    @staticmethod
+    def _uses_constitution(stage: Stage) -> bool:
+        return any(r in stage.roles for r in ("critic", "labeller"))
+
+    def _manifest(self, stage: Stage, fp: str, input_fp: str, config_fp: str) -> StageManifest:
+        plugins = {}
+        for role in (*stage.roles, "executor"):
+            spec = self.run.roles[role].spec
+            plugins[role] = {
+                "name": spec.name,
+                "plugin": spec.plugin,
+                "distribution": spec.distribution,
+                "version": spec.version,
+            }
+        return StageManifest(
+            stage=stage.name,
+            kind=stage.kind,
+            fingerprint=fp,
+            input_fingerprint=input_fp,
+            config_fingerprint=config_fp,
+            plugins=plugins,
+            constitution_hash=(
+                self.ctx.constitution.content_hash() if self._uses_constitution(stage) else None
+            ),
+            models=stage.models(self.ctx),
+            seed=self.ctx.seed,
+            record_type=stage.record_type.__name__ if stage.record_type else None,
+        )
+
+    # driving ------------------------------------------------------------------------------
+    def _execute(self, stage: Stage) -> StageResult:
+        input_fp, config_fp, fp = self._fingerprints(stage)
+        path = self.store.stage_dir(stage.name, fp)
+        existing = self.store.read_manifest(stage.name, fp)
+        if stage.kind == "fit":
+            artifact = self.store.artifact_dir(stage.name, fp)
+            if existing is not None and existing.complete and artifact.is_dir():
+                log.info("%s: complete, skipped", stage.name)
+                self.ctx.artifacts[stage.name] = artifact
+                return StageResult(
+                    stage.name, "skipped", 0, 0.0, fp, path, artifact,
+                    existing.metrics, existing.history,
+                )  # fmt: skip
+            return self._run_fit(stage, fp, self._manifest(stage, fp, input_fp, config_fp))
+        if existing is not None and existing.complete:
+            log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
+            return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+        manifest = existing or self._manifest(stage, fp, input_fp, config_fp)
+        return self._run_shards(stage, fp, manifest)
+
+    def _run_shards(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
+        """Write a source or map stage's shards, continuing from those already complete."""
+        assert stage.record_type is not None
+        started = time.perf_counter()
+        self.store.clean_temp_files(stage.name, fp)
+        items = stage.items(self.ctx)
+        size = self.run.config.shard_size
+        shards = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        manifest.total_shards = len(shards)
+        done = self.store.complete_shards(manifest)
+        manifest.shards = sorted(done.values(), key=lambda s: s.index)
+        pending = [i for i in range(len(shards)) if i not in done]
+        if done:
+            log.info(
+                "%s: resuming, %d of %d shards already complete",
+                stage.name,
+                len(done),
+                len(shards),
+            )
+        batches: dict[Key, list[Any]] = {}
+        bsz = self.run.config.batch_size
+        for index in pending:
+            for offset in range(0, len(shards[index]), bsz):
+                batches[(index, offset)] = shards[index][offset : offset + bsz]
+        writer = _ShardWriter(self.store, stage, fp, manifest, shards, batches)
+        if stage.kind == "source":
+            outputs: Iterator[tuple[Key, list[Any]]] = iter(batches.items())
+        else:
+            outputs = self.executor.map(
+                stage.worker(self.ctx),
+                iter(batches.items()),
+                total=sum(len(b) for b in batches.values()),
+                describe=stage.name,
+            )
+        try:
+            for key, out in outputs:
+                writer.add(key, out)
+        except BatchFailed as failure:
+            ids = [stage.item_id(x) for x in batches.get(failure.key, [])]
+            shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
+            raise StageError(
+                f"stage '{stage.name}' failed on records [{shown}]: {failure}"
+            ) from failure.cause
+        if writer.missing():
+            raise StageError(
+                f"stage '{stage.name}': the executor returned no results for batches "
+                f"{sorted(map(repr, writer.missing()))[:8]}"
+            )
+        manifest.complete = True
+        manifest.rows = sum(s.rows for s in manifest.shards)
+        manifest.finished_at = time.time()
+        elapsed = time.perf_counter() - started
+        manifest.timings["seconds"] = manifest.timings.get("seconds", 0.0) + elapsed
+        self.store.write_manifest(manifest)
+        status = "resumed" if done else "ran"
+        path = self.store.stage_dir(stage.name, fp)
+        return StageResult(stage.name, status, manifest.rows, elapsed, fp, path)
+
+    def _run_fit(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
+        release_instances()  # free the generators' models before training
+        started = time.perf_counter()
+        with self.store.artifact_writer(stage.name, fp) as tmp:
+            try:
+                report = stage.fit(self.ctx, tmp)
+            except TrainingStopped as stopped:
+                kept = self._keep_stopped(stage, fp, tmp, stopped)
+                raise TrainingStopped(
+                    f"stage '{stage.name}' stopped: {stopped}"
+                    + (f"; checkpoint kept at {kept}" if kept else ""),
+                    checkpoint=str(kept) if kept else None,
+                ) from stopped
+        elapsed = time.perf_counter() - started
+        manifest.artifact = "artifact"
+        manifest.metrics = {k: float(v) for k, v in report.metrics.items()}
+        manifest.history = [{k: float(v) for k, v in row.items()} for row in report.history]
+        manifest.complete = True
+        manifest.finished_at = time.time()
+        manifest.timings["seconds"] = elapsed
+        self.store.write_manifest(manifest)
+        artifact = self.store.artifact_dir(stage.name, fp)
+        self.ctx.artifacts[stage.name] = artifact
+        return StageResult(
+            stage.name,
+            "ran",
+            0,
+            elapsed,
+            fp,
+            self.store.stage_dir(stage.name, fp),
+            artifact,
+            manifest.metrics,
+            manifest.history,
+        )
+
+    def _keep_stopped(
+        self, stage: Stage, fp: str, tmp: Path, stopped: TrainingStopped
+    ) -> Path | None:
+        """Move what a stopped trainer saved out of the temporary folder (which is
+        removed) to ``stopped-<time>`` in the stage folder; the stage stays incomplete."""
+        source = Path(stopped.checkpoint) if stopped.checkpoint else None
+        if source is None or not source.exists():
+            return None
+        target = self.store.stage_dir(stage.name, fp) / f"stopped-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            source.resolve().relative_to(tmp.resolve())
+        except ValueError:
+            return source  # saved outside the temporary folder: already safe
+        shutil.move(str(source), str(target))
+        return target
+
+
+class _ShardWriter:
+    """Collects keyed batch results and writes each shard when all its batches are in."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        stage: Stage,
+        fp: str,
+        manifest: StageManifest,
+        shards: list[list[Any]],
+        batches: dict[Key, list[Any]],
+    ) -> None:
+        self.store, self.stage, self.fp, self.manifest = store, stage, fp, manifest
+        self.shards = shards
+        #: each batch's (shard, offset), by key
+        self.place: dict[Key, tuple[int, int]] = {}
+        self.waiting: dict[int, set[Key]] = {}
+        for key in batches:
+            assert isinstance(key, tuple), key  # the runner's own (shard, offset) keys
+            self.place[key] = (key[0], key[1])
+            self.waiting.setdefault(key[0], set()).add(key)
+        self.received: dict[int, dict[Key, list[Any]]] = {i: {} for i in self.waiting}
+        self.started = time.perf_counter()
+
+    def missing(self) -> set[Key]:
+        return {key for keys in self.waiting.values() for key in keys}
+
+    def add(self, key: Key, outputs: list[Any]) -> None:
+        if key not in self.place:
+            raise StageError(
+                f"stage '{self.stage.name}': the executor returned a batch it was not given "
+                f"(key {key!r})"
+            )
+        index = self.place[key][0]
+        if key not in self.waiting.get(index, ()):
+            return  # a batch the executor ran again (at-least-once): already have it
+        self.waiting[index].discard(key)
+        self.received[index][key] = outputs
+        if not self.waiting[index]:
+            del self.waiting[index]
+            self._write(index, self.received.pop(index))
+
+    def _write(self, index: int, parts: dict[Key, list[Any]]) -> None:
+        """Rows in item order (by batch offset), each record id once."""
+        assert self.stage.record_type is not None
+        rows: list[Any] = []
+        seen: set[str] = set()
+        for key in sorted(parts, key=lambda k: self.place[k][1]):
+            for record in parts[key]:
+                if record.id not in seen:
+                    seen.add(record.id)
+                    rows.append(record)
+        table = to_arrow(rows, self.stage.record_type)
+        file = self.store.write_shard(self.stage.name, self.fp, index, table)
+        now = time.perf_counter()
+        self.manifest.shards.append(
+            ShardInfo(index, file, table.num_rows, len(self.shards[index]), now - self.started)
+        )
+        self.manifest.shards.sort(key=lambda s: s.index)
+        self.started = now
+        self.store.write_manifest(self.manifest)

@@ -1,0 +1,347 @@
+"""What a stage is, what its worker is, and what a stage can ask of the run.
+
+A **stage** is a class with declarations (name, phase, kind, inputs, record
+type, roles) and a few methods the runner calls: its fingerprinted
+``settings``, its ``items`` and, for a map stage, a :class:`WorkerSpec`; for a
+fit stage, ``fit``. It reads earlier stages only through :class:`Context`.
+
+A **worker spec** is what crosses to wherever a batch runs: a module-level
+worker class and plain, picklable keyword arguments (roles as
+:class:`RoleRef` = plugin name + validated config, model paths, sampling
+settings, the constitution, the seed). :meth:`WorkerSpec.build` makes the
+worker in the process that calls it; the worker builds its plugins through
+:func:`plugin_instance`, a per-process cache, so a local run loads the policy
+model once for the responses, revisions and helpfulness stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import attrs
+
+from caikit_core.converter import converter
+from caikit_core.errors import CaikitError, StageError
+from caikit_core.records import SamplingParams, from_arrow
+
+if TYPE_CHECKING:
+    from caikit_core.config import ResolvedRun, RunConfig
+    from caikit_core.constitution import Constitution
+    from caikit_core.interfaces import FitReport
+    from caikit_core.plugins import PluginSpec
+    from caikit_core.store import RunStore
+
+log = logging.getLogger("caikit.stages")
+
+#: a batch's key: plain, hashable, picklable data chosen by the runner
+Key = Hashable
+
+
+# --- roles and workers ------------------------------------------------------------------
+
+
+@attrs.frozen
+class RoleRef:
+    """A role resolved to plain data: which plugin, with which validated config."""
+
+    role: str
+    plugin: str
+    config: Any = None
+
+    def spec(self) -> PluginSpec:
+        """The plugin's registration, looked up in this process's registry."""
+        from caikit_core.plugins import get_registry
+
+        return get_registry().get(self.role, self.plugin)
+
+    def options(self) -> dict[str, Any]:
+        """The config as plain data (what enters fingerprints)."""
+        if self.config is None:
+            return {}
+        data = converter.unstructure(self.config)
+        assert isinstance(data, dict)
+        return data
+
+    def cache_key(self) -> str:
+        return json.dumps([self.role, self.plugin, self.options()], sort_keys=True, default=str)
+
+
+_INSTANCES: dict[tuple[str, ...], Any] = {}
+
+
+def plugin_instance(role: RoleRef, **kwargs: Any) -> Any:
+    """Build ``role``'s plugin once per process for the same config and ``kwargs``.
+
+    ``kwargs`` must be plain values (a model path, ...); the cache is keyed by them.
+    Use :meth:`RoleRef.spec` and ``spec.build`` directly for instances that take
+    other plugins' instances as arguments (critics, labellers).
+    """
+    key = (role.cache_key(), json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _INSTANCES:
+        spec = role.spec()
+        log.info("loading %s '%s' with %s", role.role, spec.name, kwargs)
+        _INSTANCES[key] = spec.build(role.config, **kwargs)
+    return _INSTANCES[key]
+
+
+def release_instances() -> None:
+    """Forget every cached plugin instance of this process (their models are freed
+    when nothing else holds them)."""
+    _INSTANCES.clear()
+
+
+class Worker(Protocol):
+    """Maps one batch of a stage's items to its output records."""
+
+    def __call__(self, batch: list[Any]) -> list[Any]: ...
+
+
+class BatchFailed(Exception):
+    """A batch raised: carries the batch's key so the runner can name its records."""
+
+    def __init__(self, key: Key, cause: BaseException) -> None:
+        super().__init__(key, f"{type(cause).__name__}: {cause}")
+        self.key = key
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+class BatchRunner:
+    """A built worker as an executor calls it: ``runner(key, batch) -> outputs``.
+
+    An exception other than a :class:`CaikitError` (which already says what went
+    wrong) is raised as :class:`BatchFailed` with the batch's key.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def __call__(self, key: Key, batch: list[Any]) -> list[Any]:
+        try:
+            return self.worker(batch)
+        except CaikitError:
+            raise
+        except Exception as exc:
+            raise BatchFailed(key, exc) from exc
+
+
+@attrs.frozen
+class WorkerSpec:
+    """A worker class and the plain arguments to build it with, in any process."""
+
+    worker: type
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def build(self) -> BatchRunner:
+        """Build the worker here (plugins come from this process's cache)."""
+        return BatchRunner(self.worker(**self.kwargs))
+
+
+def check_count(stage: str, role: RoleRef, got: Sequence[Any], want: int) -> None:
+    """A plugin returned one result per input, or a :class:`StageError` naming it."""
+    if len(got) != want:
+        spec = role.spec()
+        raise StageError(
+            f"stage '{stage}': {role.role} '{spec.name}' ({spec.origin()}) returned "
+            f"{len(got)} results for {want} inputs"
+        )
+
+
+def sampling(cfg: Any) -> SamplingParams:
+    """A run file's sampling table as :class:`SamplingParams`."""
+    return SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+
+
+# --- what a stage sees of the run -------------------------------------------------------
+
+
+@attrs.define
+class StageResult:
+    """One stage's outcome, as the CLI shows it."""
+
+    name: str
+    status: str  # "ran" | "skipped" | "resumed"
+    rows: int
+    seconds: float
+    fingerprint: str
+    path: Path
+    artifact: Path | None = None
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    history: list[dict[str, float]] = attrs.field(factory=list)
+
+
+class Context:
+    """The run as a stage sees it: settings, models, the constitution, and what
+    earlier stages produced (their fingerprints, rows and artifacts)."""
+
+    def __init__(
+        self, run: ResolvedRun, store: RunStore, stages: Mapping[str, type[Stage]]
+    ) -> None:
+        self.run = run
+        self.store = store
+        self.stages = stages
+        self.fingerprints: dict[str, str] = {}
+        self.artifacts: dict[str, Path] = {}
+        self._constitution: Constitution | None = None
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @property
+    def seed(self) -> int:
+        return self.run.config.seed
+
+    @property
+    def constitution(self) -> Constitution:
+        if self._constitution is None:
+            from caikit_core.config import resolve_path
+            from caikit_core.constitution_formats import load_constitution
+
+            cfg = self.config.constitution
+            source = None if cfg.path == "default" else resolve_path(self.run.base_dir, cfg.path)
+            self._constitution = load_constitution(source, format=cfg.format)
+        return self._constitution
+
+    def role(self, name: str) -> RoleRef:
+        resolved = self.run.roles[name]
+        return RoleRef(name, resolved.spec.name, resolved.config)
+
+    def path(self, value: str) -> Path:
+        """A path named in the run file, relative to the run file's folder."""
+        from caikit_core.config import resolve_path
+
+        return resolve_path(self.run.base_dir, value)
+
+    def model(self, which: str) -> str:
+        """The configured model for ``policy``, ``feedback`` or ``preference``."""
+        models = self.config.models
+        value = {
+            "policy": models.policy,
+            "feedback": models.feedback or models.policy,
+            "preference": models.preference or models.feedback or models.policy,
+        }[which]
+        return resolve_model(self.run.base_dir, value)
+
+    def rl_policy(self) -> tuple[str, Any]:
+        """The RL policy/reference and its fingerprint: the SFT checkpoint when this
+        run trains one, else the configured policy."""
+        from caikit_core.store import model_fingerprint
+
+        if "sft" in self.artifacts:
+            return str(self.artifacts["sft"]), {
+                "stage": "sft",
+                "fingerprint": self.fingerprints["sft"],
+            }
+        policy = self.model("policy")
+        return policy, model_fingerprint(policy)
+
+    def rows(self, name: str) -> list[Any]:
+        """Every record an earlier (complete) map stage wrote, in shard order."""
+        fp = self.fingerprints[name]
+        manifest = self.store.read_manifest(name, fp)
+        assert manifest is not None and manifest.complete, name
+        cls = self.stages[name].record_type
+        assert cls is not None
+        rows: list[Any] = []
+        for shard in sorted(manifest.shards, key=lambda s: s.index):
+            rows.extend(from_arrow(self.store.read_shard(name, fp, shard.file), cls))
+        return rows
+
+
+def resolve_model(base_dir: Path, value: str) -> str:
+    """A model named in a run file: an explicit or existing relative path becomes
+    absolute; anything else (a cache alias or hub id) is passed on unchanged."""
+    from caikit_core.config import resolve_path
+
+    if value.startswith(("/", "./", "../", "~")):
+        return str(resolve_path(base_dir, value))
+    candidate = base_dir / value
+    if candidate.exists():
+        return str(candidate.resolve())
+    from caikit_core.models import resolve_alias
+
+    return resolve_alias(value)
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+class Stage:
+    """One node of the stage graph. Subclasses set the class attributes and
+    override the methods their kind needs; the runner does the rest.
+
+    :cvar name: the stage's folder name under ``stages/`` and its key in ``run.json``.
+    :cvar phase: ``"data"``, ``"sl"`` or ``"rl"``.
+    :cvar kind: ``"source"`` (reads a file), ``"map"`` (a worker over batches of an
+        earlier stage's records) or ``"fit"`` (trains and saves a checkpoint folder).
+    :cvar inputs: the stages whose output it reads.
+    :cvar record_type: the attrs record class of its rows (``None`` for fit stages).
+    :cvar roles: the roles it uses; their plugins and settings enter its fingerprint.
+    """
+
+    name: ClassVar[str]
+    phase: ClassVar[str]
+    kind: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    record_type: ClassVar[type | None] = None
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def included(cls, config: RunConfig) -> bool:
+        """Whether a run with ``config`` runs this stage (default: its phase is on)."""
+        return cls.phase == "data" or cls.phase in config.phases
+
+    def input_fingerprint(self, ctx: Context) -> str:
+        """What this stage's input is; default: its one input stage's fingerprint."""
+        (single,) = self.inputs
+        return ctx.fingerprints[single]
+
+    def settings(self, ctx: Context) -> dict[str, Any]:
+        """The settings (besides its roles' configs and the seed) that enter the
+        fingerprint: change one and this stage and everything after it run again."""
+        return {}
+
+    def models(self, ctx: Context) -> dict[str, str]:
+        """The models it uses, by role, for the manifest."""
+        return {}
+
+    # map and source stages
+    def items(self, ctx: Context) -> Sequence[Any]:
+        """What it maps over (map) or the records it writes (source)."""
+        raise NotImplementedError(f"stage '{self.name}' has no items")
+
+    def worker(self, ctx: Context) -> WorkerSpec:
+        """The worker that maps one batch of items to records (map stages)."""
+        raise NotImplementedError(f"stage '{self.name}' has no worker")
+
+    def item_id(self, item: Any) -> str:
+        """How the runner names an item when its batch fails."""
+        value = item.id
+        assert isinstance(value, str)
+        return value
+
+    # fit stages
+    def fit(self, ctx: Context, out: Path) -> FitReport:
+        """Train and save to ``out`` (fit stages)."""
+        raise NotImplementedError(f"stage '{self.name}' has no fit")
+
+    # what the CLI prints after the run
+    def summary(self, ctx: Context, result: StageResult) -> list[str]:
+        """Lines the CLI prints about this stage after the run's table."""
+        return []
+
+    def examples(
+        self, ctx: Context, result: StageResult, count: int
+    ) -> list[tuple[str, list[str]]]:
+        """Up to ``count`` output examples as ``(title, rich-markup lines)``
+        (``caikit run --show-traces``)."""
+        return []

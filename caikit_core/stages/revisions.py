@@ -1,0 +1,113 @@
+"""``revisions``: each response critiqued and revised against sampled principles (SL-CAI).
+
+The critic drives the run's generator on the policy model; the trace keeps each
+step's principle, critique and revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from caikit_core.constitution import Constitution
+from caikit_core.records import RevisionTrace, Sample
+from caikit_core.stages.base import (
+    Context,
+    RoleRef,
+    Stage,
+    StageResult,
+    WorkerSpec,
+    check_count,
+    plugin_instance,
+)
+from caikit_core.store import model_fingerprint
+
+
+class ReviseWorker:
+    """Runs the critic over a batch of responses."""
+
+    def __init__(
+        self,
+        *,
+        critic: RoleRef,
+        generator: RoleRef,
+        model: str,
+        constitution: Constitution,
+        seed: int,
+    ) -> None:
+        self.critic_role = critic
+        self.critic = critic.spec().build(
+            critic.config,
+            generator=plugin_instance(generator, model=model),
+            constitution=constitution,
+        )
+        self.seed = seed
+
+    def __call__(self, batch: list[Sample]) -> list[RevisionTrace]:
+        traces: list[RevisionTrace] = self.critic.revise(batch, seed=self.seed)
+        check_count("revisions", self.critic_role, traces, len(batch))
+        return traces
+
+
+class Revisions(Stage):
+    name = "revisions"
+    phase = "sl"
+    kind = "map"
+    inputs = ("responses",)
+    record_type = RevisionTrace
+    roles = ("generator", "critic")
+
+    def settings(self, ctx: Context) -> dict[str, Any]:
+        return {
+            "shard_size": ctx.config.shard_size,
+            "policy": model_fingerprint(ctx.model("policy")),
+        }
+
+    def models(self, ctx: Context) -> dict[str, str]:
+        return {"policy": ctx.model("policy")}
+
+    def items(self, ctx: Context) -> Sequence[Sample]:
+        return ctx.rows("responses")
+
+    def worker(self, ctx: Context) -> WorkerSpec:
+        return WorkerSpec(
+            ReviseWorker,
+            {
+                "critic": ctx.role("critic"),
+                "generator": ctx.role("generator"),
+                "model": ctx.model("policy"),
+                "constitution": ctx.constitution,
+                "seed": ctx.seed,
+            },
+        )
+
+    def summary(self, ctx: Context, result: StageResult) -> list[str]:
+        return [
+            f"SL-CAI dataset (Parquet shards): {result.path}",
+            f"  export to the HF CAI schema: caikit export {ctx.store.root} --out cai.parquet",
+        ]
+
+    def examples(
+        self, ctx: Context, result: StageResult, count: int
+    ) -> list[tuple[str, list[str]]]:
+        import pyarrow.parquet as pq
+        from rich.markup import escape
+
+        from caikit_core.records import iter_from_arrow
+
+        out: list[tuple[str, list[str]]] = []
+        tables = (pq.read_table(p) for p in ctx.store.shard_paths(self.name, result.fingerprint))
+        for trace in iter_from_arrow(tables, RevisionTrace):
+            if len(out) >= count:
+                break
+            lines = [f"[bold]prompt:[/bold] {escape(trace.messages[-1].content)}"]
+            lines.append(f"[bold]initial response:[/bold] {escape(trace.initial_response)}")
+            for step in trace.steps:
+                lines.append(f"[bold]step {step.index} ({step.principle_id})[/bold]")
+                if step.critique_prompt:
+                    lines.append(f"  [cyan]critique:[/cyan] {escape(step.critique)}")
+                lines.append(f"  [green]revision:[/green] {escape(step.revision)}")
+            if trace.skipped_reason:
+                lines.append(f"[red]skipped:[/red] {escape(trace.skipped_reason)}")
+            out.append((f"trace {trace.id}", lines))
+        return out
