@@ -215,9 +215,8 @@ class Runner:
         except BatchFailed as failure:
             ids = [stage.item_id(x) for x in batches.get(failure.key, [])]
             shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
-            raise StageError(
-                f"stage '{stage.name}' failed on records [{shown}]: {failure}"
-            ) from failure.cause
+            message = f"stage '{stage.name}' failed on records [{shown}]: {failure}"
+            raise StageError(message) from (failure.__cause__ or failure)
         if writer.missing():
             raise StageError(
                 f"stage '{stage.name}': the executor returned no results for batches "
@@ -299,6 +298,7 @@ class _ShardWriter:
     ) -> None:
         self.store, self.stage, self.fp, self.manifest = store, stage, fp, manifest
         self.shards = shards
+        self.batches = batches
         #: each batch's (shard, offset), by key
         self.place: dict[Key, tuple[int, int]] = {}
         self.waiting: dict[int, set[Key]] = {}
@@ -321,11 +321,27 @@ class _ShardWriter:
         index = self.place[key][0]
         if key not in self.waiting.get(index, ()):
             return  # a batch the executor ran again (at-least-once): already have it
+        self._check_sources(key, outputs)
         self.waiting[index].discard(key)
         self.received[index][key] = outputs
         if not self.waiting[index]:
             del self.waiting[index]
             self._write(index, self.received.pop(index))
+
+    def _check_sources(self, key: Key, outputs: list[Any]) -> None:
+        """Every record came from an item of the batch it was returned for."""
+        if self.stage.join is None:
+            return
+        item_field, record_field = self.stage.join
+        sources = {getattr(item, item_field) for item in self.batches[key]}
+        strays = [r.id for r in outputs if getattr(r, record_field) not in sources]
+        if strays:
+            raise StageError(
+                f"stage '{self.stage.name}': the executor returned records {strays[:8]} under "
+                f"batch key {key!r}, but they do not come from that batch's items (their "
+                f"{record_field} is none of the batch's {item_field}s); an executor must "
+                "pair each batch's outputs with that batch's key"
+            )
 
     def _write(self, index: int, parts: dict[Key, list[Any]]) -> None:
         """Rows in item order (by batch offset), each record id once."""

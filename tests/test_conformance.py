@@ -359,7 +359,7 @@ class _BrokenPlugin:
 def test_caikit_check_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-q", "check", "executor", "local"]) == 0
     out = capsys.readouterr().out
-    assert "PASSED  check_executor_propagates_exceptions" in out and "4 passed" in out
+    assert "PASSED  check_executor_propagates_exceptions" in out and "5 passed" in out
 
     plugins.get_plugin_manager().register(_BrokenPlugin(), "broken")
     assert main(["-q", "check", "labeller", "overconfident", "-k", "probabilities"]) == 1
@@ -380,7 +380,7 @@ def test_caikit_check_command_runs() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "caikit check executor local" in done.stdout and "4 passed" in done.stdout
+    assert "caikit check executor local" in done.stdout and "5 passed" in done.stdout
 
 
 def test_importing_the_kit_does_not_import_torch() -> None:

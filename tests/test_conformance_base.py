@@ -253,7 +253,7 @@ def test_author_file_forgotten_plugin_fixture(
     contract = (
         "return the executor to check, as its registered name (a str, as `caikit plugins` "
         "lists it), a caikit_core.plugins.PluginSpec, or a built instance with "
-        "map(fn, batches, *, total, describe) -> Iterator[list]"
+        "map(worker_spec, keyed_batches, *, total, describe) -> Iterator[(key, list)]"
     )
     assert contract in author_run.stdout
     assert 'def plugin(self):\n        return "my-plugin"' in author_run.stdout

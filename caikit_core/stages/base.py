@@ -101,15 +101,19 @@ class Worker(Protocol):
 
 
 class BatchFailed(Exception):
-    """A batch raised: carries the batch's key so the runner can name its records."""
+    """A batch raised: carries the batch's key so the runner can name its records.
 
-    def __init__(self, key: Key, cause: BaseException) -> None:
-        super().__init__(key, f"{type(cause).__name__}: {cause}")
+    Plain data only (key and message), so it pickles back from another process; the
+    original exception is its ``__cause__`` where it was raised.
+    """
+
+    def __init__(self, key: Key, message: str) -> None:
+        super().__init__(key, message)
         self.key = key
-        self.cause = cause
+        self.message = message
 
     def __str__(self) -> str:
-        return str(self.args[1])
+        return self.message
 
 
 class BatchRunner:
@@ -128,7 +132,7 @@ class BatchRunner:
         except CaikitError:
             raise
         except Exception as exc:
-            raise BatchFailed(key, exc) from exc
+            raise BatchFailed(key, f"{type(exc).__name__}: {exc}") from exc
 
 
 @attrs.frozen
@@ -286,6 +290,8 @@ class Stage:
     :cvar inputs: the stages whose output it reads.
     :cvar record_type: the attrs record class of its rows (``None`` for fit stages).
     :cvar roles: the roles it uses; their plugins and settings enter its fingerprint.
+    :cvar join: for map stages, the item field and record field that tie a record to
+        the item it came from.
     """
 
     name: ClassVar[str]
@@ -294,6 +300,9 @@ class Stage:
     inputs: ClassVar[tuple[str, ...]] = ()
     record_type: ClassVar[type | None] = None
     roles: ClassVar[tuple[str, ...]] = ()
+    #: map stages: (item field, record field) that are equal for a record and the item
+    #: it came from; the runner checks every batch's records against its items with it
+    join: ClassVar[tuple[str, str] | None] = None
 
     @classmethod
     def included(cls, config: RunConfig) -> bool:

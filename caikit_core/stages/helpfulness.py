@@ -73,6 +73,7 @@ class Helpfulness(Stage):
     kind = "map"
     record_type = RevisionTrace
     roles = ("generator",)
+    join = ("id", "prompt_id")
 
     @classmethod
     def included(cls, config: RunConfig) -> bool:

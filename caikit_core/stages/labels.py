@@ -77,6 +77,7 @@ class Labels(Stage):
     inputs = ("pairs",)
     record_type = PreferenceLabel
     roles = ("generator", "labeller")
+    join = ("id", "comparison_id")
 
     def settings(self, ctx: Context) -> dict[str, Any]:
         return {

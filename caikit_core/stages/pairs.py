@@ -73,6 +73,7 @@ class Pairs(Stage):
     inputs = ("prompts",)
     record_type = Comparison
     roles = ("generator",)
+    join = ("id", "prompt_id")
 
     def settings(self, ctx: Context) -> dict[str, Any]:
         return {

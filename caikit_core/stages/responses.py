@@ -61,6 +61,7 @@ class Responses(Stage):
     inputs = ("prompts",)
     record_type = Sample
     roles = ("generator",)
+    join = ("id", "prompt_id")
 
     def settings(self, ctx: Context) -> dict[str, Any]:
         return {

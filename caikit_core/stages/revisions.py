@@ -56,6 +56,7 @@ class Revisions(Stage):
     inputs = ("responses",)
     record_type = RevisionTrace
     roles = ("generator", "critic")
+    join = ("prompt_id", "prompt_id")
 
     def settings(self, ctx: Context) -> dict[str, Any]:
         return {

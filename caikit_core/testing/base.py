@@ -56,7 +56,7 @@ _INSTANCE_CONTRACT = {
     "score(samples) -> list[float]",
     "policy_optimiser": "sft(policy, examples, out) -> FitReport and/or "
     "optimise(policy, reference, reward, prompts, labelled, out) -> FitReport",
-    "executor": "map(fn, batches, *, total, describe) -> Iterator[list]",
+    "executor": "map(worker_spec, keyed_batches, *, total, describe) -> Iterator[(key, list)]",
 }
 
 

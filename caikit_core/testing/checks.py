@@ -10,6 +10,7 @@ registration).
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -1034,72 +1035,142 @@ def check_preference_loss_raises_chosen_margin(ctx: CheckContext) -> None:
 
 
 # --- executor --------------------------------------------------------------------------
+# The workers below are module-level classes handed over as WorkerSpecs, as the runner
+# hands over a stage's worker: an executor that ships them to other processes or
+# machines can pickle them.
 
 
-def _square(batch: list[int]) -> list[int]:
-    return [x * x for x in batch]
+class KitSquare:
+    """Squares each item."""
+
+    def __call__(self, batch: list[int]) -> list[int]:
+        return [x * x for x in batch]
 
 
-def _slow_early(batch: list[int]) -> list[int]:
-    time.sleep(0.02 * max(0, 5 - batch[0]) if batch else 0)
-    return [x + 1 for x in batch]
+class KitSlowEarly:
+    """Adds one; early batches take longest, so a parallel executor finishes them last."""
+
+    def __call__(self, batch: list[int]) -> list[int]:
+        time.sleep(0.02 * max(0, 5 - batch[0]) if batch else 0)
+        return [x + 1 for x in batch]
 
 
 class KitBoom(RuntimeError):
-    """The error the exception-propagation check raises inside ``fn``."""
+    """The error the exception-propagation check raises inside the worker."""
 
 
-def _boom(batch: list[int]) -> list[int]:
-    if 7 in batch:
-        raise KitBoom("kit-boom on record 7")
-    return batch
+class KitBoomWorker:
+    """Raises :class:`KitBoom` on the batch holding record 7."""
+
+    def __call__(self, batch: list[int]) -> list[int]:
+        if 7 in batch:
+            raise KitBoom("kit-boom on record 7")
+        return batch
 
 
-def _run_map(ctx: CheckContext, fn: Any, batches: list[list[int]]) -> list[list[int]]:
-    total = sum(len(b) for b in batches)
-    result = ctx.instance.map(fn, iter(batches), total=total, describe="conformance")
-    return [list(x) for x in result]
+class KitWhoAmI:
+    """Tags every item with this process and this worker instance."""
+
+    def __init__(self, *, tag: str) -> None:
+        self.token = f"{tag}-{os.getpid()}-{id(self)}-{random.random()}"
+
+    def __call__(self, batch: list[int]) -> list[str]:
+        return [f"{os.getpid()}:{self.token}" for _ in batch]
+
+
+def _run_map(
+    ctx: CheckContext, worker: type, batches: dict[str, list[int]], **kwargs: Any
+) -> list[tuple[Any, list[Any]]]:
+    from caikit_core.stages.base import WorkerSpec
+
+    total = sum(len(b) for b in batches.values())
+    result = ctx.instance.map(
+        WorkerSpec(worker, kwargs), iter(batches.items()), total=total, describe="conformance"
+    )
+    return [(key, list(out)) for key, out in result]
+
+
+def _by_key(ctx: CheckContext, got: list[tuple[Any, list[Any]]]) -> dict[Any, list[Any]]:
+    out: dict[Any, list[Any]] = {}
+    for key, value in got:
+        _expect(
+            key not in out or out[key] == value,
+            f"map yielded key {key!r} twice with different outputs {out.get(key)!r} and "
+            f"{value!r}; a retried batch must give the same records",
+        )
+        out[key] = value
+    return out
 
 
 @_check("executor")
 def check_executor_matches_local(ctx: CheckContext) -> None:
-    """Results equal running ``fn`` on each batch in turn (the ``local`` executor)."""
-    batches = [[1, 2, 3], [4], [5, 6], []]
-    expected = [_square(b) for b in batches]
-    got = _run_map(ctx, _square, batches)
+    """Each key's outputs equal the worker's outputs for that batch (as ``local`` gives)."""
+    batches = {"a": [1, 2, 3], "b": [4], "c": [5, 6], "d": []}
+    expected = {k: KitSquare()(b) for k, b in batches.items()}
+    got = _by_key(ctx, _run_map(ctx, KitSquare, batches))
     _expect(
         got == expected,
-        f"map gave {got!r}, expected {expected!r}; yield exactly fn(batch) for every batch",
+        f"map gave {got!r}, expected {expected!r}; yield (key, worker(batch)) for every "
+        "(key, batch) given",
     )
 
 
 @_check("executor")
-def check_executor_order_preserved(ctx: CheckContext) -> None:
-    """Outputs come back in batch order even when early batches finish last."""
-    batches = [[i] for i in range(6)]
-    got = _run_map(ctx, _slow_early, batches)
+def check_executor_results_keyed(ctx: CheckContext) -> None:
+    """Outputs come back under their own batch's key, whatever order batches finish in."""
+    batches = {f"k{i}": [i] for i in range(6)}
+    got = _by_key(ctx, _run_map(ctx, KitSlowEarly, batches))
+    expected = {f"k{i}": [i + 1] for i in range(6)}
     _expect(
-        got == [[i + 1] for i in range(6)],
-        f"map yielded {got!r}; yield outputs in input batch order, not completion order",
+        got == expected,
+        f"map yielded {got!r}, expected {expected!r}; pair each output with the key its "
+        "batch came with",
+    )
+
+
+@_check("executor")
+def check_executor_builds_worker_once_per_process(ctx: CheckContext) -> None:
+    """A process builds the stage's worker once and maps all its batches with it (a
+    worker loads models when built)."""
+    batches = {f"k{i}": [i, i] for i in range(8)}
+    got = _by_key(ctx, _run_map(ctx, KitWhoAmI, batches, tag="kit"))
+    tokens: dict[str, set[str]] = {}
+    for out in got.values():
+        for item in out:
+            pid, token = item.split(":", 1)
+            tokens.setdefault(pid, set()).add(token)
+    many = {pid: len(t) for pid, t in tokens.items() if len(t) > 1}
+    _expect(
+        not many and len(got) == len(batches),
+        f"workers built per process: {many}; call WorkerSpec.build() once per process "
+        "(or actor) and reuse the built worker for every batch it runs",
     )
 
 
 @_check("executor")
 def check_executor_empty(ctx: CheckContext) -> None:
     """Mapping over no batches yields nothing."""
-    _expect(_run_map(ctx, _square, []) == [], "map over no batches must yield nothing")
+    _expect(_run_map(ctx, KitSquare, {}) == [], "map over no batches must yield nothing")
 
 
 @_check("executor")
 def check_executor_propagates_exceptions(ctx: CheckContext) -> None:
-    """An exception from ``fn`` reaches the caller (so the pipeline can name the records)."""
+    """A failing batch's error reaches the caller with its key, so the runner can
+    name the batch's records."""
+    from caikit_core.stages.base import BatchFailed
+
     try:
-        _run_map(ctx, _boom, [[1, 2], [7, 8], [9]])
+        _run_map(ctx, KitBoomWorker, {"ok": [1, 2], "bad": [7, 8], "later": [9]})
     except Exception as exc:
+        failure = exc if isinstance(exc, BatchFailed) else exc.__cause__
         _expect(
-            "kit-boom" in str(exc) or "kit-boom" in repr(exc.__cause__),
-            f"map raised {exc!r}, which hides fn's error; re-raise it (or chain it) so its "
-            "message reaches the caller",
+            isinstance(failure, BatchFailed) and failure.key == "bad",
+            f"map raised {exc!r}; re-raise the BatchFailed that the built worker raises "
+            "(it carries the batch's key), or chain it as the cause",
+        )
+        _expect(
+            "kit-boom" in str(failure),
+            f"map raised {exc!r}, which hides the worker's error; keep its message",
         )
         return
-    raise CheckFailed("fn raised but map finished normally; let exceptions from fn propagate")
+    raise CheckFailed("a batch raised but map finished normally; let its exception propagate")
