@@ -82,3 +82,25 @@ def test_a_changed_setting_reruns_that_stage_and_later_ones_only(
     skipped = {s for s in STAGES if f"{s}: complete, skipped" in done.stderr}
     # the critic's setting changes revisions, hence sft and the RL stages that start from it
     assert skipped == {"prompts", "responses", "helpfulness"}
+
+
+OLD_HF_RUN = FIXTURES / "run-v0.1.0-hf"
+HF_MAP_STAGES = ["prompts", "responses", "revisions", "pairs", "labels"]
+
+
+def test_old_run_directory_of_the_bundled_plugins_is_reused(tmp_path: Path) -> None:
+    """The hf generator's, constitutional critic's and direct labeller's settings keep
+    their fingerprints: a 0.1.0 run of them is reused, its shards untouched."""
+    from caikit_core.testing.tiny_models import build_tiny_llama
+
+    folder = tmp_path / "old-hf"
+    shutil.copytree(OLD_HF_RUN, folder)
+    build_tiny_llama(folder / "tiny-llama")
+    before = {k: v for k, v in _stage_files(folder / "out").items() if "preference_model" not in k}
+
+    done = run_cli("run", str(folder / "run.toml"), "--show-traces", "0")
+    assert done.returncode == 0, done.stderr
+    for stage in HF_MAP_STAGES:
+        assert f"{stage}: complete, skipped" in done.stderr, stage
+    after = _stage_files(folder / "out")
+    assert {k: v for k, v in after.items() if k in before} == before
