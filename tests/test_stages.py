@@ -1,0 +1,263 @@
+"""Each stage module on its own: declarations, workers built from plain arguments, items,
+summaries. Every stage needs a ``test_stage_<name>_...`` test here and a row in
+docs/architecture.md's stage table (the first two tests fail otherwise)."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from caikit_core import hookimpl, plugins
+from caikit_core.config import load_run
+from caikit_core.errors import StageError
+from caikit_core.prompts import PromptFileError, make_prompt
+from caikit_core.records import (
+    Comparison,
+    Generation,
+    PreferenceLabel,
+    Sample,
+    SamplingParams,
+    stable_id,
+)
+from caikit_core.runner import Runner
+from caikit_core.stages import STAGES, stage_names
+from caikit_core.stages.base import Context, RoleRef, StageResult, WorkerSpec
+from caikit_core.stages.helpfulness import HelpfulnessWorker
+from caikit_core.stages.labels import LabelWorker
+from caikit_core.stages.pairs import PairWorker
+from caikit_core.stages.responses import RespondWorker
+from caikit_core.store import RunStore
+from tests.conftest import PROMPTS
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
+
+
+# --- every stage is documented and tested --------------------------------------------
+
+
+def test_every_stage_has_a_docs_row() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z_]+)` \| (?:data|SL|RL) \|", text, flags=re.M)
+    assert rows == list(STAGES), "docs/architecture.md's stage table must list every stage"
+
+
+def test_every_stage_has_a_test() -> None:
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    tests = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    missing = [s for s in STAGES if not any(t.startswith(f"test_stage_{s}_") for t in tests)]
+    assert missing == [], f"stages without a test_stage_<name>_... test here: {missing}"
+
+
+def test_stage_declarations_are_consistent() -> None:
+    order = list(STAGES)
+    for name, stage in STAGES.items():
+        assert stage.name == name
+        assert stage.kind in ("source", "map", "fit"), name
+        assert all(order.index(i) < order.index(name) for i in stage.inputs), name
+        if stage.kind == "fit":
+            assert stage.record_type is None and "fit" in vars(stage), name
+        else:
+            assert stage.record_type is not None, name
+        if stage.kind == "map":
+            assert "worker" in vars(stage) and stage.join is not None, name
+
+
+# --- a context over the echo run ------------------------------------------------------
+
+
+@pytest.fixture
+def ctx(echo_run: Path, with_echo: Path) -> Context:
+    run = load_run(echo_run, plugins.get_registry())
+    return Context(run, RunStore(run.output_path()), STAGES)
+
+
+def _echo(ctx: Context) -> RoleRef:
+    return ctx.role("generator")
+
+
+def test_every_map_worker_spec_pickles_and_maps_a_batch(ctx: Context) -> None:
+    """Map stages hand the executor plain data: a spec that survives pickling builds a
+    worker that maps a batch, with no reference to the driver's objects."""
+    summary = Runner(ctx.run, store=ctx.store).execute()
+    done = summary.context
+    for name, cls in STAGES.items():
+        if cls.kind != "map" or name not in done.fingerprints:
+            continue
+        stage = cls()
+        spec = pickle.loads(pickle.dumps(stage.worker(done)))
+        assert isinstance(spec, WorkerSpec)
+        items = list(stage.items(done))[:3]
+        out = spec.build()(("test", 0), items)
+        assert out == done.rows(name)[: len(out)], name
+
+
+# --- per stage --------------------------------------------------------------------------
+
+
+def test_stage_prompts_reads_the_file_and_names_a_missing_one(ctx: Context) -> None:
+    stage = STAGES["prompts"]()
+    items = stage.items(ctx)
+    assert [p.messages[-1].content for p in items] == PROMPTS
+    assert stage.settings(ctx) == {"format": "auto", "field": "prompt", "limit": None}
+    (ctx.run.base_dir / "prompts.txt").unlink()
+    with pytest.raises(PromptFileError, match=r"prompts.txt: prompt file not found \(data.prompts"):
+        stage.input_fingerprint(ctx)
+
+
+def test_stage_responses_text_does_not_depend_on_the_batch(ctx: Context) -> None:
+    prompts = [make_prompt(p) for p in PROMPTS[:4]]
+    worker = RespondWorker(generator=_echo(ctx), model="m", sampling=GREEDY, seed=3)
+    together = worker(prompts)
+    alone = [worker([p])[0] for p in prompts]
+    assert together == alone
+    assert [s.id for s in together] == [stable_id("response", p.id) for p in prompts]
+    assert {s.model for s in together} == {"m"}
+    assert STAGES["responses"]().models(ctx) == {"policy": "echo-policy"}
+
+
+def test_stage_revisions_traces_each_response_under_principles(ctx: Context) -> None:
+    stage = STAGES["revisions"]()
+    spec = stage.worker(ctx)
+    assert spec.kwargs["constitution"] is ctx.constitution
+    samples = [
+        Sample(stable_id("response", p.id), p.id, p.messages, "an answer", "m")
+        for p in map(make_prompt, PROMPTS[:2])
+    ]
+    traces = spec.build()("k", samples)
+    assert [t.prompt_id for t in traces] == [s.prompt_id for s in samples]
+    assert all(len(t.steps) == 2 and "AN ANSWER" in t.final_response for t in traces)
+    assert stage.summary(ctx, StageResult("revisions", "ran", 2, 0.0, "fp", Path("/r"))) == [
+        "SL-CAI dataset (Parquet shards): /r",
+        f"  export to the HF CAI schema: caikit export {ctx.store.root} --out cai.parquet",
+    ]
+
+
+def test_stage_helpfulness_runs_only_when_configured_and_drops_empty_answers(
+    ctx: Context, echo_run: Path
+) -> None:
+    assert "helpfulness" not in stage_names(ctx.config)
+    echo_run.write_text(echo_run.read_text() + '\n[sl]\nhelpfulness_prompts = "h.txt"\n')
+    run = load_run(echo_run, plugins.get_registry())
+    assert stage_names(run.config).index("helpfulness") == stage_names(run.config).index("sft") - 1
+
+    worker = HelpfulnessWorker(
+        generator=_echo(ctx),
+        model="m",
+        sampling=SamplingParams(max_new_tokens=0),  # the echo generator then answers ""
+        samples=2,
+        seed=0,
+    )
+    assert worker([make_prompt("hi")]) == []
+    worker.sampling = GREEDY
+    traces = worker([make_prompt("hi")])
+    assert [t.id for t in traces] == [
+        stable_id("helpfulness", make_prompt("hi").id, k) for k in (0, 1)
+    ]
+    assert all(t.steps == () and t.critic == "helpfulness" for t in traces)
+
+
+def test_stage_sft_trains_on_revisions_and_helpfulness(ctx: Context) -> None:
+    stage = STAGES["sft"]()
+    ctx.fingerprints.update({"revisions": "r" * 64})
+    only = stage.input_fingerprint(ctx)
+    ctx.fingerprints["helpfulness"] = "h" * 64
+    assert stage.input_fingerprint(ctx) != only  # helpfulness samples are SFT input too
+    result = StageResult("sft", "ran", 0, 0.0, "fp", Path("/s"), artifact=Path("/s/artifact"))
+    assert stage.summary(ctx, result) == ["SL-CAI checkpoint: /s/artifact"]
+
+
+class _OneSample:
+    capabilities = frozenset({"seeded"})
+
+    def generate(self, requests: Any) -> list[Generation]:
+        return [Generation(r.id, ("only one",), ("eos",)) for r in requests]
+
+
+class _BadLabeller:
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, p_a: float) -> None:
+        self.p_a = p_a
+
+    def label(self, comparisons: Any, *, seed: int) -> list[PreferenceLabel]:
+        return [PreferenceLabel(f"l{c.id}", c.id, self.p_a, "bad") for c in comparisons]
+
+
+class _TestPlugins:
+    @hookimpl
+    def register_generators(self, register: Any) -> None:
+        register("one-sample", lambda config, model: _OneSample())
+
+    @hookimpl
+    def register_labellers(self, register: Any) -> None:
+        register("too-sure", lambda config, generator, constitution: _BadLabeller(1.5))
+
+
+@pytest.fixture
+def test_plugins(with_echo: Path) -> None:
+    plugins.get_plugin_manager().register(_TestPlugins(), "stage-test-plugins")
+
+
+def test_stage_pairs_needs_two_samples_per_prompt(ctx: Context, test_plugins: None) -> None:
+    worker = PairWorker(
+        generator=RoleRef("generator", "one-sample"), model="m", sampling=GREEDY, seed=0
+    )
+    prompt = make_prompt("hello")
+    with pytest.raises(StageError, match=f"returned 1 samples for record {prompt.id}, expected 2"):
+        worker([prompt])
+    assert STAGES["pairs"]().models(ctx) == {"policy": "echo-policy"}  # no SFT in this context
+
+
+def test_stage_labels_rejects_probabilities_outside_the_unit_interval(
+    ctx: Context, test_plugins: None
+) -> None:
+    worker = LabelWorker(
+        labeller=RoleRef("labeller", "too-sure"),
+        generator=_echo(ctx),
+        model="m",
+        constitution=ctx.constitution,
+        seed=0,
+    )
+    pair = Comparison("c1", "p1", make_prompt("q").messages, "a", "b")
+    with pytest.raises(
+        StageError,
+        match=r"labeller 'too-sure' .* returned probabilities that are not finite numbers "
+        r"in \[0, 1\] for records c1 \(p_a=1.5\)",
+    ):
+        worker([pair])
+
+
+def test_stage_preference_model_prints_its_metrics_sorted(ctx: Context) -> None:
+    result = StageResult(
+        "preference_model", "ran", 0, 0.0, "fp", Path("/p"), metrics={"loss": 0.69314, "acc": 1.0}
+    )
+    assert STAGES["preference_model"]().summary(ctx, result) == [
+        "preference_model: acc 1, loss 0.6931"
+    ]
+
+
+def test_stage_policy_prints_per_step_reward_and_kl_from_its_history(ctx: Context) -> None:
+    result = StageResult(
+        "policy",
+        "ran",
+        0,
+        0.0,
+        "fp",
+        Path("/p"),
+        artifact=Path("/p/artifact"),
+        metrics={"kl": 0.0},
+        history=[{"reward": 0.5, "kl": 0.0}, {"loss": 1.0}, {"reward": 0.75, "kl": 0.125}],
+    )
+    assert STAGES["policy"]().summary(ctx, result) == [
+        "policy: kl 0",
+        "  step 0: reward 0.5, KL 0.0",
+        "  step 2: reward 0.75, KL 0.125",
+        "RL-CAI policy checkpoint: /p/artifact",
+    ]
+    assert STAGES["policy"].included(ctx.config)
