@@ -172,3 +172,15 @@ def test_a_positional_executor_cannot_corrupt_a_run(echo_run: Path, with_echo: P
     that would go unnoticed... so the test checks the records' own ids."""
     with pytest.raises(StageError):
         _run_with(echo_run, "positional", "out-positional")
+
+
+def test_the_docs_executor_example_passes_the_kit() -> None:
+    import re
+    import types
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plugin-hooks.md").read_text()
+    section = text.split("## register_executors", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    module = types.ModuleType("docs_executor_example")
+    exec(compile(code, "docs/plugin-hooks.md#register_executors", "exec"), module.__dict__)
+    assert _failed(module.Threads()) == set()
