@@ -261,3 +261,27 @@ def test_stage_policy_prints_per_step_reward_and_kl_from_its_history(ctx: Contex
         "RL-CAI policy checkpoint: /p/artifact",
     ]
     assert STAGES["policy"].included(ctx.config)
+
+
+def test_a_local_run_loads_each_generator_model_once(
+    echo_run: Path, with_echo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """responses, revisions and helpfulness share one policy generator; pairs load the
+    SFT checkpoint once; labels the feedback model (here the configured policy) again,
+    since the cache is cleared before each fit stage to free memory for training."""
+    from caikit_echo import plugin as echo
+
+    built: list[str] = []
+    original = echo.EchoGenerator.__init__
+
+    def counting(self: Any, config: Any, model: str) -> None:
+        built.append(model)
+        original(self, config, model)
+
+    monkeypatch.setattr(echo.EchoGenerator, "__init__", counting)
+    (echo_run.parent / "h.txt").write_text("be helpful\nbe kind\n", encoding="utf-8")
+    echo_run.write_text(echo_run.read_text() + '\n[sl]\nhelpfulness_prompts = "h.txt"\n')
+    summary = Runner(load_run(echo_run, plugins.get_registry())).execute()
+    assert summary.stage("helpfulness").rows == 4
+    sft = str(summary.stage("sft").artifact)
+    assert built == ["echo-policy", sft, "echo-policy"]
