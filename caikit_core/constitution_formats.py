@@ -117,6 +117,13 @@ from caikit_core.constitution import (
 )
 from caikit_core.converter import describe_error, show, structure, unstructure
 from caikit_core.errors import ConstitutionError
+from caikit_core.io.transcripts import (
+    HUMAN_ASSISTANT,
+    SHORT_LABELS,
+    parse_transcript,
+    render_transcript,
+    split_transcript,
+)
 from caikit_core.records import Conversation, Message
 
 __all__ = [
@@ -129,8 +136,6 @@ __all__ = [
     "dump_constitution",
     "few_shot_conversation",
     "load_constitution",
-    "parse_transcript",
-    "render_transcript",
     "to_toml",
     "to_yaml",
 ]
@@ -401,38 +406,7 @@ def to_yaml(constitution: Constitution) -> str:
     )
 
 
-# --- transcripts ------------------------------------------------------------------------
-
-_ROLE_LABELS: Final = {"user": "Human", "assistant": "Assistant"}
-_LABEL_ROLES: Final = {"Human": "user", "Assistant": "assistant", "H": "user", "A": "assistant"}
-
-
-def parse_transcript(text: str) -> Conversation:
-    """Messages of a ``"Human: ...\\n\\nAssistant: ..."`` transcript.
-
-    Turns start at the beginning of the text or after a blank line; an empty
-    last turn (the open ``"\\n\\nAssistant:"`` of a prompt) is dropped.
-
-    :raises ValueError: the text does not start with a ``Human:`` or
-        ``Assistant:`` label.
-    """
-    parts = _split_labelled(text, ("Human", "Assistant"))
-    if parts and not parts[-1][1]:
-        parts.pop()
-    return tuple(Message(_LABEL_ROLES[label], content) for label, content in parts)
-
-
-def render_transcript(messages: Sequence[Message]) -> str:
-    """``"Human: ...\\n\\nAssistant: ..."`` for user and assistant turns.
-
-    :raises ValueError: a turn has another role (e.g. ``system``).
-    """
-    parts = []
-    for message in messages:
-        if message.role not in _ROLE_LABELS:
-            raise ValueError(f"a transcript cannot hold a {message.role!r} turn")
-        parts.append(f"{_ROLE_LABELS[message.role]}: {message.content}")
-    return "\n\n".join(parts)
+# --- few-shot comparisons ---------------------------------------------------------------
 
 
 def few_shot_conversation(example: FeedbackFewShot) -> Conversation:
@@ -441,17 +415,6 @@ def few_shot_conversation(example: FeedbackFewShot) -> Conversation:
     if prompt.startswith("Human:"):
         return parse_transcript(prompt)
     return (Message("user", prompt),)
-
-
-def _split_labelled(text: str, labels: Sequence[str]) -> list[tuple[str, str]]:
-    """``(label, text)`` turns of a transcript whose turns start with ``Label:``."""
-    alternatives = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
-    pattern = re.compile(rf"(?:\A\s*|\n\n)({alternatives}):")
-    matches = list(pattern.finditer(text))
-    if not matches or matches[0].start() != 0:
-        raise ValueError(f"expected a transcript starting with {labels[0]}:, found {show(text)}")
-    ends = [m.start() for m in matches[1:]] + [len(text)]
-    return [(m.group(1), text[m.end() : end].strip()) for m, end in zip(matches, ends, strict=True)]
 
 
 # --- reading --------------------------------------------------------------------------
@@ -686,7 +649,7 @@ def _parse_critique_few_shot(data: Any, problems: list[str]) -> list[CritiqueFew
     out = []
     for index, text in _anthropic_strings(data, problems):
         try:
-            parts = _split_labelled(text, _CRITIQUE_LABELS)
+            parts = split_transcript(text, _CRITIQUE_LABELS)
         except ValueError:
             problems.append(f"[{index}]: expected a transcript starting with Human:")
             continue
@@ -707,7 +670,10 @@ def _parse_critique_few_shot(data: Any, problems: list[str]) -> list[CritiqueFew
             continue
         out.append(
             CritiqueFewShot(
-                messages=tuple(Message(_LABEL_ROLES[label], content) for label, content in head),
+                messages=tuple(
+                    Message("user" if label == "Human" else "assistant", content)
+                    for label, content in head
+                ),
                 critique_request=tail[0][1],
                 critique=tail[1][1],
                 revision_request=tail[2][1],
@@ -810,8 +776,7 @@ def _parse_feedback_cot_few_shot(data: Any, problems: list[str]) -> list[Feedbac
         conversation: Conversation = ()
         if match:
             try:
-                turns = _split_labelled(match["conversation"].strip(), ("H", "A"))
-                conversation = tuple(Message(_LABEL_ROLES[label], text) for label, text in turns)
+                conversation = parse_transcript(match["conversation"].strip(), SHORT_LABELS)
             except ValueError:
                 conversation = ()
         if not match or not conversation or conversation[-1].role != "user":
@@ -846,7 +811,7 @@ _ANTHROPIC_PARSERS: Final[dict[str, tuple[str, Callable[[Any, list[str]], Sequen
 def _anthropic_losses(constitution: Constitution) -> list[str]:
     losses = []
     for index, example in enumerate(constitution.critique_few_shot):
-        if any(m.role not in _ROLE_LABELS for m in example.messages):
+        if any(m.role not in HUMAN_ASSISTANT for m in example.messages):
             losses.append(f"the system turns of critique_few_shot[{index}]")
     for index, feedback_example in enumerate(constitution.feedback_few_shot):
         if not _anthropic_can_hold(feedback_example):
@@ -883,7 +848,7 @@ def _anthropic_files(constitution: Constitution) -> dict[str, Any]:
     if constitution.critique_few_shot:
         files[ANTHROPIC_CRITIQUE_FEW_SHOT] = [
             "\n\n"
-            + render_transcript([m for m in e.messages if m.role in _ROLE_LABELS])
+            + render_transcript([m for m in e.messages if m.role in HUMAN_ASSISTANT])
             + f"\n\nCritiqueRequest: {e.critique_request}\n\nCritique: {e.critique}"
             + f"\n\nRevisionRequest: {e.revision_request}\n\nRevision: {e.revision}\n\nHuman:"
             for e in constitution.critique_few_shot
@@ -903,9 +868,7 @@ def _anthropic_files(constitution: Constitution) -> dict[str, Any]:
                 }
             )
         else:
-            turns = "\n\n".join(
-                f"{'H' if m.role == 'user' else 'A'}: {m.content}" for m in conversation
-            )
+            turns = render_transcript(conversation, SHORT_LABELS)
             reasoned.append(
                 {
                     "prompt": f"\n\nHuman: {_COT_LEAD}\n\n{turns}\n\n{{}}\n"

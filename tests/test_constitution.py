@@ -31,8 +31,6 @@ from caikit_core.constitution_formats import (
     dump_constitution,
     few_shot_conversation,
     load_constitution,
-    parse_transcript,
-    render_transcript,
     to_toml,
 )
 from caikit_core.errors import CaikitError, ConstitutionError
@@ -683,17 +681,11 @@ def test_detect_format(tmp_path: Path) -> None:
     assert load_constitution(caikit_json).feedback == (FeedbackPrinciple("a", "t"),)
 
 
-def test_transcripts() -> None:
-    messages = parse_transcript(
-        "\n\nHuman: hi\nthere\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
+def test_few_shot_conversation() -> None:
+    labelled = FeedbackFewShot("Human: hi\n\nAssistant: hello\n\nHuman: bye", "a", "b", "", "A")
+    assert few_shot_conversation(labelled) == conversation(
+        ("user", "hi"), ("assistant", "hello"), ("user", "bye")
     )
-    assert messages == conversation(("user", "hi\nthere"), ("assistant", "hello"), ("user", "bye"))
-    assert render_transcript(messages) == "Human: hi\nthere\n\nAssistant: hello\n\nHuman: bye"
-    assert parse_transcript(render_transcript(messages)) == messages
-    with pytest.raises(ValueError, match="cannot hold a 'system' turn"):
-        render_transcript([Message("system", "s")])
-    with pytest.raises(ValueError, match="starting with Human:"):
-        parse_transcript("no labels here")
     plain = FeedbackFewShot("Just a question?", "a", "b", "", "A")
     assert few_shot_conversation(plain) == conversation(("user", "Just a question?"))
 
