@@ -345,7 +345,7 @@ def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> Non
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from caikit_core.export import export_run
+    from caikit_core.io.export import export_run
 
     for path in export_run(Path(args.run_dir), Path(args.out), format=args.format):
         print(path)

@@ -383,7 +383,7 @@ class Pipeline:
 
     # the stages -----------------------------------------------------------------------
     def _stage_prompts(self, stage: StageDef) -> StageResult:
-        from caikit_core.prompts import PromptFileError, read_prompts
+        from caikit_core.io.prompts import PromptFileError, read_prompts
 
         data = self.cfg.data
         path = resolve_path(self.run.base_dir, data.prompts)
@@ -464,7 +464,7 @@ class Pipeline:
         Each sample is stored as a trace without revision steps, so the SFT
         optimiser trains on it as it is.
         """
-        from caikit_core.prompts import PromptFileError, read_prompts
+        from caikit_core.io.prompts import PromptFileError, read_prompts
 
         sl = self.cfg.sl
         assert sl.helpfulness_prompts is not None

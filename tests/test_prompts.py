@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from caikit_core.io.prompts import PromptFileError, make_prompt, read_prompts
 from caikit_core.io.transcripts import first_human_turn
-from caikit_core.prompts import PromptFileError, make_prompt, read_prompts
 from tests.conftest import SHARED_DATA
 
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
