@@ -284,7 +284,7 @@ def _esc(text: str) -> str:
 
 
 def cmd_constitution_convert(args: argparse.Namespace) -> int:
-    from caikit_core.constitution_formats import convert_constitution
+    from caikit_core.constitutions import convert_constitution
 
     constitution = convert_constitution(
         args.src, args.dst, args.src_format, args.dst_format, lossy=args.lossy
@@ -299,7 +299,7 @@ def cmd_constitution_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_constitution_show(args: argparse.Namespace) -> int:
-    from caikit_core.constitution_formats import load_constitution
+    from caikit_core.constitutions import load_constitution
 
     c = load_constitution(args.path, args.format)
     if args.json:

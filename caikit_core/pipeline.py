@@ -168,7 +168,7 @@ class Pipeline:
     @property
     def constitution(self) -> Constitution:
         if self._constitution is None:
-            from caikit_core.constitution_formats import load_constitution
+            from caikit_core.constitutions import load_constitution
 
             path = self.cfg.constitution.path
             source = None if path == "default" else resolve_path(self.run.base_dir, path)

@@ -24,7 +24,7 @@ from caikit_core.constitution import (
     principle_rng,
     validate_constitution,
 )
-from caikit_core.constitution_formats import (
+from caikit_core.constitutions import (
     ANTHROPIC_FILES,
     convert_constitution,
     detect_format,

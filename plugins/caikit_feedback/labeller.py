@@ -65,7 +65,7 @@ from caikit_core.constitution import (
     FeedbackPrinciple,
     principle_rng,
 )
-from caikit_core.constitution_formats import few_shot_conversation
+from caikit_core.constitutions import few_shot_conversation
 from caikit_core.converter import InvalidValue
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, CHAIN_OF_THOUGHT, CLAMP, DEBIAS, Generator
