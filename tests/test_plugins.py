@@ -203,3 +203,86 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def _add_commands(**hooks: object) -> None:
+    """Register an in-process plugin ``cmds`` with the process-wide manager."""
+    plugins.get_plugin_manager().register(_module("cmds", **hooks), "cmds")
+
+
+def test_register_commands_adds_commands_and_bad_input_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from caikit_core import cli
+    from caikit_core.errors import CaikitError
+
+    def count(args):  # type: ignore[no-untyped-def]
+        if args.n < 0:
+            raise CaikitError(f"count: expected a number >= 0, found {args.n}")
+        print(" ".join(str(i) for i in range(args.n)))
+        return 0
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        tools = register("tools", help="tools of the cmds plugin", description="Tools.")
+        register("count", count, parent=tools, help="count to N").add_argument("n", type=int)
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["tools", "count", "3"]) == 0
+    assert capsys.readouterr().out == "0 1 2\n"
+    assert cli.main(["tools", "count", "--", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: count: expected a number >= 0, found -1\n"
+    assert captured.out == ""
+    with pytest.raises(SystemExit) as exited:  # a group needs its sub-command
+        cli.main(["tools"])
+    assert exited.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["tools", "--help"])
+    assert "Tools." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "parent", "message"),
+    [
+        ("plugins", False, "adds the command 'caikit plugins', which exists already"),
+        ("models", False, "adds the command 'caikit models', which exists already"),
+        ("-x", False, "a command name must be a word, got '-x'"),
+        ("sub", True, "parent= of command 'sub' is not one it registered"),
+    ],
+)
+def test_register_commands_errors_name_the_plugin(
+    name: str, parent: bool, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from caikit_core import cli
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        register(
+            name, lambda args: 0, help="h", parent=argparse.ArgumentParser() if parent else None
+        )
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: plugin 'cmds' from distribution '<in-process>'")
+    assert message in err and "Traceback" not in err
+
+
+def test_register_commands_failure_names_the_plugin(capsys: pytest.CaptureFixture[str]) -> None:
+    from caikit_core import cli
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["--debug", "plugins"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: plugin 'cmds' from distribution '<in-process>' failed in register_commands" in err
+    )
+    assert "RuntimeError: boom" in err and "Traceback" in err  # --debug shows it
