@@ -28,6 +28,8 @@ log = logging.getLogger("caikit")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    """Send the records of the ``caikit`` logger, and so of every ``caikit.<name>``
+    logger the core and the plugins use, to stderr at the level the options ask."""
     level = logging.INFO
     if args.quiet:
         level = logging.WARNING
@@ -45,22 +47,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    for name in ("caikit_core", *_plugin_loggers()):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
-
-
-def _plugin_loggers() -> list[str]:
-    return [
-        "caikit_local",
-        "caikit_hf",
-        "caikit_feedback",
-        "caikit_torch",
-        "caikit_jax",
-        "caikit_ray",
-    ]
 
 
 # --- plugins --------------------------------------------------------------------------

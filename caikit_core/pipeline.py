@@ -53,7 +53,7 @@ from caikit_core.store import (
     model_fingerprint,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.pipeline")
 
 T = TypeVar("T")
 U = TypeVar("U")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -286,3 +287,59 @@ def test_register_commands_failure_names_the_plugin(capsys: pytest.CaptureFixtur
         "error: plugin 'cmds' from distribution '<in-process>' failed in register_commands" in err
     )
     assert "RuntimeError: boom" in err and "Traceback" in err  # --debug shows it
+
+
+@pytest.fixture
+def caikit_logger() -> Iterator[None]:
+    """Restore the ``caikit`` logger that ``cli.main`` configures."""
+    import logging
+
+    logger = logging.getLogger("caikit")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("caikit_logger")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_plugin_log_records_reach_the_cli_handler(
+    quiet: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from caikit_core import cli
+
+    def chat(args):  # type: ignore[no-untyped-def]
+        log = logging.getLogger("caikit.cmds")
+        log.debug("cmds debug line")
+        log.info("cmds info line")
+        log.warning("cmds warning line")
+        return 0
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        register("chat", chat, help="log three lines")
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["chat", "-q"] if quiet else ["chat"]) == 0
+    err = capsys.readouterr().err
+    assert "cmds warning line" in err
+    assert ("cmds info line" in err) is not quiet
+    assert "cmds debug line" not in err
+
+
+def test_core_and_bundled_plugins_log_under_caikit() -> None:
+    """The CLI configures the ``caikit`` logger only, so every logger is ``caikit.<name>``."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("caikit_core/**/*.py"), *root.glob("plugins/*/*.py")]
+    sources += root.glob("contrib/*/*/*.py")
+    names = {
+        (path.relative_to(root).as_posix(), name)
+        for path in sources
+        for name in re.findall(r"getLogger\(([^)]*)\)", path.read_text(encoding="utf-8"))
+    }
+    assert names
+    bad = {(path, name) for path, name in names if not re.fullmatch(r'"caikit(\.\w+)?"', name)}
+    assert bad == set()

@@ -69,7 +69,7 @@ __all__ = [
     "write_parquet",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.export")
 
 ExportFormat = Literal["parquet", "jsonl", "both"]
 

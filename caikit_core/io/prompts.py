@@ -31,7 +31,7 @@ from caikit_core.errors import CaikitError
 from caikit_core.io.transcripts import first_human_turn
 from caikit_core.records import Message, Prompt, stable_id
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.prompts")
 
 FORMATS = ("auto", "jsonl", "parquet", "text", "hh-rlhf")
 

@@ -101,7 +101,7 @@ __all__ = [
     "question",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.feedback")
 
 #: The first line of every question.
 LEAD = "Consider the following conversation between a human and an assistant:"
