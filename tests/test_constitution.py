@@ -435,6 +435,21 @@ _PAIR = 'id = "{id}"\ncritique = "c"\nrevision = "r"\n'
             "[1]: expected a string, found 7 (int)",
         ),
         (
+            "RLMadisonFewShotPrompts.json",
+            '[{"prompt": "Human: hi", "corrects": [], "incorrects": ["b"]}]',
+            "[0]: 'corrects' and 'incorrects' must not be empty",
+        ),
+        (
+            "RLMadisonFewShotPrompts.json",
+            '[{"prompt": "Human: hi", "corrects": ["a"], "incorrects": ["b"], "note": "x"}]',
+            "[0]: 'note': unknown key (allowed: prompt, corrects, incorrects)",
+        ),
+        (
+            "RLMadisonPrecogFewShotPrompts.json",
+            '[{"prompt": 3}]',
+            "[0]: 'prompt': expected a string, found 3 (int)",
+        ),
+        (
             "x.txt",
             "name = 'x'\n",
             "cannot tell the constitution format; pass one of caikit, anthropic, llm-swarm",

@@ -36,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
+
 from caikit_core.constitution import (
     Constitution,
     CritiqueFewShot,
@@ -45,13 +47,13 @@ from caikit_core.constitution import (
 )
 from caikit_core.constitutions.caikit import SECTIONS
 from caikit_core.constitutions.common import (
+    entry_problems,
     few_shot_conversation,
     read_json,
     to_json,
-    unknown_key,
     write_text,
 )
-from caikit_core.converter import show
+from caikit_core.converter import show, structure
 from caikit_core.errors import ConstitutionError
 from caikit_core.io.transcripts import (
     HUMAN_ASSISTANT,
@@ -151,66 +153,73 @@ def _unframe(text: str, request_label: str, answer_label: str) -> str:
     return text.strip()
 
 
-def _parse_critique_revision(data: Any, problems: list[str]) -> list[CritiqueRevisionPrinciple]:
-    if not isinstance(data, Mapping):
-        problems.append(f"expected an object of id: {{prompt, edit_request}}, found {show(data)}")
+@attrs.frozen
+class _Instruction:
+    """An entry of ``CritiqueRevisionInstructions.json``."""
+
+    prompt: Any  # the critique request, or a list holding exactly one
+    edit_request: str
+
+
+@attrs.frozen
+class _Comparisons:
+    """An entry of ``RLMadisonFewShotPrompts.json``."""
+
+    prompt: str
+    corrects: tuple[str, ...]
+    incorrects: tuple[str, ...]
+
+
+@attrs.frozen
+class _Reasoned:
+    """An entry of ``RLMadisonPrecogFewShotPrompts.json``."""
+
+    prompt: str
+
+
+def _entries(
+    data: Any, cls: Any, problems: list[str], *, by_key: bool = False
+) -> list[tuple[str, Any, Any]]:
+    """``(where, key, entry)`` for each entry of a file, structured as ``cls``: the
+    items of a list (``where`` is ``[index]``) or, ``by_key``, the values of an
+    object (``where`` is the quoted key). A bad entry adds its problem lines instead."""
+    if not isinstance(data, Mapping if by_key else list):
+        problems.append(f"expected {'an object' if by_key else 'a list'}, found {show(data)}")
         return []
     out = []
-    for key, entry in data.items():
-        where = repr(key)
-        if not isinstance(entry, Mapping):
-            problems.append(f"{where}: expected an object, found {show(entry)}")
-            continue
-        problems.extend(
-            f"{where}: {unknown_key(str(k), ('prompt', 'edit_request'))}"
-            for k in entry
-            if k not in ("prompt", "edit_request")
-        )
-        prompt = entry.get("prompt")
-        edit_request = entry.get("edit_request")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        elif isinstance(prompt, list):
+    for key, raw in data.items() if by_key else enumerate(data):
+        where = repr(key) if by_key else f"[{key}]"
+        try:
+            out.append((where, key, structure(raw, cls)))
+        except Exception as exc:
+            problems.extend(entry_problems(where, exc))
+    return out
+
+
+def _parse_critique_revision(data: Any, problems: list[str]) -> list[CritiqueRevisionPrinciple]:
+    out = []
+    for where, key, entry in _entries(data, _Instruction, problems, by_key=True):
+        prompt = entry.prompt
+        if isinstance(prompt, list) and len(prompt) != 1:
             problems.append(
                 f"{where}: 'prompt' must hold exactly one critique request, found {len(prompt)}"
             )
             continue
-        for name, value in (("prompt", prompt), ("edit_request", edit_request)):
-            if name not in entry:
-                problems.append(f"{where}: {name!r} is missing")
-            elif not isinstance(value, str):
-                problems.append(f"{where}: {name!r}: expected a string, found {show(value)}")
-        if isinstance(prompt, str) and isinstance(edit_request, str):
-            out.append(
-                CritiqueRevisionPrinciple(
-                    id=str(key),
-                    critique=_unframe(prompt, "CritiqueRequest", "Critique"),
-                    revision=_unframe(edit_request, "RevisionRequest", "Revision"),
-                )
-            )
-    return out
-
-
-def _strings(data: Any, problems: list[str]) -> list[tuple[int, str]]:
-    if not isinstance(data, list):
-        problems.append(f"expected a list of strings, found {show(data)}")
-        return []
-    out = []
-    for index, item in enumerate(data):
-        if isinstance(item, str):
-            out.append((index, item))
-        else:
-            problems.append(f"[{index}]: expected a string, found {show(item)}")
+        prompt = prompt[0] if isinstance(prompt, list) else prompt
+        if not isinstance(prompt, str):
+            problems.append(f"{where}: 'prompt': expected a string, found {show(prompt)}")
+            continue
+        critique = _unframe(prompt, "CritiqueRequest", "Critique")
+        revision = _unframe(entry.edit_request, "RevisionRequest", "Revision")
+        out.append(CritiqueRevisionPrinciple(str(key), critique, revision))
     return out
 
 
 def _parse_feedback(data: Any, problems: list[str]) -> list[FeedbackPrinciple]:
-    out = []
-    for index, text in _strings(data, problems):
-        text = text.strip()
-        text = text.removesuffix("Options:").strip()
-        out.append(FeedbackPrinciple(id=f"feedback{index}", text=text))
-    return out
+    return [
+        FeedbackPrinciple(f"feedback{index}", text.strip().removesuffix("Options:").strip())
+        for _, index, text in _entries(data, str, problems)
+    ]
 
 
 _CRITIQUE_LABELS: Final = (
@@ -227,11 +236,11 @@ _CRITIQUE_TAIL: Final = ("CritiqueRequest", "Critique", "RevisionRequest", "Revi
 
 def _parse_critique_few_shot(data: Any, problems: list[str]) -> list[CritiqueFewShot]:
     out = []
-    for index, text in _strings(data, problems):
+    for where, _, text in _entries(data, str, problems):
         try:
             parts = split_transcript(text, _CRITIQUE_LABELS)
         except ValueError:
-            problems.append(f"[{index}]: expected a transcript starting with Human:")
+            problems.append(f"{where}: expected a transcript starting with Human:")
             continue
         if parts and parts[-1] == ("Human", ""):
             parts.pop()  # the examples end by opening the next conversation
@@ -244,7 +253,7 @@ def _parse_critique_few_shot(data: Any, problems: list[str]) -> list[CritiqueFew
             or head[-1][0] != "Assistant"
         ):
             problems.append(
-                f"[{index}]: expected Human/Assistant turns ending with an Assistant turn, then "
+                f"{where}: expected Human/Assistant turns ending with an Assistant turn, then "
                 f"{', '.join(_CRITIQUE_TAIL)}; found {', '.join(labels)}"
             )
             continue
@@ -275,42 +284,19 @@ def _comparison_prompt(text: str) -> str | None:
 
 
 def _parse_feedback_few_shot(data: Any, problems: list[str]) -> list[FeedbackFewShot]:
-    if not isinstance(data, list):
-        problems.append(f"expected a list of {{prompt, corrects, incorrects}}, found {show(data)}")
-        return []
     out: list[FeedbackFewShot] = []
-    for index, entry in enumerate(data):
-        where = f"[{index}]"
-        if not isinstance(entry, Mapping):
-            problems.append(f"{where}: expected an object, found {show(entry)}")
-            continue
-        allowed = ("prompt", "corrects", "incorrects")
-        problems.extend(
-            f"{where}: {unknown_key(str(k), allowed)}" for k in entry if k not in allowed
-        )
-        ok = True
-        for name in allowed:
-            value = entry.get(name)
-            expected = str if name == "prompt" else list
-            if name not in entry:
-                problems.append(f"{where}: {name!r} is missing")
-                ok = False
-            elif not isinstance(value, expected) or (
-                expected is list and not (value and all(isinstance(v, str) for v in value))
-            ):
-                kind = "a string" if expected is str else "a non-empty list of strings"
-                problems.append(f"{where}: {name!r}: expected {kind}, found {show(value)}")
-                ok = False
-        if not ok:
-            continue
-        prompt = _comparison_prompt(entry["prompt"])
+    for where, _, entry in _entries(data, _Comparisons, problems):
+        prompt = _comparison_prompt(entry.prompt)
         if prompt is None:
             problems.append(
                 f"{where}: 'prompt': expected a Human/Assistant transcript ending with a "
-                f"Human turn, found {show(entry['prompt'])}"
+                f"Human turn, found {show(entry.prompt)}"
             )
             continue
-        for correct, incorrect in itertools.product(entry["corrects"], entry["incorrects"]):
+        if not entry.corrects or not entry.incorrects:
+            problems.append(f"{where}: 'corrects' and 'incorrects' must not be empty")
+            continue
+        for correct, incorrect in itertools.product(entry.corrects, entry.incorrects):
             correct_first = len(out) % 2 == 0
             out.append(
                 FeedbackFewShot(
@@ -340,21 +326,9 @@ _COT_CUE: Final = "Let's think step by step:"
 
 
 def _parse_feedback_cot_few_shot(data: Any, problems: list[str]) -> list[FeedbackFewShot]:
-    if not isinstance(data, list):
-        problems.append(f"expected a list of {{prompt}}, found {show(data)}")
-        return []
     out = []
-    for index, entry in enumerate(data):
-        where = f"[{index}]"
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("prompt"), str):
-            problems.append(
-                f"{where}: expected an object with a string 'prompt', found {show(entry)}"
-            )
-            continue
-        problems.extend(
-            f"{where}: {unknown_key(str(k), ('prompt',))}" for k in entry if k != "prompt"
-        )
-        match = _COT_PATTERN.match(entry["prompt"])
+    for where, _, entry in _entries(data, _Reasoned, problems):
+        match = _COT_PATTERN.match(entry.prompt)
         conversation: Conversation = ()
         if match:
             try:
