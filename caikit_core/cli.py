@@ -471,7 +471,8 @@ def _add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
     add_check_command(sub, common)
 
 
-#: functions that add sub-commands (other modules append to this)
+#: functions that add the built-in commands besides plugins, config and run (a plugin adds
+#: its commands through the register_commands hook instead)
 _EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_constitution_commands,
     _add_export_command,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -186,8 +186,11 @@ def _entries(
     if not isinstance(data, Mapping if by_key else list):
         problems.append(f"expected {'an object' if by_key else 'a list'}, found {show(data)}")
         return []
+    items: Iterable[tuple[Any, Any]] = (
+        data.items() if isinstance(data, Mapping) else enumerate(data)
+    )
     out = []
-    for key, raw in data.items() if by_key else enumerate(data):
+    for key, raw in items:
         where = repr(key) if by_key else f"[{key}]"
         try:
             out.append((where, key, structure(raw, cls)))
