@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 from caikit_core.constitution import FeedbackFewShot
 from caikit_core.converter import describe_error
 from caikit_core.errors import ConstitutionError
+from caikit_core.io import atomic_path
 from caikit_core.io.transcripts import parse_transcript
 from caikit_core.records import Conversation, Message
 
@@ -103,16 +102,9 @@ def check_loss(target: Path, losses: list[str], lossy: bool) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (a temporary file in the same directory, renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` as UTF-8 with ``\\n`` line ends, atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def to_json(data: Any) -> str:
