@@ -309,7 +309,9 @@ def cmd_constitution_show(args: argparse.Namespace) -> int:
 
 
 def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    formats = ["auto", "caikit", "anthropic", "llm-swarm"]
+    from caikit_core.constitutions import FORMATS
+
+    formats = ["auto", *FORMATS]
     p = sub.add_parser("constitution", parents=[common], help="inspect and convert constitutions")
     csub = p.add_subparsers(dest="constitution_command", metavar="SUBCOMMAND", required=True)
     conv = csub.add_parser(
