@@ -15,7 +15,7 @@ def demo_model(path: str | None) -> str:
     """The model to benchmark: ``path``, else the fetched demo model."""
     if path:
         return path
-    from caikit_core.models import fetched_model
+    from caikit_hf.models import fetched_model
 
     folder = fetched_model("smollm2-135m-instruct")
     if folder is None:

@@ -27,7 +27,7 @@ def main() -> None:
     from caikit_feedback.critic import ConstitutionalCriticConfig, build_constitutional_critic
     from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
-    from caikit_core.constitution_formats import load_constitution
+    from caikit_core.constitutions import load_constitution
     from caikit_core.records import GenerationRequest, Sample, SamplingParams, conversation
 
     model = demo_model(args.model)

@@ -67,7 +67,7 @@ def main() -> None:
     from caikit_feedback.labeller import ANSWER_PREFIX, DirectLabellerConfig, build_direct_labeller
     from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
-    from caikit_core.constitution_formats import load_constitution
+    from caikit_core.constitutions import load_constitution
 
     torch.set_num_threads(args.threads)
     generator = build_generator(

@@ -13,11 +13,14 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caikit_core import __version__
-from caikit_core.errors import CaikitError, StoreError
-from caikit_core.models import add_models_command
+from caikit_core.errors import CaikitError, PluginError, StoreError
+from caikit_core.hookspecs import CommandHandler, RegisterCommand
+
+if TYPE_CHECKING:
+    from caikit_core.plugins import PluginManager
 
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +28,8 @@ log = logging.getLogger("caikit")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    """Send the records of the ``caikit`` logger, and so of every ``caikit.<name>``
+    logger the core and the plugins use, to stderr at the level the options ask."""
     level = logging.INFO
     if args.quiet:
         level = logging.WARNING
@@ -42,22 +47,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    for name in ("caikit_core", *_plugin_loggers()):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
-
-
-def _plugin_loggers() -> list[str]:
-    return [
-        "caikit_local",
-        "caikit_hf",
-        "caikit_feedback",
-        "caikit_torch",
-        "caikit_jax",
-        "caikit_ray",
-    ]
 
 
 # --- plugins --------------------------------------------------------------------------
@@ -197,7 +186,7 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
 
 
 def cmd_constitution_convert(args: argparse.Namespace) -> int:
-    from caikit_core.constitution_formats import convert_constitution
+    from caikit_core.constitutions import convert_constitution
 
     constitution = convert_constitution(
         args.src, args.dst, args.src_format, args.dst_format, lossy=args.lossy
@@ -212,7 +201,7 @@ def cmd_constitution_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_constitution_show(args: argparse.Namespace) -> int:
-    from caikit_core.constitution_formats import load_constitution
+    from caikit_core.constitutions import load_constitution
 
     c = load_constitution(args.path, args.format)
     if args.json:
@@ -233,7 +222,9 @@ def cmd_constitution_show(args: argparse.Namespace) -> int:
 
 
 def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    formats = ["auto", "caikit", "anthropic", "llm-swarm"]
+    from caikit_core.constitutions import FORMATS
+
+    formats = ["auto", *FORMATS]
     p = sub.add_parser("constitution", parents=[common], help="inspect and convert constitutions")
     csub = p.add_subparsers(dest="constitution_command", metavar="SUBCOMMAND", required=True)
     conv = csub.add_parser(
@@ -258,7 +249,7 @@ def _add_constitution_commands(sub: Any, common: argparse.ArgumentParser) -> Non
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from caikit_core.export import export_run
+    from caikit_core.io.export import export_run
 
     for path in export_run(Path(args.run_dir), Path(args.out), format=args.format):
         print(path)
@@ -296,7 +287,14 @@ def _add_export_command(sub: Any, common: argparse.ArgumentParser) -> None:
 # --- entry point -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParser:
+    """The ``caikit`` parser: the built-in commands and those the plugins register.
+
+    :param manager: the plugin manager whose ``register_commands`` hooks add
+        commands (default: the process-wide one, loading the entry points).
+    """
+    from caikit_core.plugins import get_plugin_manager
+
     common = argparse.ArgumentParser(add_help=False)
     verbosity = common.add_argument_group("output")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -333,7 +331,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     for extra in _EXTRA_COMMANDS:
         extra(sub, common)
+    (manager or get_plugin_manager()).register_commands(
+        lambda where: _command_register(sub, common, where)
+    )
     return parser
+
+
+def _command_register(sub: Any, common: argparse.ArgumentParser, where: str) -> RegisterCommand:
+    """The ``register`` that one plugin's ``register_commands`` hook receives.
+
+    :param sub: the ``caikit`` parser's sub-parsers action.
+    :param common: the parent parser holding the output options.
+    :param where: names the plugin in errors.
+    """
+    groups: dict[int, Any] = {}  # id of a parser returned here -> its sub-parsers action
+    returned: set[int] = set()
+
+    def register(
+        name: str,
+        handler: CommandHandler | None = None,
+        *,
+        help: str,
+        description: str | None = None,
+        parent: argparse.ArgumentParser | None = None,
+    ) -> argparse.ArgumentParser:
+        action, prog = sub, "caikit"
+        if parent is not None:
+            if id(parent) not in returned:
+                raise PluginError(f"{where}: parent= of command '{name}' is not one it registered")
+            if id(parent) not in groups:
+                groups[id(parent)] = parent.add_subparsers(
+                    dest=f"{parent.prog.split()[-1]}_command", metavar="SUBCOMMAND", required=True
+                )
+            action, prog = groups[id(parent)], parent.prog
+        if not isinstance(name, str) or not name or name.startswith("-"):
+            raise PluginError(f"{where}: a command name must be a word, got {name!r}")
+        if name in action.choices:
+            raise PluginError(f"{where}: adds the command '{prog} {name}', which exists already")
+        parser: argparse.ArgumentParser = action.add_parser(
+            name, parents=[common], help=help, description=description or help
+        )
+        if handler is not None:
+            parser.set_defaults(func=handler)
+        returned.add(id(parser))
+        return parser
+
+    return register
 
 
 def _add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -343,17 +386,23 @@ def _add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
     add_check_command(sub, common)
 
 
-#: functions that add sub-commands (other modules append to this)
+#: functions that add the built-in commands besides plugins, config and run (a plugin adds
+#: its commands through the register_commands hook instead)
 _EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_constitution_commands,
-    add_models_command,
     _add_export_command,
     _add_check_command,
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CaikitError as exc:  # a plugin that fails to load or to add its commands
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -1,7 +1,8 @@
 """Constitutions: critique/revision principle pairs, feedback principles and
 optional few-shot examples; a content hash; seeded sampling of principles.
 
-Loaders for the published formats live in :mod:`caikit_core.constitution_formats`.
+Loaders for the published formats live in :mod:`caikit_core.constitutions`, one
+module per format.
 """
 
 from __future__ import annotations

@@ -14,10 +14,14 @@ The factory is called later, only when a run names the plugin, with the
 validated config instance as its first argument and role-specific keyword
 arguments (see ``docs/plugin-hooks.md``). Heavy frameworks (torch, jax, vllm,
 ray) must be imported inside the factory, never at module level.
+
+One more hook, :func:`register_commands`, adds sub-commands to the ``caikit``
+command line in the same style: its ``register`` adds one command per call.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -125,4 +129,46 @@ def register_executors(register: Register) -> None:
     :param register: call ``register(name, factory, config=..., capabilities=...)``.
         The factory is called as ``factory(config)`` and returns a
         :class:`caikit_core.interfaces.Executor`.
+    """
+
+
+# --- command line -------------------------------------------------------------------
+
+#: What runs a command: the parsed arguments in, the exit status out.
+CommandHandler = Callable[[argparse.Namespace], int]
+
+
+class RegisterCommand(Protocol):
+    """The ``register`` callable handed to :func:`register_commands`."""
+
+    def __call__(
+        self,
+        name: str,
+        handler: CommandHandler | None = None,
+        *,
+        help: str,
+        description: str | None = None,
+        parent: argparse.ArgumentParser | None = None,
+    ) -> argparse.ArgumentParser:
+        """Add the command ``caikit NAME`` and return its parser, to add arguments to.
+
+        :param name: the command's name; unique among the commands of its parent.
+        :param handler: called with the parsed arguments when the command runs; it
+            returns the exit status. A :class:`caikit_core.errors.CaikitError` it
+            raises is printed as one ``error:`` line with exit status 2. ``None``
+            makes a group whose sub-commands are added with ``parent=``.
+        :param help: one line for ``caikit --help``.
+        :param description: the text of ``caikit NAME --help`` (default: ``help``).
+        :param parent: a parser this callable returned: add ``caikit PARENT NAME``.
+        """
+
+
+@hookspec
+def register_commands(register: RegisterCommand) -> None:
+    """Register sub-commands of the ``caikit`` command line.
+
+    :param register: call ``register(name, handler, help=...)`` once per command
+        and add arguments to the :class:`argparse.ArgumentParser` it returns; the
+        output options (``-q``, ``-v``, ``--debug``) are already there. Import
+        heavy frameworks inside the handler, never in the hook.
     """

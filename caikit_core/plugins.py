@@ -13,6 +13,7 @@ Environment variables:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.metadata
 import inspect
 import os
@@ -40,6 +41,8 @@ ROLE_HOOKS: dict[str, str] = {
     "executor": "register_executors",
 }
 ROLES = tuple(ROLE_HOOKS)
+#: every hook a plugin may implement: the role hooks and ``register_commands``
+HOOKS = (*ROLE_HOOKS.values(), "register_commands")
 
 
 @attrs.frozen
@@ -164,10 +167,10 @@ class PluginManager:
         for attr in dir(plugin):
             if getattr(getattr(plugin, attr, None), "caikit_impl", None) is None:
                 continue
-            if attr not in ROLE_HOOKS.values():
+            if attr not in HOOKS:
                 self.pm.unregister(name=name)
                 del self._origins[name]
-                close = difflib.get_close_matches(attr, list(ROLE_HOOKS.values()), n=1)
+                close = difflib.get_close_matches(attr, HOOKS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise PluginError(
                     f"plugin '{name}' from distribution '{distribution}' {version} "
@@ -222,32 +225,53 @@ class PluginManager:
         registry = Registry()
         trace = self._undo_trace is not None
         for role, hook_name in ROLE_HOOKS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
-                plugin_name = impl.plugin_name
-                origin = self._origins.get(plugin_name, _Origin("<in-process>", ""))
-                register = _make_register(registry, role, plugin_name, origin, trace)
-                others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
-                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
-                try:
-                    caller(register=register)
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin '{plugin_name}' from distribution '{origin.distribution}' "
-                        f"{origin.version} failed in {hook_name}: {type(exc).__name__}: {exc}"
-                    ) from exc
+            self._call_each(
+                hook_name, functools.partial(_make_register, registry, role, trace=trace)
+            )
         return registry
+
+    def register_commands(self, make_register: Callable[[str], hookspecs.RegisterCommand]) -> None:
+        """Call each plugin's ``register_commands`` hook.
+
+        :param make_register: builds the ``register`` callable handed to one plugin
+            from the words that name it (``plugin 'hf' from distribution 'caikit'
+            0.1``), so that the errors it raises can name the plugin.
+        """
+        self._call_each(
+            "register_commands", lambda plugin, origin: make_register(_where(plugin, origin))
+        )
+
+    def _call_each(self, hook_name: str, make_register: Callable[[str, _Origin], Any]) -> None:
+        """Call ``hook_name`` of each plugin with its own ``register``; an exception
+        other than :class:`PluginError` becomes one naming the plugin."""
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            plugin_name = impl.plugin_name
+            origin = self._origins.get(plugin_name, _Origin("<in-process>", ""))
+            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            try:
+                caller(register=make_register(plugin_name, origin))
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"{_where(plugin_name, origin)} failed in {hook_name}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
 
     def plugin_origins(self) -> dict[str, tuple[str, str]]:
         return {k: (v.distribution, v.version) for k, v in self._origins.items()}
 
 
+def _where(plugin: str, origin: _Origin) -> str:
+    return f"plugin '{plugin}' from distribution '{origin.distribution}' {origin.version}".rstrip()
+
+
 def _make_register(
     registry: Registry, role: str, plugin: str, origin: _Origin, trace: bool
 ) -> hookspecs.Register:
-    where = f"plugin '{plugin}' from distribution '{origin.distribution}' {origin.version}"
+    where = _where(plugin, origin)
 
     def register(
         name: str,

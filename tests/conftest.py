@@ -64,9 +64,14 @@ def with_echo(echo_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 @pytest.fixture(autouse=True)
 def _fresh_plugin_manager() -> Iterator[None]:
+    """A fresh plugin manager, and no plugin instance cached by an earlier test."""
+    from caikit_core.stages.base import release_instances
+
     plugins.reset()
+    release_instances()
     yield
     plugins.reset()
+    release_instances()
 
 
 def run_cli(

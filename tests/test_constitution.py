@@ -24,15 +24,13 @@ from caikit_core.constitution import (
     principle_rng,
     validate_constitution,
 )
-from caikit_core.constitution_formats import (
+from caikit_core.constitutions import (
     ANTHROPIC_FILES,
     convert_constitution,
     detect_format,
     dump_constitution,
     few_shot_conversation,
     load_constitution,
-    parse_transcript,
-    render_transcript,
     to_toml,
 )
 from caikit_core.errors import CaikitError, ConstitutionError
@@ -437,6 +435,21 @@ _PAIR = 'id = "{id}"\ncritique = "c"\nrevision = "r"\n'
             "[1]: expected a string, found 7 (int)",
         ),
         (
+            "RLMadisonFewShotPrompts.json",
+            '[{"prompt": "Human: hi", "corrects": [], "incorrects": ["b"]}]',
+            "[0]: 'corrects' and 'incorrects' must not be empty",
+        ),
+        (
+            "RLMadisonFewShotPrompts.json",
+            '[{"prompt": "Human: hi", "corrects": ["a"], "incorrects": ["b"], "note": "x"}]',
+            "[0]: 'note': unknown key (allowed: prompt, corrects, incorrects)",
+        ),
+        (
+            "RLMadisonPrecogFewShotPrompts.json",
+            '[{"prompt": 3}]',
+            "[0]: 'prompt': expected a string, found 3 (int)",
+        ),
+        (
             "x.txt",
             "name = 'x'\n",
             "cannot tell the constitution format; pass one of caikit, anthropic, llm-swarm",
@@ -683,17 +696,11 @@ def test_detect_format(tmp_path: Path) -> None:
     assert load_constitution(caikit_json).feedback == (FeedbackPrinciple("a", "t"),)
 
 
-def test_transcripts() -> None:
-    messages = parse_transcript(
-        "\n\nHuman: hi\nthere\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
+def test_few_shot_conversation() -> None:
+    labelled = FeedbackFewShot("Human: hi\n\nAssistant: hello\n\nHuman: bye", "a", "b", "", "A")
+    assert few_shot_conversation(labelled) == conversation(
+        ("user", "hi"), ("assistant", "hello"), ("user", "bye")
     )
-    assert messages == conversation(("user", "hi\nthere"), ("assistant", "hello"), ("user", "bye"))
-    assert render_transcript(messages) == "Human: hi\nthere\n\nAssistant: hello\n\nHuman: bye"
-    assert parse_transcript(render_transcript(messages)) == messages
-    with pytest.raises(ValueError, match="cannot hold a 'system' turn"):
-        render_transcript([Message("system", "s")])
-    with pytest.raises(ValueError, match="starting with Human:"):
-        parse_transcript("no labels here")
     plain = FeedbackFewShot("Just a question?", "a", "b", "", "A")
     assert few_shot_conversation(plain) == conversation(("user", "Just a question?"))
 

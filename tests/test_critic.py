@@ -18,7 +18,7 @@ from caikit_feedback.critic import (
 from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
 from caikit_core.constitution import Constitution
-from caikit_core.constitution_formats import load_constitution
+from caikit_core.constitutions import load_constitution
 from caikit_core.errors import PluginError
 from caikit_core.records import (
     Generation,

@@ -45,7 +45,7 @@ max_length = 256
 
 
 def test_sl_cai_on_the_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from caikit_core.models import fetch_model, fetched_model
+    from caikit_hf.models import fetch_model, fetched_model
 
     smol = Path("/tmp/smol")
     model = fetched_model("smollm2-135m-instruct") or fetch_model(

@@ -4,6 +4,7 @@ the hook examples run."""
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import types
 import typing
@@ -12,7 +13,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from caikit_core import hookspecs, plugins
+from caikit_core import cli, hookspecs, plugins
 from caikit_core.config import RunConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -29,7 +30,8 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def test_every_role_has_a_hook() -> None:
-    assert sorted(HOOKS) == sorted(plugins.ROLE_HOOKS.values())
+    assert sorted(HOOKS) == sorted(plugins.HOOKS)
+    assert set(plugins.ROLE_HOOKS.values()) <= set(HOOKS)
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -37,14 +39,14 @@ def test_hook_is_documented_with_signature_and_docstring(hook: str) -> None:
     sections = _sections((DOCS / "plugin-hooks.md").read_text(encoding="utf-8"))
     assert hook in sections, f"docs/plugin-hooks.md has no '## {hook}' section"
     fn = getattr(hookspecs, hook)
-    signature = f"{hook}(register: Register) -> None"
+    signature = f"{hook}(register: {fn.__annotations__['register']}) -> None"
     assert signature in sections[hook]
     doc = inspect.getdoc(fn) or ""
     assert ":param register:" in doc
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_hook_example_runs_and_registers(hook: str) -> None:
+def test_hook_example_runs_and_registers(hook: str, capsys: pytest.CaptureFixture[str]) -> None:
     section = _sections((DOCS / "plugin-hooks.md").read_text(encoding="utf-8"))[hook]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, f"{hook}: expected one python example"
@@ -52,11 +54,23 @@ def test_hook_example_runs_and_registers(hook: str) -> None:
     exec(compile(blocks[0], f"docs/plugin-hooks.md#{hook}", "exec"), module.__dict__)
     manager = plugins.PluginManager()
     manager.register(module, f"example-{hook}", distribution="docs-example", version="0")
+    if hook == "register_commands":
+        _check_commands_example(manager, capsys)
+        return
     role = next(r for r, h in plugins.ROLE_HOOKS.items() if h == hook)
     names = manager.registry.names(role)
     assert len(names) == 1
     spec = manager.registry.get(role, names[0])
     assert spec.distribution == "docs-example"
+
+
+def _check_commands_example(
+    manager: plugins.PluginManager, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = cli.build_parser(manager)
+    args = parser.parse_args(["demo", "greet", "Ada", "--loud", "-q"])
+    assert args.quiet and args.func(args) == 0
+    assert json.loads(capsys.readouterr().out) == {"greeting": "hello, Ada", "loud": True}
 
 
 def _keys(cls: type, prefix: str = "") -> list[str]:

@@ -179,7 +179,7 @@ def test_the_docs_executor_example_passes_the_kit() -> None:
     import types
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "plugin-hooks.md").read_text()
-    section = text.split("## register_executors", 1)[1]
+    section = text.split("## register_executors", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     module = types.ModuleType("docs_executor_example")
     exec(compile(code, "docs/plugin-hooks.md#register_executors", "exec"), module.__dict__)

@@ -13,7 +13,7 @@ import pytest
 from caikit_core import cli
 from caikit_core.config import load_run
 from caikit_core.errors import CaikitError, StoreError
-from caikit_core.export import (
+from caikit_core.io.export import (
     CAI_COLUMNS,
     CAI_SCHEMA,
     cai_row,

@@ -434,7 +434,7 @@ def test_the_same_run_file_with_plugin_jax(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from caikit_core.config import load_run
-    from caikit_core.pipeline import Pipeline
+    from caikit_core.runner import Runner
 
     monkeypatch.setenv("CAIKIT_LOAD_PLUGINS", "hf,feedback,local,torch,jax")
     monkeypatch.chdir(tmp_path)
@@ -455,7 +455,7 @@ def test_the_same_run_file_with_plugin_jax(
     for backend in ("torch", "jax"):
         path = tmp_path / "run.toml"
         path.write_text(text.replace('plugin = "torch"', f'plugin = "{backend}"'), "utf-8")
-        summary = Pipeline(load_run(path, registry)).execute()
+        summary = Runner(load_run(path, registry)).execute()
         statuses[backend] = {s.name: s.status for s in summary.stages}
         artifacts[backend] = {s.name: s.artifact for s in summary.stages}
     assert statuses["jax"] == {
@@ -474,7 +474,7 @@ def test_the_same_run_file_with_plugin_jax(
 
 @pytest.mark.slow
 def test_logits_match_pytorch_on_smollm2() -> None:
-    from caikit_core.models import fetch_model, fetched_model
+    from caikit_hf.models import fetch_model, fetched_model
 
     folder = fetched_model("smollm2-135m-instruct") or fetch_model("smollm2-135m-instruct")
     model = jax_model.load_model(folder)

@@ -203,7 +203,7 @@ def test_failing_record_is_named(
     )
     assert main(["run", str(echo_run)]) == 2
     err = capsys.readouterr().err
-    from caikit_core.prompts import make_prompt
+    from caikit_core.io.prompts import make_prompt
 
     bad_id = make_prompt(PROMPTS[5]).id
     assert "stage 'responses' failed on records [" in err and bad_id in err
@@ -310,7 +310,7 @@ def test_labeller_returning_a_bad_probability_is_named(
     monkeypatch.setenv("CAIKIT_ECHO_BAD_LABEL", value)
     assert main(["run", str(echo_run)]) == 2
     err = capsys.readouterr().err
-    from caikit_core.prompts import make_prompt
+    from caikit_core.io.prompts import make_prompt
     from caikit_core.records import stable_id
 
     bad = stable_id("pair", make_prompt(PROMPTS[3]).id)

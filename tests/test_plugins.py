@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -203,3 +204,142 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def _add_commands(**hooks: object) -> None:
+    """Register an in-process plugin ``cmds`` with the process-wide manager."""
+    plugins.get_plugin_manager().register(_module("cmds", **hooks), "cmds")
+
+
+def test_register_commands_adds_commands_and_bad_input_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from caikit_core import cli
+    from caikit_core.errors import CaikitError
+
+    def count(args):  # type: ignore[no-untyped-def]
+        if args.n < 0:
+            raise CaikitError(f"count: expected a number >= 0, found {args.n}")
+        print(" ".join(str(i) for i in range(args.n)))
+        return 0
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        tools = register("tools", help="tools of the cmds plugin", description="Tools.")
+        register("count", count, parent=tools, help="count to N").add_argument("n", type=int)
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["tools", "count", "3"]) == 0
+    assert capsys.readouterr().out == "0 1 2\n"
+    assert cli.main(["tools", "count", "--", "-1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: count: expected a number >= 0, found -1\n"
+    assert captured.out == ""
+    with pytest.raises(SystemExit) as exited:  # a group needs its sub-command
+        cli.main(["tools"])
+    assert exited.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["tools", "--help"])
+    assert "Tools." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "parent", "message"),
+    [
+        ("plugins", False, "adds the command 'caikit plugins', which exists already"),
+        ("models", False, "adds the command 'caikit models', which exists already"),
+        ("-x", False, "a command name must be a word, got '-x'"),
+        ("sub", True, "parent= of command 'sub' is not one it registered"),
+    ],
+)
+def test_register_commands_errors_name_the_plugin(
+    name: str, parent: bool, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from caikit_core import cli
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        register(
+            name, lambda args: 0, help="h", parent=argparse.ArgumentParser() if parent else None
+        )
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: plugin 'cmds' from distribution '<in-process>'")
+    assert message in err and "Traceback" not in err
+
+
+def test_register_commands_failure_names_the_plugin(capsys: pytest.CaptureFixture[str]) -> None:
+    from caikit_core import cli
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["--debug", "plugins"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: plugin 'cmds' from distribution '<in-process>' failed in register_commands" in err
+    )
+    assert "RuntimeError: boom" in err and "Traceback" in err  # --debug shows it
+
+
+@pytest.fixture
+def caikit_logger() -> Iterator[None]:
+    """Restore the ``caikit`` logger that ``cli.main`` configures."""
+    import logging
+
+    logger = logging.getLogger("caikit")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("caikit_logger")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_plugin_log_records_reach_the_cli_handler(
+    quiet: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from caikit_core import cli
+
+    def chat(args):  # type: ignore[no-untyped-def]
+        log = logging.getLogger("caikit.cmds")
+        log.debug("cmds debug line")
+        log.info("cmds info line")
+        log.warning("cmds warning line")
+        return 0
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        register("chat", chat, help="log three lines")
+
+    _add_commands(register_commands=register_commands)
+    assert cli.main(["chat", "-q"] if quiet else ["chat"]) == 0
+    err = capsys.readouterr().err
+    assert "cmds warning line" in err
+    assert ("cmds info line" in err) is not quiet
+    assert "cmds debug line" not in err
+
+
+def test_core_and_bundled_plugins_log_under_caikit() -> None:
+    """The CLI configures the ``caikit`` logger only, so every logger is ``caikit.<name>``."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("caikit_core/**/*.py"), *root.glob("plugins/*/*.py")]
+    sources += root.glob("contrib/*/*/*.py")
+    names = {
+        (path.relative_to(root).as_posix(), name)
+        for path in sources
+        for name in re.findall(r"getLogger\(([^)]*)\)", path.read_text(encoding="utf-8"))
+    }
+    assert names
+    bad = {(path, name) for path, name in names if not re.fullmatch(r'"caikit(\.\w+)?"', name)}
+    assert bad == set()

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from caikit_core.prompts import PromptFileError, first_human_turn, make_prompt, read_prompts
+from caikit_core.io.prompts import PromptFileError, make_prompt, read_prompts
+from caikit_core.io.transcripts import first_human_turn
 from tests.conftest import SHARED_DATA
 
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -30,12 +31,6 @@ def test_hh_rlhf_first_human_turns() -> None:
     assert len({p.id for p in prompts}) == len(prompts)
     assert prompts[0].source == "test.jsonl.gz:1"
     assert len(read_prompts(HH, limit=16)) == 16
-
-
-def test_first_human_turn() -> None:
-    assert first_human_turn("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: more") == "hi there"
-    assert first_human_turn("\n\nHuman: only") == "only"
-    assert first_human_turn("no turns") is None
 
 
 def test_project_prompt_set() -> None:

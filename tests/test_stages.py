@@ -15,7 +15,7 @@ import pytest
 from caikit_core import hookimpl, plugins
 from caikit_core.config import load_run
 from caikit_core.errors import StageError
-from caikit_core.prompts import PromptFileError, make_prompt
+from caikit_core.io.prompts import PromptFileError, make_prompt
 from caikit_core.records import (
     Comparison,
     Generation,

@@ -672,7 +672,7 @@ def test_rl_phase_of_a_run(
     tmp_path: Path, base: Path, with_rl_plugins: plugins.PluginManager
 ) -> None:
     from caikit_core.config import load_run
-    from caikit_core.pipeline import Pipeline
+    from caikit_core.runner import Runner
 
     registry = plugins.get_registry()
     if "direct" not in registry.names("labeller") or "hf" not in registry.names("generator"):
@@ -680,7 +680,7 @@ def test_rl_phase_of_a_run(
     (tmp_path / "prompts.txt").write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
     path = tmp_path / "run.toml"
     path.write_text(RL_RUN.format(policy=base), encoding="utf-8")
-    summary = Pipeline(load_run(path, registry)).execute()
+    summary = Runner(load_run(path, registry)).execute()
     pm, policy = summary.stage("preference_model"), summary.stage("policy")
     assert pm.status == "ran" and pm.artifact is not None
     assert pm.metrics["examples"] == 4 and "calibration" in pm.metrics
@@ -697,7 +697,7 @@ def test_swapping_the_algorithm_is_one_line_and_reruns_only_the_policy(
     tmp_path: Path, base: Path, with_rl_plugins: plugins.PluginManager
 ) -> None:
     from caikit_core.config import load_run
-    from caikit_core.pipeline import Pipeline
+    from caikit_core.runner import Runner
 
     registry = plugins.get_registry()
     if "direct" not in registry.names("labeller") or "hf" not in registry.names("generator"):
@@ -709,7 +709,7 @@ def test_swapping_the_algorithm_is_one_line_and_reruns_only_the_policy(
         path.write_text(
             text.replace('algorithm = "rloo"', f'algorithm = "{algorithm}"'), encoding="utf-8"
         )
-        summary = Pipeline(load_run(path, registry)).execute()
+        summary = Runner(load_run(path, registry)).execute()
         status = {s.name: s.status for s in summary.stages}
         expected_before = "ran" if algorithm == "rloo" else "skipped"
         assert status == {

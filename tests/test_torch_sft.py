@@ -32,13 +32,13 @@ from caikit_core.config import check_run_data, load_run  # noqa: E402
 from caikit_core.converter import InvalidValue, converter, describe_error  # noqa: E402
 from caikit_core.errors import CaikitError, ConfigError, PluginError  # noqa: E402
 from caikit_core.interfaces import PolicyOptimiser  # noqa: E402
-from caikit_core.pipeline import Pipeline  # noqa: E402
 from caikit_core.records import (  # noqa: E402
     Conversation,
     RevisionStep,
     RevisionTrace,
     conversation,
 )
+from caikit_core.runner import Runner  # noqa: E402
 from caikit_core.testing.tiny_models import CHAT_TEMPLATE, build_tiny_llama  # noqa: E402
 from tests.conftest import PROMPTS  # noqa: E402
 
@@ -440,7 +440,7 @@ def test_sft_stage_of_a_run(tmp_path: Path, base: Path, with_torch: None) -> Non
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     path = tmp_path / "run.toml"
     path.write_text(RUN.format(policy=base), encoding="utf-8")
-    summary = Pipeline(load_run(path, plugins.get_registry())).execute()
+    summary = Runner(load_run(path, plugins.get_registry())).execute()
     sft = summary.stage("sft")
     assert sft.status == "ran" and sft.artifact is not None
     assert sft.metrics["examples"] == len(PROMPTS) and sft.metrics["steps"] == 3

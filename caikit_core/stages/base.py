@@ -208,7 +208,7 @@ class Context:
     def constitution(self) -> Constitution:
         if self._constitution is None:
             from caikit_core.config import resolve_path
-            from caikit_core.constitution_formats import load_constitution
+            from caikit_core.constitutions import load_constitution
 
             cfg = self.config.constitution
             source = None if cfg.path == "default" else resolve_path(self.run.base_dir, cfg.path)

@@ -80,7 +80,7 @@ class Helpfulness(Stage):
         return "sl" in config.phases and config.sl.helpfulness_prompts is not None
 
     def _file(self, ctx: Context) -> Any:
-        from caikit_core.prompts import PromptFileError
+        from caikit_core.io.prompts import PromptFileError
 
         assert ctx.config.sl.helpfulness_prompts is not None
         path = ctx.path(ctx.config.sl.helpfulness_prompts)
@@ -105,7 +105,7 @@ class Helpfulness(Stage):
         return {"policy": ctx.model("policy")}
 
     def items(self, ctx: Context) -> Sequence[Prompt]:
-        from caikit_core.prompts import read_prompts
+        from caikit_core.io.prompts import read_prompts
 
         return read_prompts(self._file(ctx))
 

@@ -22,7 +22,7 @@ class Prompts(Stage):
     record_type = Prompt
 
     def input_fingerprint(self, ctx: Context) -> str:
-        from caikit_core.prompts import PromptFileError
+        from caikit_core.io.prompts import PromptFileError
 
         path = ctx.path(ctx.config.data.prompts)
         if not path.is_file():
@@ -36,7 +36,7 @@ class Prompts(Stage):
         return {"format": data.format, "field": data.field, "limit": data.limit}
 
     def items(self, ctx: Context) -> Sequence[Prompt]:
-        from caikit_core.prompts import read_prompts
+        from caikit_core.io.prompts import read_prompts
 
         data = ctx.config.data
         path = ctx.path(data.prompts)

@@ -50,7 +50,7 @@ def hf_generator(model: Path | None = None) -> Any:
 def default_constitution() -> Constitution:
     """The constitution caikit ships (``load_constitution(None)``)."""
     if "constitution" not in _cache:
-        from caikit_core.constitution_formats import load_constitution
+        from caikit_core.constitutions import load_constitution
 
         _cache["constitution"] = load_constitution(None)
     constitution = _cache["constitution"]

@@ -49,7 +49,7 @@ from caikit_core.records import (
     stable_id,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.feedback")
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:

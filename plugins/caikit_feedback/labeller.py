@@ -65,10 +65,11 @@ from caikit_core.constitution import (
     FeedbackPrinciple,
     principle_rng,
 )
-from caikit_core.constitution_formats import few_shot_conversation
+from caikit_core.constitutions import few_shot_conversation
 from caikit_core.converter import InvalidValue
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, CHAIN_OF_THOUGHT, CLAMP, DEBIAS, Generator
+from caikit_core.io.transcripts import render_transcript
 from caikit_core.records import (
     FINISH_SKIPPED,
     Comparison,
@@ -98,10 +99,9 @@ __all__ = [
     "combine_options",
     "option_probability",
     "question",
-    "transcript",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.feedback")
 
 #: The first line of every question.
 LEAD = "Consider the following conversation between a human and an assistant:"
@@ -119,23 +119,15 @@ OPTIONS = ("A", "B")
 COT_STOPS = ("So the answer is", "\nHuman:")
 
 _GRID = 2.0**53  # probabilities are multiples of 1/_GRID, so that 1 - p is exact
-_ROLE_LABELS = {"user": "Human", "assistant": "Assistant"}
 
 
 # --- the prompt ----------------------------------------------------------------------
 
 
-def transcript(messages: Sequence[Message]) -> str:
-    """``"Human: ...\\n\\nAssistant: ..."``; other roles are labelled by their name."""
-    return "\n\n".join(
-        f"{_ROLE_LABELS.get(m.role, m.role.capitalize())}: {m.content.strip()}" for m in messages
-    )
-
-
 def question(messages: Sequence[Message], principle: str, first: str, second: str) -> str:
     """The multiple-choice question about ``messages``: (A) ``first`` or (B) ``second``."""
     return (
-        f"{LEAD}\n\n{transcript(messages)}\n\n{principle.strip()}\n"
+        f"{LEAD}\n\n{render_transcript(messages, other_roles=True)}\n\n{principle.strip()}\n"
         f"Options:\n(A) {first.strip()}\n(B) {second.strip()}"
     )
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from caikit_core.converter import InvalidValue
-from caikit_core.hookspecs import Register, hookimpl
+from caikit_core.hookspecs import Register, RegisterCommand, hookimpl
 from caikit_core.interfaces import CAN_SCORE, SEEDED
 
 if TYPE_CHECKING:
@@ -138,3 +138,11 @@ def register_generators(register: Register) -> None:
         capabilities={CAN_SCORE, SEEDED},
         description="Hugging Face transformers causal LM (local folder or hub id), in-process",
     )
+
+
+@hookimpl
+def register_commands(register: RegisterCommand) -> None:
+    """Add ``caikit models fetch|list|path`` (:mod:`caikit_hf.models`, imported here)."""
+    from caikit_hf.models import register_models_command
+
+    register_models_command(register)

@@ -66,7 +66,7 @@ from caikit_jax.plugin import JaxOptimiserConfig
 
 __all__ = ["KL_HORIZON", "MAX_GRAD_NORM", "train_ppo"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.jax")
 
 _WHO = "jax ppo"
 #: The adaptive KL controller's horizon, in samples (the torch PPO's default).

@@ -54,7 +54,7 @@ from caikit_jax.plugin import JaxPreferenceConfig
 
 __all__ = ["PM_ARCHITECTURE", "PM_RECORD", "JaxPreferenceModel", "bucket"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.jax")
 
 #: The file in a saved preference model that records how it was trained.
 PM_RECORD = "caikit_pm.json"

@@ -55,7 +55,7 @@ from caikit_jax.reward import bucket
 
 __all__ = ["RL_RECORD", "SFT_RECORD", "JaxOptimiser"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.jax")
 
 #: The record written next to an SFT checkpoint.
 SFT_RECORD = "caikit_sft.json"

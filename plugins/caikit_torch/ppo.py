@@ -93,7 +93,7 @@ __all__ = [
     "train_ppo",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.torch")
 
 _WHO = "ppo"
 

@@ -101,7 +101,7 @@ __all__ = [
     "soft_label_loss",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.torch")
 
 #: The file in a saved preference model that records how it was trained.
 PM_RECORD = "caikit_pm.json"

@@ -77,7 +77,7 @@ __all__ = [
     "preference_reward_function",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.torch")
 
 #: The file in a saved checkpoint that records how it was optimised.
 RL_RECORD = "caikit_rl.json"

@@ -54,7 +54,7 @@ from caikit_torch.plugin import CAPABILITIES, TorchOptimiserConfig
 
 __all__ = ["SFT_RECORD", "SFTExamples", "TorchOptimiser", "sft_examples"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.torch")
 
 #: The file in a saved checkpoint that records how it was fine-tuned.
 SFT_RECORD = "caikit_sft.json"

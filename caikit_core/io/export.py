@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from caikit_core.errors import CaikitError, StoreError
+from caikit_core.io import atomic_path
 from caikit_core.records import Conversation, RevisionTrace, from_arrow
 from caikit_core.store import RunStore
 
@@ -69,7 +69,7 @@ __all__ = [
     "write_parquet",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.export")
 
 ExportFormat = Literal["parquet", "jsonl", "both"]
 
@@ -216,41 +216,20 @@ def output_paths(out: Path, format: ExportFormat) -> list[Path]:
     return [base.with_name(base.name + _SUFFIXES[kind]) for kind in kinds]
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Write rows of the CAI schema to a Parquet file atomically (temp file, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(rows), schema=CAI_SCHEMA)
-    tmp = _temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Write rows as JSON lines (UTF-8, one object per line) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps({k: row[k] for k in CAI_COLUMNS}, ensure_ascii=False))
-                fh.write("\n")
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({k: row[k] for k in CAI_COLUMNS}, ensure_ascii=False))
+            fh.write("\n")
     return path
 
 

@@ -23,19 +23,17 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from caikit_core.errors import CaikitError
+from caikit_core.io.transcripts import first_human_turn
 from caikit_core.records import Message, Prompt, stable_id
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("caikit.prompts")
 
 FORMATS = ("auto", "jsonl", "parquet", "text", "hh-rlhf")
-_HUMAN = re.compile(r"\n\nHuman:\s?")
-_ASSISTANT = re.compile(r"\n\nAssistant:")
 
 
 class PromptFileError(CaikitError):
@@ -54,17 +52,6 @@ def make_prompt(text_or_messages: str | tuple[Message, ...], source: str = "") -
     return Prompt(id=prompt_id(messages), messages=messages, source=source)
 
 
-def first_human_turn(transcript: str) -> str | None:
-    """The first Human turn of an hh-rlhf transcript, or None if it has none."""
-    match = _HUMAN.search(transcript)
-    if match is None:
-        return None
-    rest = transcript[match.end() :]
-    end = _ASSISTANT.search(rest)
-    text = rest[: end.start()] if end else rest
-    return text.strip()
-
-
 def _open_text(path: Path) -> Any:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
@@ -79,7 +66,7 @@ def detect_format(path: Path) -> str:
         return "text"
     if name.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
         for _, row in _json_rows(path):
-            if isinstance(row, dict) and "chosen" in row and _HUMAN.search(str(row["chosen"])):
+            if isinstance(row, dict) and first_human_turn(str(row.get("chosen"))) is not None:
                 return "hh-rlhf"
             return "jsonl"
         return "jsonl"
