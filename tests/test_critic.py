@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 from caikit_feedback.critic import (
     ConstitutionalCritic,
     ConstitutionalCriticConfig,
-    build_constitutional_critic,
 )
+from caikit_feedback.plugin import build_constitutional_critic
 from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
 from caikit_core.constitution import Constitution

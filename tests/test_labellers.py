@@ -21,12 +21,14 @@ from caikit_feedback.labeller import (  # noqa: E402
     CotLabellerConfig,
     DirectLabeller,
     DirectLabellerConfig,
-    build_cot_labeller,
-    build_direct_labeller,
     combine_options,
     option_probability,
 )
-from caikit_feedback.plugin import register_labellers  # noqa: E402
+from caikit_feedback.plugin import (  # noqa: E402
+    build_cot_labeller,
+    build_direct_labeller,
+    register_labellers,
+)
 from caikit_hf.generator import HFGenerator, plan_shared_prefixes  # noqa: E402
 from caikit_hf.plugin import HFGeneratorConfig, build_generator  # noqa: E402
 
