@@ -89,8 +89,8 @@ def number_in(low: float, high: float, *, low_open: bool = False, high_open: boo
     def ok(v: Any) -> bool:
         if not _is_number(v) or math.isnan(v):
             return False
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
+        above = bool(v > low) if low_open else bool(v >= low)
+        below = bool(v < high) if high_open else bool(v <= high)
         return above and below
 
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

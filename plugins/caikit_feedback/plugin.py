@@ -70,6 +70,7 @@ def register_critics(register: Register) -> None:
         build_constitutional_critic,
         config=ConstitutionalCriticConfig,
         capabilities={REVISE_WITHOUT_CRITIQUE},
+        check_settings={"max_new_tokens": 6, "revisions": 2},
     )
 
 
@@ -91,4 +92,5 @@ def register_labellers(register: Register) -> None:
         build_cot_labeller,
         config=CotLabellerConfig,
         capabilities={CHAIN_OF_THOUGHT, CLAMP, DEBIAS},
+        check_settings={"max_new_tokens": 8},
     )

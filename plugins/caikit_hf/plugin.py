@@ -47,4 +47,5 @@ def register_generators(register: Register) -> None:
         config=HFGeneratorConfig,
         capabilities={CAN_SCORE, SEEDED},
         description="Hugging Face transformers causal LM (local folder or hub id), in-process",
+        check_settings={"device": "cpu"},
     )
