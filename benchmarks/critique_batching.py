@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
-    from caikit_feedback.critic import ConstitutionalCriticConfig, build_constitutional_critic
+    from caikit_feedback.config import ConstitutionalCriticConfig
+    from caikit_feedback.plugin import build_constitutional_critic
     from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
     from caikit_core.constitutions import load_constitution

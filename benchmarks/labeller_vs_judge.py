@@ -64,7 +64,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from caikit_feedback.labeller import ANSWER_PREFIX, DirectLabellerConfig, build_direct_labeller
+    from caikit_feedback.config import DirectLabellerConfig
+    from caikit_feedback.labeller import ANSWER_PREFIX
+    from caikit_feedback.plugin import build_direct_labeller
     from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
     from caikit_core.constitutions import load_constitution

@@ -104,17 +104,17 @@ def caikit_side(args: argparse.Namespace) -> None:
         return [float(x) for x in scores[:, 0]]
 
     marks: list[float] = []
-    settings = ppo.PPOSettings(
+    from caikit_core.training.settings import PPOSettings
+
+    settings = PPOSettings(
         steps=args.steps,
         rollout_batch_size=args.batch,
         mini_batch_size=args.mini_batch,
-        ppo_epochs=args.epochs,
+        epochs=args.epochs,
         learning_rate=1e-5,
         max_new_tokens=args.tokens,
         temperature=1.0,
         kl_coef=0.05,
-        seed=args.seed,
-        device="cpu",
     )
     with tempfile.TemporaryDirectory() as out:
         ppo.train_ppo(
@@ -124,6 +124,7 @@ def caikit_side(args: argparse.Namespace) -> None:
             prompts,
             settings,
             Path(out),
+            options=ppo.PPOOptions(seed=args.seed, device="cpu"),
             on_step=lambda m: marks.append(time.perf_counter()),
         )
     # Iteration k's time is marks[k] - marks[k - 1]; iteration 0 (warm-up) has none.

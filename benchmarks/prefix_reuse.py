@@ -41,7 +41,8 @@ def main() -> None:
 
     import attrs
     import torch
-    from caikit_feedback.labeller import DirectLabellerConfig, build_direct_labeller
+    from caikit_feedback.config import DirectLabellerConfig
+    from caikit_feedback.plugin import build_direct_labeller
     from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
     from caikit_core.constitutions import load_constitution

@@ -27,27 +27,13 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-from caikit_core.converter import InvalidValue, converter, describe_error, show
+from caikit_core import validators
+from caikit_core.converter import converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT
 from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
 
 Phase = Literal["sl", "rl"]
-
-
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and value < 1:
-        raise InvalidValue(attribute.name, f"expected a positive integer, found {value}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value < 0:
-        raise InvalidValue(attribute.name, f"expected a number >= 0, found {value}")
-
-
-def _probability(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not 0.0 < value <= 1.0:
-        raise InvalidValue(attribute.name, f"expected a number in (0, 1], found {value}")
 
 
 @attrs.frozen
@@ -74,7 +60,9 @@ class DataConfig:
     prompts: str
     format: Literal["auto", "jsonl", "parquet", "text", "hh-rlhf"] = "auto"
     field: str = "prompt"
-    limit: int | None = attrs.field(default=None, validator=_positive)
+    limit: int | None = attrs.field(
+        default=None, validator=validators.optional(validators.positive_int)
+    )
 
 
 @attrs.frozen
@@ -89,9 +77,9 @@ class ConstitutionConfig:
 class SamplingConfig:
     """Sampling settings for a generation stage."""
 
-    max_new_tokens: int = attrs.field(default=256, validator=_positive)
-    temperature: float = attrs.field(default=0.7, validator=_non_negative)
-    top_p: float = attrs.field(default=1.0, validator=_probability)
+    max_new_tokens: int = attrs.field(default=256, validator=validators.positive_int)
+    temperature: float = attrs.field(default=0.7, validator=validators.non_negative_number)
+    top_p: float = attrs.field(default=1.0, validator=validators.number_in(0, 1, low_open=True))
 
 
 @attrs.frozen
@@ -101,7 +89,7 @@ class SLConfig:
     sampling: SamplingConfig = SamplingConfig()
     sft: bool = True
     helpfulness_prompts: str | None = None
-    helpfulness_samples: int = attrs.field(default=2, validator=_positive)
+    helpfulness_samples: int = attrs.field(default=2, validator=validators.positive_int)
 
 
 @attrs.frozen
@@ -121,8 +109,8 @@ class RunConfig:
     data: DataConfig
     phases: tuple[Phase, ...] = ("sl",)
     seed: int = 0
-    batch_size: int = attrs.field(default=8, validator=_positive)
-    shard_size: int = attrs.field(default=64, validator=_positive)
+    batch_size: int = attrs.field(default=8, validator=validators.positive_int)
+    shard_size: int = attrs.field(default=64, validator=validators.positive_int)
     constitution: ConstitutionConfig = ConstitutionConfig()
     sl: SLConfig = SLConfig()
     rl: RLConfig = RLConfig()

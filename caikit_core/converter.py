@@ -2,8 +2,10 @@
 
 It is strict where a config file can be wrong: ``"3"`` is not an int, ``1`` is
 not a bool, ``2.5`` is not an int, a string is not a list, and unknown keys are
-rejected. :func:`describe_error` turns a structuring failure into lines of
-``key.path: expected ..., found ...``.
+rejected. An attrs class with a ``moved_keys`` class variable (a mapping of old key
+to message, e.g. ``{"ppo_steps": "moved to policy_optimiser.ppo.steps"}``) has those
+keys refused with their message instead. :func:`describe_error` turns a structuring
+failure into lines of ``key.path: expected ..., found ...``.
 """
 
 from __future__ import annotations
@@ -124,9 +126,17 @@ def _attrs_hook(cls: type) -> Callable[[Any, Any], Any]:
         cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
     )
 
+    moved: Mapping[str, str] = getattr(cls, "moved_keys", None) or {}
+
     def hook(value: Any, _type: Any) -> Any:
         if not isinstance(value, Mapping):
             raise TypeError(f"expected a table, found {show(value)}")
+        if moved:
+            errors = [InvalidValue(key, moved[key]) for key in value if key in moved]
+            if len(errors) == 1:
+                raise errors[0]
+            if errors:
+                raise ExceptionGroup("keys that moved", errors)
         return structure_fn(value, cls)
 
     return hook

@@ -22,7 +22,7 @@ command line in the same style: its ``register`` adds one command per call.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import pluggy
@@ -44,6 +44,7 @@ class Register(Protocol):
         config: type | None = None,
         capabilities: Iterable[str] = (),
         description: str = "",
+        check_settings: Mapping[str, Any] | None = None,
     ) -> None:
         """Register one implementation of the hook's role.
 
@@ -53,6 +54,9 @@ class Register(Protocol):
             the plugin takes no settings.
         :param capabilities: flags from :mod:`caikit_core.interfaces` (e.g. ``"score"``).
         :param description: one line shown by ``caikit plugins``.
+        :param check_settings: small, valid settings (as a run file's table would
+            give them) that the conformance kit builds the plugin with, so its
+            checks run in seconds on a CPU; ``None``: the config's defaults.
         """
 
 

@@ -58,6 +58,8 @@ class PluginSpec:
     plugin: str  # the entry-point (or in-process registration) name
     distribution: str
     version: str
+    #: the conformance kit's quick settings (``register(..., check_settings=...)``)
+    check_settings: Mapping[str, Any] | None = None
 
     @property
     def bundled(self) -> bool:
@@ -280,6 +282,7 @@ def _make_register(
         config: type | None = None,
         capabilities: Iterable[str] = (),
         description: str = "",
+        check_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"{where}: {role} name must be a non-empty string, got {name!r}")
@@ -288,6 +291,11 @@ def _make_register(
         if config is not None and not attrs.has(config):
             raise PluginError(
                 f"{where}: config for {role} '{name}' must be an attrs class, got {config!r}"
+            )
+        if check_settings is not None and not isinstance(check_settings, Mapping):
+            raise PluginError(
+                f"{where}: check_settings for {role} '{name}' must be a table (a mapping), "
+                f"got {check_settings!r}"
             )
         caps = frozenset(capabilities)
         unknown = caps - ALL_CAPABILITIES
@@ -309,6 +317,7 @@ def _make_register(
             plugin=plugin,
             distribution=origin.distribution,
             version=origin.version,
+            check_settings=check_settings,
         )
         registry.add(spec)
         if trace:

@@ -256,3 +256,75 @@ def test_optimiser_without_the_needed_capability_is_refused(
         encoding="utf-8",
     )
     assert load_run(path, manager.registry).roles["policy_optimiser"].spec.name == "sft-only"
+
+
+def _neutral_manager() -> object:
+    """A plugin manager with the fixture plugins and an optimiser taking the core's
+    backend-neutral settings (:class:`PolicyOptimiserSettings`), as torch and jax do."""
+    import types
+
+    from caikit_core import hookimpl, plugins
+    from caikit_core.training.settings import PolicyOptimiserSettings
+
+    @hookimpl
+    def register_policy_optimisers(register):  # type: ignore[no-untyped-def]
+        register(
+            "neutral",
+            lambda config: None,
+            config=PolicyOptimiserSettings,
+            capabilities={"sft", "ppo"},
+        )
+
+    module = types.ModuleType("neutral")
+    module.register_policy_optimisers = register_policy_optimisers  # type: ignore[attr-defined]
+    manager = plugins.PluginManager()
+    manager.load_entry_points()
+    manager.register(module, "neutral", distribution="caikit-neutral", version="1")
+    return manager
+
+
+def test_old_flat_optimiser_keys_say_where_they_moved(tmp_path: Path, with_echo: Path) -> None:
+    from caikit_core.errors import ConfigError
+
+    manager = _neutral_manager()
+    path = tmp_path / "old.toml"
+    old = 'plugin = "neutral"\nppo_steps = 4\nsft_target = "all"\nepochs = 2\n'
+    path.write_text(ECHO_RUN.replace('plugin = "copy"\n', old), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_run(path, manager.registry)  # type: ignore[attr-defined]
+    assert err.value.problems == [
+        "policy_optimiser.ppo_steps: moved to policy_optimiser.ppo.steps, "
+        "policy_optimiser.rloo.steps, policy_optimiser.grpo.steps",
+        "policy_optimiser.sft_target: moved to policy_optimiser.sft.target",
+        "policy_optimiser.epochs: moved to policy_optimiser.sft.epochs, "
+        "policy_optimiser.dpo.epochs",
+    ]
+
+
+def test_each_algorithm_has_its_own_table(tmp_path: Path, with_echo: Path) -> None:
+    from caikit_core.errors import ConfigError
+
+    manager = _neutral_manager()
+    tables = (
+        'plugin = "neutral"\n\n[policy_optimiser.sft]\nlearning_rate = 1e-4\n\n'
+        "[policy_optimiser.ppo]\nlearning_rate = 3e-6\nsteps = 2\n\n"
+        "[policy_optimiser.dpo]\nbeta = 0.1\n"
+    )
+    path = tmp_path / "new.toml"
+    path.write_text(ECHO_RUN.replace('plugin = "copy"\n', tables), encoding="utf-8")
+    role = load_run(path, manager.registry).roles["policy_optimiser"]  # type: ignore[attr-defined]
+    config = role.config
+    assert (config.sft.learning_rate, config.ppo.learning_rate) == (1e-4, 3e-6)
+    assert config.ppo.steps == 2 and config.dpo.beta == 0.1 and config.ppo.kl_coef == 0.05
+    options = role.options()  # what enters the optimiser stages' fingerprints
+    assert options["sft"]["learning_rate"] == 1e-4 and options["ppo"]["steps"] == 2
+    assert sorted(options) == ["algorithm", "dpo", "grpo", "ppo", "rloo", "seed", "sft"]
+    path.write_text(
+        ECHO_RUN.replace('plugin = "copy"\n', tables.replace("steps = 2", "steps = 0")),
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_run(path, manager.registry)  # type: ignore[attr-defined]
+    assert err.value.problems == [
+        "policy_optimiser.ppo.steps: expected a positive integer, found 0"
+    ]

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -775,6 +775,22 @@ def toy_traces(n: int = 8) -> list[RevisionTrace]:
     return out
 
 
+def _evolved(config: Any, settings: Mapping[str, Any]) -> Any:
+    """``config`` with ``settings`` applied to the fields it has; a table of settings
+    for a field holding an attrs instance (``{"ppo": {"steps": 1}}``) is applied to it."""
+    names = {f.name for f in attrs.fields(type(config))}
+    changes: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key not in names:
+            continue
+        current = getattr(config, key)
+        if isinstance(value, Mapping) and attrs.has(type(current)):
+            changes[key] = _evolved(current, value)
+        else:
+            changes[key] = value
+    return attrs.evolve(config, **changes) if changes else config
+
+
 def _tuned(ctx: CheckContext, settings: dict[str, Any]) -> Any:
     """The instance, rebuilt with ``settings`` applied to the fields its config has.
 
@@ -784,10 +800,9 @@ def _tuned(ctx: CheckContext, settings: dict[str, Any]) -> Any:
     optimiser = ctx.instance
     config = getattr(optimiser, "config", None)
     if ctx.spec is not None and config is not None and attrs.has(type(config)):
-        names = {f.name for f in attrs.fields(type(config))}
-        changes = {k: v for k, v in settings.items() if k in names}
-        if changes:
-            optimiser = ctx.spec.build(attrs.evolve(config, **changes))
+        tuned = _evolved(config, settings)
+        if tuned is not config:
+            optimiser = ctx.spec.build(tuned)
     return optimiser
 
 
@@ -874,9 +889,18 @@ class LengthReward:
         return None
 
 
-#: Settings for one short PPO update, applied to the fields an optimiser's config has.
+#: Settings for one short PPO update, applied to the fields an optimiser's config has:
+#: the ``[policy_optimiser.ppo]`` table of :mod:`caikit_core.training.settings`, or the
+#: same settings as flat fields of a config that has them.
 PPO_SETTINGS: dict[str, Any] = {
     "algorithm": "ppo",
+    "ppo": {
+        "steps": 1,
+        "rollout_batch_size": 2,
+        "mini_batch_size": 2,
+        "epochs": 1,
+        "max_new_tokens": 4,
+    },
     "ppo_steps": 1,
     "rollout_batch_size": 2,
     "mini_batch_size": 2,

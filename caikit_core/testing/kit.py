@@ -2,8 +2,9 @@
 :func:`parametrize_with_checks` and the ``caikit check`` command.
 
 A plugin is built through ``PluginSpec.build(config, **role_kwargs)`` with the
-caller's config, else the kit's small settings for bundled plugins
-(:data:`KIT_CONFIGS`), else ``config_cls()``.
+caller's config (layered over the plugin's quick settings), else the quick settings
+the plugin registered (``register(..., check_settings={...})``, kept as
+:attr:`PluginSpec.check_settings`), else ``config_cls()``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import fnmatch
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # pytest is needed only by parametrize_with_checks
     import pytest
 
 __all__ = [
-    "KIT_CONFIGS",
     "CheckResult",
     "add_check_command",
     "check_plugin",
@@ -37,40 +37,6 @@ __all__ = [
 ]
 
 Status = Literal["passed", "failed", "skipped", "xfail"]
-
-#: Small-but-valid settings for the bundled plugins, so the checks run in seconds on CPU.
-KIT_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
-    ("generator", "hf"): {"device": "cpu"},
-    ("critic", "constitutional"): {"max_new_tokens": 6, "revisions": 2},
-    ("labeller", "cot"): {"max_new_tokens": 8},
-    ("preference_model", "torch"): {
-        "learning_rate": 3e-3,
-        "epochs": 2.0,
-        "batch_size": 8,
-        "max_length": 128,
-        "device": "cpu",
-    },
-    ("policy_optimiser", "torch"): {
-        "learning_rate": 1e-2,
-        "max_steps": 4,
-        "batch_size": 4,
-        "max_length": 256,
-        "lora_dropout": 0.0,
-        "device": "cpu",
-    },
-    ("preference_model", "jax"): {
-        "learning_rate": 3e-3,
-        "epochs": 2.0,
-        "batch_size": 8,
-        "max_length": 128,
-    },
-    ("policy_optimiser", "jax"): {
-        "learning_rate": 1e-2,
-        "max_steps": 4,
-        "batch_size": 4,
-        "max_length": 256,
-    },
-}
 
 
 @attrs.frozen
@@ -90,12 +56,21 @@ def _spec(role: str, name: str) -> PluginSpec:
     return get_registry().get(role, name)
 
 
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top; nested tables are merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _default_config(spec: PluginSpec, overrides: dict[str, Any] | None) -> Any:
     if spec.config_cls is None:
         return None
-    fields = {f.name for f in attrs.fields(spec.config_cls)}
-    values = {k: v for k, v in KIT_CONFIGS.get((spec.role, spec.name), {}).items() if k in fields}
-    values.update(overrides or {})
+    values = _merged(spec.check_settings or {}, overrides or {})
     from caikit_core.converter import structure
 
     return structure(values, spec.config_cls)
@@ -113,8 +88,8 @@ def make_context(
 ) -> CheckContext:
     """The context the checks run in, for a plugin name, a spec or an instance.
 
-    ``config`` is a config object, or a dict of settings layered over the kit's
-    defaults; ``None`` uses the kit's defaults (or ``config_cls()``). The factories
+    ``config`` is a config object, or a dict of settings layered over the plugin's
+    registered ``check_settings``; ``None`` uses those (or ``config_cls()``). The factories
     replace the kit's defaults for the factory's keyword arguments, the base model
     and the constitution (see :class:`~caikit_core.testing.checks.CheckContext`).
     """

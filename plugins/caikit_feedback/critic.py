@@ -29,12 +29,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
-
-import attrs
+from typing import Any
 
 from caikit_core.constitution import Constitution, CritiqueRevisionPrinciple, principle_rng
-from caikit_core.converter import InvalidValue
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import REVISE_WITHOUT_CRITIQUE, Generator
 from caikit_core.records import (
@@ -48,41 +45,9 @@ from caikit_core.records import (
     derive_seed,
     stable_id,
 )
+from caikit_feedback.config import ConstitutionalCriticConfig
 
 log = logging.getLogger("caikit.feedback")
-
-
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
-    if value < 1:
-        raise InvalidValue(attribute.name, f"expected a positive integer, found {value}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise InvalidValue(attribute.name, f"expected a number >= 0, found {value}")
-
-
-def _top_p(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not 0.0 < value <= 1.0:
-        raise InvalidValue(attribute.name, f"expected a number in (0, 1], found {value}")
-
-
-@attrs.frozen
-class ConstitutionalCriticConfig:
-    """Settings of the ``constitutional`` critic."""
-
-    #: critique-revise steps per response (the paper used 4)
-    revisions: int = attrs.field(default=4, validator=_positive)
-    #: write a critique before each revision; false is the paper's ablation
-    critique: bool = True
-    #: how many of the constitution's few-shot examples to put before each request
-    few_shot: int = attrs.field(default=0, validator=_non_negative)
-    #: "latest": each step sees the prompt and the current response;
-    #: "full": each step continues the previous step's conversation
-    history: Literal["latest", "full"] = "latest"
-    max_new_tokens: int = attrs.field(default=256, validator=_positive)
-    temperature: float = attrs.field(default=0.7, validator=_non_negative)
-    top_p: float = attrs.field(default=1.0, validator=_top_p)
 
 
 class ConstitutionalCritic:
@@ -262,10 +227,3 @@ class ConstitutionalCritic:
 def _reason(warnings: Sequence[str], kind: str, step: int) -> str:
     detail = warnings[-1] if warnings else "prompt too long"
     return f"{kind} request of step {step} skipped by the generator: {detail}"
-
-
-def build_constitutional_critic(
-    config: ConstitutionalCriticConfig, *, generator: Generator, constitution: Constitution
-) -> ConstitutionalCritic:
-    """Critique-revise loop over sampled principles, batched across prompts."""
-    return ConstitutionalCritic(config, generator, constitution)

@@ -66,7 +66,6 @@ from caikit_core.constitution import (
     principle_rng,
 )
 from caikit_core.constitutions import few_shot_conversation
-from caikit_core.converter import InvalidValue
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, CHAIN_OF_THOUGHT, CLAMP, DEBIAS, Generator
 from caikit_core.io.transcripts import render_transcript
@@ -83,6 +82,7 @@ from caikit_core.records import (
     derive_seed,
     stable_id,
 )
+from caikit_feedback.config import CotLabellerConfig, DirectLabellerConfig
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -94,8 +94,6 @@ __all__ = [
     "DirectLabeller",
     "DirectLabellerConfig",
     "Question",
-    "build_cot_labeller",
-    "build_direct_labeller",
     "combine_options",
     "option_probability",
     "question",
@@ -208,83 +206,6 @@ def combine_options(
 
 
 # --- settings ------------------------------------------------------------------------
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidValue(attribute.name, f"expected a positive integer, found {value!r}")
-
-
-def _non_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidValue(attribute.name, f"expected an integer >= 0, found {value!r}")
-
-
-def _bool(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise InvalidValue(attribute.name, f"expected true or false, found {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise InvalidValue(attribute.name, f"expected a number >= 0, found {value!r}")
-
-
-def _top_p(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise InvalidValue(attribute.name, f"expected a number in (0, 1], found {value!r}")
-
-
-def _clamp(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if (
-        not isinstance(value, tuple)
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
-    ):
-        raise InvalidValue(attribute.name, f"expected two numbers [lo, hi], found {value!r}")
-    lo, hi = value
-    if not 0.0 <= lo < hi <= 1.0:
-        raise InvalidValue(
-            attribute.name, f"expected [lo, hi] with 0 <= lo < hi <= 1, found [{lo}, {hi}]"
-        )
-
-
-@attrs.frozen
-class DirectLabellerConfig:
-    """Settings of the ``direct`` labeller."""
-
-    #: how many of the constitution's feedback few-shot examples to put before each question
-    few_shot: int = attrs.field(default=0, validator=_non_negative_int)
-    #: ask in both orders of the options and average (removes position bias)
-    debias: bool = attrs.field(default=True, validator=_bool)
-    #: average over this many distinct principles per comparison
-    ensemble: int = attrs.field(default=1, validator=_positive_int)
-    #: clamp p_a to [lo, hi]; none by default
-    clamp: tuple[float, float] | None = attrs.field(default=None, validator=_clamp)
-
-
-@attrs.frozen
-class CotLabellerConfig:
-    """Settings of the ``cot`` (chain-of-thought) labeller."""
-
-    #: how many of the constitution's chain-of-thought few-shot examples (those with a
-    #: rationale) to put before each question
-    few_shot: int = attrs.field(default=0, validator=_non_negative_int)
-    #: reason and answer in both orders of the options and average
-    debias: bool = attrs.field(default=True, validator=_bool)
-    #: average over this many distinct principles per comparison
-    ensemble: int = attrs.field(default=1, validator=_positive_int)
-    #: clamp p_a to [lo, hi]: chain-of-thought answers are over-confident (the paper
-    #: clamps to 40-60 %); [0.0, 1.0] turns it off
-    clamp: tuple[float, float] | None = attrs.field(default=(0.4, 0.6), validator=_clamp)
-    #: the longest reasoning, in tokens
-    max_new_tokens: int = attrs.field(default=256, validator=_positive_int)
-    #: sampling temperature of the reasoning (0 is greedy)
-    temperature: float = attrs.field(default=0.7, validator=_non_negative)
-    #: nucleus sampling of the reasoning
-    top_p: float = attrs.field(default=1.0, validator=_top_p)
 
 
 # --- the labellers -------------------------------------------------------------------
@@ -597,17 +518,3 @@ class CotLabeller(_MultipleChoiceLabeller):
                 )
             by_key[request.id] = generation.texts[0] if generation.texts else ""
         return [by_key[key] for key in keys]
-
-
-def build_direct_labeller(
-    config: DirectLabellerConfig, *, generator: Generator, constitution: Constitution
-) -> DirectLabeller:
-    """Multiple-choice feedback from option log-probs, debiased over both option orders."""
-    return DirectLabeller(config, generator, constitution)
-
-
-def build_cot_labeller(
-    config: CotLabellerConfig, *, generator: Generator, constitution: Constitution
-) -> CotLabeller:
-    """Chain-of-thought multiple-choice feedback, clamped to [0.4, 0.6] by default."""
-    return CotLabeller(config, generator, constitution)

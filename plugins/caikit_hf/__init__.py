@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from caikit_hf.plugin import HFGeneratorConfig, build_generator
+from caikit_hf.config import HFGeneratorConfig
+from caikit_hf.plugin import build_generator
 
 if TYPE_CHECKING:
     from caikit_hf.generator import HFGenerator

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, SEEDED
 from caikit_core.records import Conversation, Generation, GenerationRequest, Score, ScoreRequest
-from caikit_hf.plugin import HFGeneratorConfig
+from caikit_hf.config import HFGeneratorConfig
 
 __all__ = [
     "FINISH_EOS",

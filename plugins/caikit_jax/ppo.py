@@ -24,7 +24,7 @@ step, as :mod:`caikit_torch.ppo` is the torch optimiser's. The pieces:
   ``target_kl`` (horizon 10,000 samples), as in the torch PPO.
 - **Schedule (Tunix's).** A step is ``rollout_batch_size // mini_batch_size``
   rollouts of ``mini_batch_size`` prompts each, and each rollout is trained on for
-  ``ppo_epochs`` optimiser steps before the next is sampled; so within a step,
+  ``epochs`` optimiser steps before the next is sampled; so within a step,
   later mini-batches are sampled from the policy as updated by the earlier ones
   (the torch PPO samples the whole step's batch first). ``rollout_batch_size``
   must be a multiple of ``mini_batch_size``.
@@ -60,9 +60,9 @@ import numpy as np
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel
-from caikit_core.metrics import checked_scores
 from caikit_core.records import Prompt, Sample, stable_id
-from caikit_jax.plugin import JaxOptimiserConfig
+from caikit_core.training.metrics import checked_scores
+from caikit_jax.config import JaxOptimiserConfig
 
 __all__ = ["KL_HORIZON", "MAX_GRAD_NORM", "train_ppo"]
 
@@ -149,15 +149,15 @@ def _prompt_stream(count: int, seed: int) -> Iterator[int]:
 
 
 def _check_settings(cfg: JaxOptimiserConfig) -> None:
-    if cfg.rollout_batch_size % cfg.mini_batch_size:
+    if cfg.ppo.rollout_batch_size % cfg.ppo.mini_batch_size:
         raise CaikitError(
-            f"{_WHO}: rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of "
-            f"mini_batch_size ({cfg.mini_batch_size}): Tunix's PPO trains on whole mini-batches"
+            f"{_WHO}: rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of "
+            f"mini_batch_size ({cfg.ppo.mini_batch_size}): Tunix's PPO trains on whole mini-batches"
         )
-    if cfg.max_length <= cfg.max_new_tokens:
+    if cfg.ppo.max_length <= cfg.ppo.max_new_tokens:
         raise CaikitError(
-            f"{_WHO}: max_length ({cfg.max_length}) leaves no room for a prompt with "
-            f"max_new_tokens = {cfg.max_new_tokens}"
+            f"{_WHO}: max_length ({cfg.ppo.max_length}) leaves no room for a prompt with "
+            f"max_new_tokens = {cfg.ppo.max_new_tokens}"
         )
 
 
@@ -209,10 +209,10 @@ def _learner_class() -> type:
                 }
             )
             cfg = self.caikit_cfg
-            if cfg.kl_bound is not None and kl > cfg.kl_bound:
+            if cfg.ppo.kl_bound is not None and kl > cfg.ppo.kl_bound:
                 raise _KLBoundExceeded(step, kl)
-            if cfg.adaptive_kl:
-                error = min(max(kl / cfg.target_kl - 1.0, -0.2), 0.2)
+            if cfg.ppo.adaptive_kl:
+                error = min(max(kl / cfg.ppo.target_kl - 1.0, -0.2), 0.2)
                 self.algo_config.beta = beta * (1.0 + error * n / KL_HORIZON)
             return example
 
@@ -251,7 +251,7 @@ def _metrics(
         return float(sum(r[key] * r["n"] for r in rows) / total)
 
     logger = cluster._rl_metrics_logger
-    per_step = (cfg.rollout_batch_size // cfg.mini_batch_size) * cfg.ppo_epochs
+    per_step = (cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size) * cfg.ppo.epochs
     policy_loss = _per_step(_history(logger, "actor", "loss"), per_step, len(steps))
     value_loss = _per_step(_history(logger, "critic", "loss"), per_step, len(steps))
     clipfrac = _per_step(_history(logger, "actor", "pg_clipfrac"), per_step, len(steps))
@@ -347,7 +347,7 @@ def train_ppo(
     pad_id = int(pad) if pad is not None else eos_ids[0]
     adapter = _PromptTokenizer(tokenizer, eos_ids, pad_id)
 
-    room = cfg.max_length - cfg.max_new_tokens
+    room = cfg.ppo.max_length - cfg.ppo.max_new_tokens
     kept: list[Prompt] = []
     texts: list[str] = []
     width = 1
@@ -387,18 +387,18 @@ def train_ppo(
     def optimiser() -> Any:
         return optax.chain(
             optax.clip_by_global_norm(MAX_GRAD_NORM),
-            optax.adamw(cfg.learning_rate, eps=1e-8, weight_decay=0.0),
+            optax.adamw(cfg.ppo.learning_rate, eps=1e-8, weight_decay=0.0),
         )
 
-    per_step = cfg.rollout_batch_size // cfg.mini_batch_size
+    per_step = cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
     rollout_config = base_rollout.RolloutConfig(
-        max_tokens_to_generate=cfg.max_new_tokens,
-        temperature=cfg.temperature,
+        max_tokens_to_generate=cfg.ppo.max_new_tokens,
+        temperature=cfg.ppo.temperature,
         top_p=1.0,
         top_k=None,
         seed=None,  # shims.reseed_rollouts gives every rollout its own
         max_prompt_length=width,  # one compiled prefill for every batch
-        kv_cache_size=width + cfg.max_new_tokens,
+        kv_cache_size=width + cfg.ppo.max_new_tokens,
         eos_tokens=eos_ids,
     )
     cluster_config = rl_cluster_lib.ClusterConfig(
@@ -408,9 +408,9 @@ def train_ppo(
         training_config=rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optimiser(),
             critic_optimizer=optimiser(),
-            eval_every_n_steps=cfg.ppo_steps * per_step * cfg.ppo_epochs + 1,
-            max_steps=cfg.ppo_steps * per_step * cfg.ppo_epochs,
-            mini_batch_size=cfg.mini_batch_size,
+            eval_every_n_steps=cfg.ppo.steps * per_step * cfg.ppo.epochs + 1,
+            max_steps=cfg.ppo.steps * per_step * cfg.ppo.epochs,
+            mini_batch_size=cfg.ppo.mini_batch_size,
             pbar_description=None,
         ),
         rollout_config=rollout_config,
@@ -437,11 +437,11 @@ def train_ppo(
     learner = _learner_class()(
         rl_cluster=cluster,
         ppo_config=ppo_learner.PPOConfig(
-            num_iterations=cfg.ppo_epochs,
-            gamma=cfg.gamma,
-            gae_lambda=cfg.lam,
-            beta=cfg.kl_coef,
-            epsilon=cfg.cliprange,
+            num_iterations=cfg.ppo.epochs,
+            gamma=cfg.ppo.gamma,
+            gae_lambda=cfg.ppo.lam,
+            beta=cfg.ppo.kl_coef,
+            epsilon=cfg.ppo.cliprange,
             kl_method="kl",  # per-token logp - logp_ref, as the torch PPO's penalty
         ),
         reward_fns=[caikit_preference_model],
@@ -451,18 +451,18 @@ def train_ppo(
 
     stream = _prompt_stream(len(kept), cfg.seed)
     batches = []
-    for _ in range(cfg.ppo_steps):
-        index = np.array([next(stream) for _ in range(cfg.rollout_batch_size)], dtype=np.int64)
+    for _ in range(cfg.ppo.steps):
+        index = np.array([next(stream) for _ in range(cfg.ppo.rollout_batch_size)], dtype=np.int64)
         batches.append({"prompts": np.array([texts[i] for i in index]), "prompt_index": index})
 
     log.info(
         "ppo: %d prompts, %d steps of %d x %d responses, %d epochs, beta %g, on %s",
         len(kept),
-        cfg.ppo_steps,
+        cfg.ppo.steps,
         per_step,
-        cfg.mini_batch_size,
-        cfg.ppo_epochs,
-        cfg.kl_coef,
+        cfg.ppo.mini_batch_size,
+        cfg.ppo.epochs,
+        cfg.ppo.kl_coef,
         jax.default_backend(),
     )
     started = time.perf_counter()
@@ -473,7 +473,7 @@ def train_ppo(
         save_checkpoint(cluster.actor_trainer.model, out, source=policy)
         message = (
             f"{_WHO}: stopped at step {stop.step}: mean KL to the reference {stop.kl:.6g} "
-            f"exceeds kl_bound = {cfg.kl_bound:g}; the policy that sampled that rollout is "
+            f"exceeds kl_bound = {cfg.ppo.kl_bound:g}; the policy that sampled that rollout is "
             f"saved to {out}"
         )
         raise TrainingStopped(message, checkpoint=str(out)) from None

@@ -37,8 +37,10 @@ from flax import nnx
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
-from caikit_core.metrics import check_soft_labels, comparison_metrics, held_out_split
 from caikit_core.records import Conversation, LabelledComparison, Sample
+from caikit_core.training.metrics import check_soft_labels, comparison_metrics, held_out_split
+from caikit_jax.common import bucket
+from caikit_jax.config import JaxPreferenceConfig
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -50,7 +52,6 @@ from caikit_jax.model import (
     save_tensors,
     versions,
 )
-from caikit_jax.plugin import JaxPreferenceConfig
 
 __all__ = ["PM_ARCHITECTURE", "PM_RECORD", "JaxPreferenceModel", "bucket"]
 
@@ -61,14 +62,6 @@ PM_RECORD = "caikit_pm.json"
 #: The Hugging Face architecture a saved preference model declares.
 PM_ARCHITECTURE = "LlamaForSequenceClassification"
 _WHO = "jax preference model"
-
-
-def bucket(length: int, limit: int) -> int:
-    """The padded length for a batch whose longest sequence has ``length`` tokens."""
-    size = 16
-    while size < length:
-        size *= 2
-    return max(length, min(size, limit))
 
 
 class _RewardModel(nnx.Module):

@@ -2,9 +2,9 @@
 
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
-upstream code it corrects, and has a test (``tests/test_jax.py`` for items 1-4,
-``tests/test_jax_ppo.py`` for 5-7) that shows the defect without it. Nothing else in
-caikit patches Tunix.
+upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
+items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7) that shows the defect without it.
+Nothing else in caikit patches Tunix.
 
 1. :class:`RopeThetaAttention`: ``tunix/models/llama3/model.py``,
    ``Attention.block`` calls ``apply_rope(query_proj, segment_pos, head_dim=...)``
@@ -186,7 +186,7 @@ def critic_from_actor(actor: llama3.Llama3, *, seed: int = 0) -> llama3.Llama3:
     return copy
 
 
-# --- 5.-7. PPO on an RLCluster (used by caikit_jax.ppo; tests in tests/test_jax_ppo.py) ---
+# --- 5.-7. PPO on an RLCluster (used by caikit_jax.ppo; tested in tests/test_ppo.py) ---
 
 
 class SegmentIdsTolerant(nnx.Module):

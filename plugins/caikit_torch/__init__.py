@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from caikit_torch.plugin import TorchOptimiserConfig, build_optimiser
 
 if TYPE_CHECKING:
-    from caikit_torch.sft import TorchOptimiser
+    from caikit_torch.optimiser import TorchOptimiser
 
 __all__ = ["TorchOptimiser", "TorchOptimiserConfig", "build_optimiser"]
 
@@ -20,7 +20,7 @@ __all__ = ["TorchOptimiser", "TorchOptimiserConfig", "build_optimiser"]
 def __getattr__(name: str) -> Any:
     """Import :class:`TorchOptimiser` (and with it torch) only when it is asked for."""
     if name == "TorchOptimiser":
-        from caikit_torch.sft import TorchOptimiser
+        from caikit_torch.optimiser import TorchOptimiser
 
         return TorchOptimiser
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ One PPO iteration (a *step*):
    (the *non-score* reward) and the last token's also gets the score.
 3. **Advantages.** Generalised advantage estimation (:func:`gae`) over the
    response tokens, returns ``advantages + values``, advantages whitened.
-4. **Update.** ``ppo_epochs`` passes over the rollout in shuffled mini-batches of
+4. **Update.** ``epochs`` passes over the rollout in shuffled mini-batches of
    ``mini_batch_size``, each an AdamW step on the clipped policy objective
    (:func:`clipped_policy_loss`) plus ``vf_coef`` times the clipped value loss
    (:func:`clipped_value_loss`), gradients clipped to ``max_grad_norm``.
@@ -57,6 +57,10 @@ naming the step, epoch and mini-batch (before the bad gradient is applied); a
 mean rollout KL above ``kl_bound`` saves the current policy to ``out`` and raises
 :class:`~caikit_core.errors.TrainingStopped` with that checkpoint.
 
+:func:`optimise_ppo` is the ``torch`` policy optimiser's ``algorithm = "ppo"``: it
+passes ``[policy_optimiser.ppo]`` (:class:`~caikit_core.training.settings.PPOSettings`)
+to :func:`train_ppo` as it is.
+
 This module imports torch, transformers and accelerate at import time.
 """
 
@@ -73,23 +77,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import transformers
 from torch import nn
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
-from caikit_core.records import Conversation
+from caikit_core.interfaces import PreferenceModel
+from caikit_core.records import Conversation, Prompt, Sample, stable_id
+from caikit_core.training.settings import PPOSettings
+from caikit_torch.common import RLRun, chat_turns, score_samples
 
 __all__ = [
     "METRIC_KEYS",
     "PPO_RECORD",
     "KLController",
-    "PPOSettings",
+    "PPOOptions",
     "RewardFn",
     "clipped_policy_loss",
     "clipped_value_loss",
     "gae",
     "masked_whiten",
+    "optimise_ppo",
     "train_ppo",
 ]
 
@@ -148,98 +157,38 @@ RewardFn = Callable[[Sequence[Conversation], Sequence[str]], list[float]]
 
 
 @dataclass(frozen=True)
-class PPOSettings:
-    """How :func:`train_ppo` trains.
+class PPOOptions:
+    """What :func:`train_ppo` takes besides the backend-neutral
+    :class:`~caikit_core.training.settings.PPOSettings`: fixed by the ``torch`` plugin,
+    open to direct callers.
 
-    :ivar steps: PPO iterations (each one rollout and its update).
-    :ivar rollout_batch_size: prompts sampled per rollout (per process).
-    :ivar mini_batch_size: rollout rows per optimiser step (the last mini-batch of
-        an epoch is smaller when it does not divide ``rollout_batch_size``).
-    :ivar ppo_epochs: passes over each rollout.
-    :ivar learning_rate: AdamW's learning rate (constant).
-    :ivar max_new_tokens: the longest response, in tokens.
-    :ivar temperature: the sampling temperature; log-probabilities (policy and
-        reference alike) are computed from logits divided by it.
-    :ivar kl_coef: ``beta``, the KL penalty's coefficient (its initial value when
-        ``adaptive_kl``).
-    :ivar adaptive_kl: adapt ``beta`` towards ``target_kl`` (:class:`KLController`).
-    :ivar target_kl: the adaptive controller's target KL (summed over a response).
-    :ivar kl_horizon: the adaptive controller's horizon, in samples.
-    :ivar kl_bound: stop (save, raise :class:`TrainingStopped`) when a rollout's mean
-        KL exceeds it; ``None``: never.
-    :ivar gamma: the discount factor.
-    :ivar lam: GAE's lambda.
-    :ivar cliprange: the policy ratio's clip range.
-    :ivar cliprange_value: the value prediction's clip range.
-    :ivar vf_coef: the value loss's weight.
-    :ivar whiten_rewards: whiten the per-token rewards (not shifting their mean).
-    :ivar max_grad_norm: gradients are clipped to this total norm.
     :ivar seed: seeds sampling, prompt order and mini-batch order.
     :ivar device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (the GPU if there is one);
         under ``accelerate launch`` the launcher assigns each process its GPU.
+    :ivar kl_horizon: the adaptive KL controller's horizon, in samples.
+    :ivar cliprange_value: the value prediction's clip range.
+    :ivar whiten_rewards: whiten the per-token rewards (not shifting their mean).
+    :ivar max_grad_norm: gradients are clipped to this total norm.
     """
 
-    steps: int = 8
-    rollout_batch_size: int = 8
-    mini_batch_size: int = 4
-    ppo_epochs: int = 2
-    learning_rate: float = 1e-5
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    kl_bound: float | None = None
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    max_grad_norm: float = 1.0
     seed: int = 0
     device: str = "cpu"
+    kl_horizon: int = 10000
+    cliprange_value: float = 0.2
+    whiten_rewards: bool = False
+    max_grad_norm: float = 1.0
 
     def problems(self) -> list[str]:
-        """One line per invalid setting (empty when all are valid)."""
+        """One line per invalid option (empty when all are valid)."""
         out: list[str] = []
-
-        def need(ok: bool, text: str) -> None:
-            if not ok:
-                out.append(text)
-
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        need(
-            self.rollout_batch_size >= 1,
-            f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}",
-        )
-        need(
-            1 <= self.mini_batch_size <= self.rollout_batch_size,
-            f"mini_batch_size must be in [1, rollout_batch_size = {self.rollout_batch_size}], "
-            f"got {self.mini_batch_size}",
-        )
-        need(self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
-        need(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl}")
-        need(self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}")
-        need(
-            self.kl_bound is None or self.kl_bound > 0,
-            f"kl_bound must be > 0 or None, got {self.kl_bound}",
-        )
-        need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
-        need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
-        need(self.cliprange > 0, f"cliprange must be > 0, got {self.cliprange}")
-        need(self.cliprange_value > 0, f"cliprange_value must be > 0, got {self.cliprange_value}")
-        need(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
-        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        need(
-            self.device in ("cpu", "cuda", "auto"),
-            f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}",
-        )
+        if self.kl_horizon < 1:
+            out.append(f"kl_horizon must be >= 1, got {self.kl_horizon}")
+        if not self.cliprange_value > 0:
+            out.append(f"cliprange_value must be > 0, got {self.cliprange_value}")
+        if not self.max_grad_norm > 0:
+            out.append(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            out.append(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         return out
 
 
@@ -575,9 +524,11 @@ class _Trainer:
         reward: RewardFn,
         prompts: Sequence[Conversation],
         settings: PPOSettings,
+        options: PPOOptions,
         out: Path,
     ) -> None:
         self.settings = settings
+        self.options = options
         self.reward = reward
         self.prompts = list(prompts)
         self.out = Path(out)
@@ -586,7 +537,7 @@ class _Trainer:
         policy_folder = _check_folder(policy, "policy")
         reference_folder = _check_folder(reference, "reference")
 
-        self.accelerator: Any = _make_accelerator(settings.device)
+        self.accelerator: Any = _make_accelerator(options.device)
         self.device: torch.device = self.accelerator.device
         self.tokenizer = _load_tokenizer(policy_folder)
         policy_model = _load_lm(policy_folder, "policy")
@@ -622,11 +573,11 @@ class _Trainer:
             settings.kl_coef,
             adaptive=settings.adaptive_kl,
             target=settings.target_kl,
-            horizon=settings.kl_horizon,
+            horizon=options.kl_horizon,
         )
         self.rank = int(self.accelerator.process_index)
         self.world = int(self.accelerator.num_processes)
-        self.stream = _prompt_stream(len(self.prompts), settings.seed)
+        self.stream = _prompt_stream(len(self.prompts), options.seed)
         self.history: list[dict[str, float]] = []
 
     # setup helpers --------------------------------------------------------------------
@@ -712,7 +663,7 @@ class _Trainer:
         indices = self._next_prompts()
         rows = [self.encoded[i] for i in indices]
         prompt_ids, prompt_mask = self._left_pad(rows)
-        with _seeded(_mix(s.seed, 2, step, self.rank), self.device):
+        with _seeded(_mix(self.options.seed, 2, step, self.rank), self.device):
             responses = self._generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
 
@@ -724,7 +675,7 @@ class _Trainer:
         last = rollout.mask.sum(1) - 1
         rows_idx = torch.arange(rewards.shape[0], device=rewards.device)
         rewards[rows_idx, last] += rollout.scores
-        if s.whiten_rewards:
+        if self.options.whiten_rewards:
             rewards = masked_whiten(rewards, rollout.mask, shift_mean=False)
         advantages, returns = gae(rewards, rollout.values, s.gamma, s.lam, mask=mask_f)
         advantages = masked_whiten(advantages, rollout.mask)
@@ -905,10 +856,10 @@ class _Trainer:
         s = self.settings
         batch, width = rollout.responses.shape
         keep = width + 1
-        generator = torch.Generator().manual_seed(_mix(s.seed, 3, step, self.rank))
+        generator = torch.Generator().manual_seed(_mix(self.options.seed, 3, step, self.rank))
         totals = torch.zeros(7, dtype=torch.float64)
         count = 0
-        for epoch in range(s.ppo_epochs):
+        for epoch in range(s.epochs):
             order = torch.randperm(batch, generator=generator).to(self.device)
             for mb, start in enumerate(range(0, batch, s.mini_batch_size)):
                 idx = order[start : start + s.mini_batch_size]
@@ -927,12 +878,14 @@ class _Trainer:
                     logprobs, old_logprobs, advantages[idx], mask, s.cliprange
                 )
                 vf_loss, vf_clipfrac = clipped_value_loss(
-                    values, rollout.values[idx], returns[idx], mask, s.cliprange_value
+                    values, rollout.values[idx], returns[idx], mask, self.options.cliprange_value
                 )
                 loss = pg_loss + s.vf_coef * vf_loss
                 self._check_finite(loss, step, epoch, mb)
                 self.accelerator.backward(loss)
-                self.accelerator.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+                self.accelerator.clip_grad_norm_(
+                    self.model.parameters(), self.options.max_grad_norm
+                )
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
@@ -993,7 +946,7 @@ class _Trainer:
             record = {
                 "policy": self.policy_name,
                 "reference": self.reference_name,
-                "settings": asdict(self.settings),
+                "settings": {**attrs.asdict(self.settings), **asdict(self.options)},
                 "steps_completed": len(self.history),
                 "stopped": stopped,
                 "processes": self.world,
@@ -1011,6 +964,7 @@ def train_ppo(
     settings: PPOSettings,
     out: Path,
     *,
+    options: PPOOptions | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy`` with PPO against ``reward``, penalised by KL to ``reference``.
@@ -1022,23 +976,72 @@ def train_ppo(
         per response (e.g. a preference model's score of the response).
     :param prompts: conversations ending with a user turn; sampled in seeded,
         shuffled passes, ``settings.rollout_batch_size`` per step and process.
-    :param settings: see :class:`PPOSettings`.
+    :param settings: ``[policy_optimiser.ppo]``
+        (:class:`~caikit_core.training.settings.PPOSettings`, validated when built).
+    :param options: the seed, the device and the fixed internals (:class:`PPOOptions`).
     :param out: the folder to save the trained policy in (created if missing): a
         plain Hugging Face checkpoint (safetensors), its tokenizer, and
         :data:`PPO_RECORD` (the settings and the metrics of every step).
     :param on_step: called after each step with its metrics (see :data:`METRIC_KEYS`),
         in every process.
     :returns: every step's metrics, in order (:data:`METRIC_KEYS`, all finite).
-    :raises CaikitError: invalid settings, no prompts, or a reward function that
+    :raises CaikitError: invalid options, no prompts, or a reward function that
         returns the wrong number of scores or non-finite ones.
     :raises PluginError: a checkpoint folder that cannot be loaded.
     :raises TrainingStopped: a non-finite loss (no checkpoint), or a rollout KL above
         ``settings.kl_bound`` (the policy is saved to ``out`` first).
     """
-    problems = settings.problems()
+    options = options or PPOOptions()
+    problems = options.problems()
     if problems:
         raise CaikitError(f"{_WHO}: invalid settings: " + "; ".join(problems))
     if not prompts:
         raise CaikitError(f"{_WHO}: no prompts to train on")
-    trainer = _Trainer(policy, reference, reward, prompts, settings, Path(out))
+    trainer = _Trainer(policy, reference, reward, prompts, settings, options, Path(out))
     return trainer.run(on_step)
+
+
+def optimise_ppo(
+    run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]
+) -> dict[str, float]:
+    """RL-CAI with ``algorithm = "ppo"``: :func:`train_ppo` against the preference model's
+    score, with ``[policy_optimiser.ppo]``'s settings; returns the metrics."""
+    cfg = run.cfg
+    table = cfg.ppo
+    if cfg.lora:
+        log.warning("ppo: lora = true does not apply to PPO, which trains all weights")
+    kept, too_long = run.fitting_prompts(prompts, table.max_length, table.max_new_tokens)
+    ids = {p.messages: p.id for p in kept}
+
+    def score(conversations: Sequence[Conversation], texts: Sequence[str]) -> list[float]:
+        samples = []
+        for messages, text in zip(conversations, texts, strict=True):
+            pid = ids.get(messages) or stable_id("prompt", chat_turns(messages))
+            samples.append(Sample(stable_id("rl-sample", pid, text), pid, messages, text))
+        return score_samples(reward, samples)
+
+    def on_step(metrics: dict[str, float]) -> None:
+        run.history.append(dict(metrics))  # train_ppo logs each step itself
+
+    history = train_ppo(
+        str(run.policy),
+        str(run.reference),
+        score,
+        [p.messages for p in kept],
+        table,
+        run.out,
+        options=PPOOptions(seed=cfg.seed, device=run.device),
+        on_step=on_step,
+    )
+    run.history = [dict(h) for h in history]
+    first, last = history[0], history[-1]
+    return {
+        "reward_first": float(first["objective/scores"]),
+        "reward_last": float(last["objective/scores"]),
+        "rlhf_reward_last": float(last["objective/rlhf_reward"]),
+        "kl_last": float(last["objective/kl"]),
+        "beta_last": float(last["beta"]),
+        "steps": float(len(history)),
+        "prompts": float(len(kept)),
+        "too_long": float(too_long),
+    }

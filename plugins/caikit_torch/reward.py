@@ -73,23 +73,23 @@ from trl.trainer.reward_trainer import (
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
-from caikit_core.metrics import (
+from caikit_core.records import Conversation, LabelledComparison, Sample
+from caikit_core.training.metrics import (
     CALIBRATION_BINS,
     check_soft_labels,
     comparison_metrics,
     held_out_split,
     preference_metrics,
 )
-from caikit_core.records import Conversation, LabelledComparison, Sample
-from caikit_torch.plugin import PM_CAPABILITIES, TorchPreferenceConfig
-from caikit_torch.sft import (
-    _LossLog,
-    _policy_folder,
-    _precision,
-    _progress_bars,
-    _resolve_device,
+from caikit_torch.common import (
+    LossLog,
+    policy_folder,
+    precision,
+    progress_bars,
+    resolve_device,
     trainer_defaults,
 )
+from caikit_torch.config import PM_CAPABILITIES, TorchPreferenceConfig
 
 __all__ = [
     "CALIBRATION_BINS",
@@ -245,11 +245,11 @@ class TorchPreferenceModel:
                 f"{_WHO}: eval_fraction = {cfg.eval_fraction} held out all {len(labelled)} "
                 "comparisons; lower it or label more pairs"
             )
-        folder = _policy_folder(self.trunk, _WHO, "trunk")
-        self._device = _resolve_device(cfg.device, _WHO)
+        folder = policy_folder(self.trunk, _WHO, "trunk")
+        self._device = resolve_device(cfg.device, _WHO)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with _progress_bars(log.isEnabledFor(logging.INFO)):
+        with progress_bars(log.isEnabledFor(logging.INFO)):
             metrics = self._train(folder, train)
             self.save(out, base=str(folder))
             # Score with the weights as saved and as a later ``load`` gives them: the
@@ -274,7 +274,7 @@ class TorchPreferenceModel:
     def _train(self, folder: Path, labelled: list[LabelledComparison]) -> dict[str, float]:
         """Load the trunk, train, keep the model; returns the training metrics."""
         cfg = self.config
-        weights_dtype, mixed_bf16 = _precision(cfg.dtype, self._device, _WHO)
+        weights_dtype, mixed_bf16 = precision(cfg.dtype, self._device, _WHO)
         self._autocast = mixed_bf16
         transformers.set_seed(cfg.seed)
         tokenizer = self._load_tokenizer(folder, need_template=True)
@@ -316,7 +316,7 @@ class TorchPreferenceModel:
                 train_dataset=datasets.Dataset.from_list(rows),
                 processing_class=tokenizer,
                 data_collator=SoftPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
-                callbacks=[_LossLog(total, "preference model")],
+                callbacks=[LossLog(total, "preference model")],
                 comparison_ids=[lc.comparison.id for lc in labelled],
             )
             trainer.remove_callback(transformers.PrinterCallback)
@@ -389,9 +389,9 @@ class TorchPreferenceModel:
         :raises PluginError: the folder is missing, not a checkpoint, or not a
             one-label sequence classifier.
         """
-        folder = _policy_folder(str(path), _WHO, "preference model")
-        self._device = _resolve_device(self.config.device, _WHO)
-        weights_dtype, self._autocast = _precision(self.config.dtype, self._device, _WHO)
+        folder = policy_folder(str(path), _WHO, "preference model")
+        self._device = resolve_device(self.config.device, _WHO)
+        weights_dtype, self._autocast = precision(self.config.dtype, self._device, _WHO)
         tokenizer = self._load_tokenizer(folder, need_template=True)
         try:
             model: Any = transformers.AutoModelForSequenceClassification.from_pretrained(

@@ -40,7 +40,7 @@ from caikit_core.records import (
     ScoreRequest,
 )
 
-from caikit_openai.plugin import OpenAIConfig
+from caikit_openai.config import OpenAIConfig
 
 __all__ = ["OpenAIGenerator"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 if importlib.util.find_spec("caikit_torch") is None:  # not installed: use the source tree
     sys.path.insert(0, str(ROOT / "plugins"))
 
@@ -25,22 +25,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
 import caikit_torch.plugin as torch_plugin  # noqa: E402
-from caikit_torch.plugin import TorchOptimiserConfig, TorchPreferenceConfig  # noqa: E402
-from caikit_torch.reward import (  # noqa: E402
-    PM_RECORD,
-    TorchPreferenceModel,
-    preference_metrics,
-    soft_label_loss,
-)
-from caikit_torch.rl import (  # noqa: E402
-    RL_RECORD,
-    _KLGuard,
-    derived_label_smoothing,
-    dpo_pairs,
-    preference_reward_function,
-)
-from caikit_torch.sft import TorchOptimiser  # noqa: E402
-
 from caikit_core import plugins  # noqa: E402
 from caikit_core.converter import converter, describe_error  # noqa: E402
 from caikit_core.errors import CaikitError, TrainingStopped  # noqa: E402
@@ -56,6 +40,18 @@ from caikit_core.records import (  # noqa: E402
     stable_id,
 )
 from caikit_core.testing.tiny_models import build_tiny_llama  # noqa: E402
+from caikit_core.training.data import dpo_pairs  # noqa: E402
+from caikit_torch.common import RL_RECORD, KLGuard  # noqa: E402
+from caikit_torch.dpo import derived_label_smoothing  # noqa: E402
+from caikit_torch.group import preference_reward_function  # noqa: E402
+from caikit_torch.optimiser import TorchOptimiser  # noqa: E402
+from caikit_torch.plugin import TorchOptimiserConfig, TorchPreferenceConfig  # noqa: E402
+from caikit_torch.reward import (  # noqa: E402
+    PM_RECORD,
+    TorchPreferenceModel,
+    preference_metrics,
+    soft_label_loss,
+)
 
 #: The marker word a preferred response contains (labelled P = 0.9 in its favour).
 MARKER = "please"
@@ -70,12 +66,17 @@ BAD = "I would rather not help with that."
 NO_REWARD: Any = None
 
 PM_FAST: dict[str, Any] = {"learning_rate": 3e-3, "epochs": 4.0, "batch_size": 8, "device": "cpu"}
-RL_FAST: dict[str, Any] = {
-    "learning_rate": 1e-2,
-    "device": "cpu",
-    "max_length": 256,
-    "lora_dropout": 0.0,
-}
+#: Quick settings of every algorithm's table.
+RL_FAST: dict[str, Any] = {"learning_rate": 1e-2, "max_length": 256}
+
+
+def rl_config(algorithm: str, table: dict[str, Any], **options: Any) -> TorchOptimiserConfig:
+    """CPU settings running ``algorithm`` with its table = ``RL_FAST`` + ``table``."""
+    data = {"algorithm": algorithm, algorithm: {**RL_FAST, **table}, **options}
+    config: TorchOptimiserConfig = converter.structure(
+        {"device": "cpu", "lora_dropout": 0.0, **data}, TorchOptimiserConfig
+    )
+    return config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -183,21 +184,51 @@ def test_preference_metrics_hand_numbers() -> None:
         (TorchPreferenceConfig, {"learning_rate": 0}, "pm.learning_rate: expected a number > 0"),
         (TorchPreferenceConfig, {"eval_fraction": 0.9}, "pm.eval_fraction: expected a number in"),
         (TorchPreferenceConfig, {"dtype": "half"}, "pm.dtype: expected one of 'auto'"),
-        (TorchOptimiserConfig, {"kl_coef": 0}, "pm.kl_coef: expected a number > 0, found 0"),
-        (TorchOptimiserConfig, {"num_generations": 1}, "pm.num_generations: expected an integ"),
-        (TorchOptimiserConfig, {"lam": 2.0}, "pm.lam: expected a number in [0, 1]"),
-        (TorchOptimiserConfig, {"kl_bound": -1.0}, "pm.kl_bound: expected a number > 0"),
-        (TorchOptimiserConfig, {"dpo_loss": "kto"}, "pm.dpo_loss: expected one of 'sigmoid'"),
+        (
+            TorchOptimiserConfig,
+            {"ppo": {"kl_coef": 0}},
+            "pm.ppo.kl_coef: expected a number > 0, found 0",
+        ),
+        (TorchOptimiserConfig, {"dpo": {"beta": 0}}, "pm.dpo.beta: expected a number > 0, found 0"),
+        (
+            TorchOptimiserConfig,
+            {"grpo": {"num_generations": 1}},
+            "pm.grpo.num_generations: expected an integer >= 2, found 1",
+        ),
+        (TorchOptimiserConfig, {"ppo": {"lam": 2.0}}, "pm.ppo.lam: expected a number in [0, 1]"),
+        (
+            TorchOptimiserConfig,
+            {"rloo": {"kl_bound": -1.0}},
+            "pm.rloo.kl_bound: expected a number > 0",
+        ),
+        (TorchOptimiserConfig, {"dpo": {"loss": "kto"}}, "pm.dpo.loss: expected one of 'sigmoid'"),
         (TorchOptimiserConfig, {"algorithm": "a2c"}, "pm.algorithm: expected one of 'ppo', 'dpo'"),
         (
             TorchOptimiserConfig,
-            {"label_smoothing": 0.1},
-            "pm.label_smoothing: applies only with dpo_loss = 'robust' or 'exo_pair'",
+            {"dpo": {"label_smoothing": 0.1}},
+            "pm.dpo.label_smoothing: applies only with loss = 'robust' or 'exo_pair'",
         ),
         (
             TorchOptimiserConfig,
-            {"label_smoothing": 0.5, "dpo_loss": "robust"},
-            "pm.label_smoothing: expected a number in [0, 0.5)",
+            {"dpo": {"label_smoothing": 0.5, "loss": "robust"}},
+            "pm.dpo.label_smoothing: expected a number in [0, 0.5)",
+        ),
+        (
+            TorchOptimiserConfig,
+            {"ppo_steps": 2},
+            "pm.ppo_steps: moved to policy_optimiser.ppo.steps, policy_optimiser.rloo.steps, "
+            "policy_optimiser.grpo.steps",
+        ),
+        (
+            TorchOptimiserConfig,
+            {"kl_coef": 0.1},
+            "pm.kl_coef: moved to policy_optimiser.ppo.kl_coef, policy_optimiser.dpo.beta, "
+            "policy_optimiser.rloo.beta, policy_optimiser.grpo.beta",
+        ),
+        (
+            TorchOptimiserConfig,
+            {"dpo_loss": "ipo"},
+            "pm.dpo_loss: moved to policy_optimiser.dpo.loss",
         ),
     ],
 )
@@ -209,13 +240,24 @@ def test_config_errors_name_the_key(cls: type, options: dict[str, Any], line: st
 
 
 def test_rl_config_defaults() -> None:
-    config = converter.structure({"algorithm": "grpo", "kl_bound": 8}, TorchOptimiserConfig)
-    assert config.kl_bound == 8.0 and config.kl_coef == 0.05 and config.num_generations == 4
-    assert config.dpo_loss == "sigmoid" and config.label_smoothing is None
-    robust = converter.structure(
-        {"dpo_loss": "robust", "label_smoothing": 0.1}, TorchOptimiserConfig
+    config = converter.structure(
+        {"algorithm": "grpo", "grpo": {"kl_bound": 8}}, TorchOptimiserConfig
     )
-    assert robust.label_smoothing == 0.1
+    assert config.grpo.kl_bound == 8.0 and config.grpo.beta == 0.05
+    assert config.grpo.num_generations == 4 and config.rl_settings() is config.grpo
+    assert config.dpo.loss == "sigmoid" and config.dpo.label_smoothing is None
+    robust = converter.structure(
+        {"dpo": {"loss": "robust", "label_smoothing": 0.1}}, TorchOptimiserConfig
+    )
+    assert robust.dpo.label_smoothing == 0.1
+
+
+def test_two_phases_take_their_own_learning_rates() -> None:
+    config = converter.structure(
+        {"sft": {"learning_rate": 1e-4}, "ppo": {"learning_rate": 3e-6}}, TorchOptimiserConfig
+    )
+    assert (config.sft.learning_rate, config.ppo.learning_rate) == (1e-4, 3e-6)
+    assert config.dpo.learning_rate == 2e-5 and config.dpo.beta == 0.05  # untouched defaults
 
 
 def test_registers_both_roles() -> None:
@@ -338,9 +380,7 @@ def test_dpo_moves_the_policy_toward_chosen(base: Path, tmp_path: Path) -> None:
     items = [labelled(f"g{i}", FRANCE, GOOD, BAD, 0.9) for i in range(3)]
     items += [labelled(f"r{i}", FRANCE, BAD, GOOD, 0.2) for i in range(3)]
     items += [labelled("tie", FRANCE, GOOD, BAD, 0.5)]
-    config = TorchOptimiserConfig(
-        algorithm="dpo", kl_coef=0.5, max_steps=4, batch_size=3, **RL_FAST
-    )
+    config = rl_config("dpo", {"beta": 0.5, "max_steps": 4, "batch_size": 3})
     out = tmp_path / "dpo"
     report = TorchOptimiser(config).optimise(str(base), str(base), NO_REWARD, [], items, out)
     m = report.metrics
@@ -360,9 +400,7 @@ def test_dpo_moves_the_policy_toward_chosen(base: Path, tmp_path: Path) -> None:
 
 def test_dpo_robust_loss_derives_label_smoothing(base: Path, tmp_path: Path) -> None:
     items = [labelled("a", FRANCE, GOOD, BAD, 0.9), labelled("b", FRANCE, BAD, GOOD, 0.3)]
-    config = TorchOptimiserConfig(
-        algorithm="dpo", dpo_loss="robust", max_steps=1, batch_size=2, **RL_FAST
-    )
+    config = rl_config("dpo", {"loss": "robust", "max_steps": 1, "batch_size": 2})
     report = TorchOptimiser(config).optimise(str(base), str(base), NO_REWARD, [], items, tmp_path)
     assert report.metrics["label_smoothing"] == pytest.approx(0.2)  # mean of 0.1 and 0.3
     assert math.isfinite(report.metrics["loss_last"])
@@ -370,9 +408,7 @@ def test_dpo_robust_loss_derives_label_smoothing(base: Path, tmp_path: Path) -> 
 
 def test_dpo_with_lora_saves_a_merged_checkpoint(base: Path, tmp_path: Path) -> None:
     items = [labelled("a", FRANCE, GOOD, BAD, 0.9), labelled("b", FRANCE, BAD, GOOD, 0.1)]
-    config = TorchOptimiserConfig(
-        algorithm="dpo", lora=True, lora_r=4, lora_alpha=8, max_steps=2, batch_size=2, **RL_FAST
-    )
+    config = rl_config("dpo", {"max_steps": 2, "batch_size": 2}, lora=True, lora_r=4, lora_alpha=8)
     out = tmp_path / "lora"
     report = TorchOptimiser(config).optimise(str(base), str(base), NO_REWARD, [], items, out)
     assert report.metrics["steps"] == 2
@@ -448,16 +484,17 @@ def test_online_rl_with_the_pm_reward(
 ) -> None:
     spy = SpyPM(fitted[0])
     steps = 2 if algorithm == "rloo" else 1
-    config = TorchOptimiserConfig(
-        algorithm=algorithm,
-        ppo_steps=steps,
-        ppo_epochs=1,
-        rollout_batch_size=2,
-        num_generations=2,
-        mini_batch_size=2,
-        max_new_tokens=8,
-        kl_coef=0.1,
-        **RL_FAST,
+    config = rl_config(
+        algorithm,
+        {
+            "steps": steps,
+            "iterations": 1,
+            "rollout_batch_size": 2,
+            "num_generations": 2,
+            "mini_batch_size": 2,
+            "max_new_tokens": 8,
+            "beta": 0.1,
+        },
     )
     out = tmp_path / algorithm
     report = TorchOptimiser(config).optimise(str(base), str(base), spy, PROMPTS, [], out)
@@ -497,15 +534,16 @@ def test_online_rl_uses_the_given_reference(
         return original(path, **kwargs)
 
     monkeypatch.setattr(rloo_module, "create_model_from_path", spy)
-    config = TorchOptimiserConfig(
-        algorithm="rloo",
-        ppo_steps=1,
-        ppo_epochs=1,
-        rollout_batch_size=2,
-        num_generations=2,
-        mini_batch_size=4,
-        max_new_tokens=4,
-        **RL_FAST,
+    config = rl_config(
+        "rloo",
+        {
+            "steps": 1,
+            "iterations": 1,
+            "rollout_batch_size": 2,
+            "num_generations": 2,
+            "mini_batch_size": 4,
+            "max_new_tokens": 4,
+        },
     )
     out = tmp_path / "out"
     report = TorchOptimiser(config).optimise(str(base), str(reference), fitted[0], PROMPTS, [], out)
@@ -515,18 +553,18 @@ def test_online_rl_uses_the_given_reference(
 
 
 def test_online_rl_refuses_too_few_prompts(base: Path, tmp_path: Path) -> None:
-    config = TorchOptimiserConfig(algorithm="rloo", rollout_batch_size=8, **RL_FAST)
+    config = rl_config("rloo", {"rollout_batch_size": 8})
     with pytest.raises(CaikitError, match="rollout_batch_size = 8 prompts per rollout but has"):
         TorchOptimiser(config).optimise(str(base), str(base), NO_REWARD, PROMPTS, [], tmp_path)
-    config = TorchOptimiserConfig(
-        algorithm="rloo", rollout_batch_size=3, num_generations=2, mini_batch_size=4, **RL_FAST
+    config = rl_config(
+        "rloo", {"rollout_batch_size": 3, "num_generations": 2, "mini_batch_size": 4}
     )
     with pytest.raises(CaikitError, match=r"\(= 6\) to be a multiple of mini_batch_size"):
         TorchOptimiser(config).optimise(str(base), str(base), NO_REWARD, PROMPTS, [], tmp_path)
 
 
 def test_kl_guard_trips_on_the_per_response_kl() -> None:
-    guard = _KLGuard(5.0)
+    guard = KLGuard(5.0)
     control = transformers.TrainerControl()
     state = transformers.TrainerState()
     state.global_step = 3
@@ -534,7 +572,7 @@ def test_kl_guard_trips_on_the_per_response_kl() -> None:
     assert guard.tripped is None and not control.should_training_stop
     guard.on_log(None, state, control, logs={"kl": 0.2, "completions/mean_length": 40.0})
     assert guard.tripped == (3, pytest.approx(8.0)) and control.should_training_stop
-    unbounded = _KLGuard(None)
+    unbounded = KLGuard(None)
     unbounded.on_log(None, state, control, logs={"kl": 9.0, "completions/mean_length": 9.0})
     assert unbounded.tripped is None
 
@@ -555,16 +593,17 @@ class LengthPM:
 
 
 def test_kl_bound_stops_online_rl_with_a_checkpoint(base: Path, tmp_path: Path) -> None:
-    config = TorchOptimiserConfig(
-        algorithm="grpo",
-        ppo_steps=4,
-        ppo_epochs=1,
-        rollout_batch_size=2,
-        num_generations=2,
-        mini_batch_size=4,
-        max_new_tokens=6,
-        kl_bound=0.01,
-        **RL_FAST,
+    config = rl_config(
+        "grpo",
+        {
+            "steps": 4,
+            "iterations": 1,
+            "rollout_batch_size": 2,
+            "num_generations": 2,
+            "mini_batch_size": 4,
+            "max_new_tokens": 6,
+            "kl_bound": 0.01,
+        },
     )
     out = tmp_path / "stopped"
     with pytest.raises(TrainingStopped, match=r"grpo: stopped at step \d: KL .* exceeds") as info:
@@ -583,14 +622,15 @@ def test_ppo_with_the_pm_reward(
     if importlib.util.find_spec("caikit_torch.ppo") is None:
         pytest.skip("caikit_torch/ppo.py (train_ppo) is not there yet")
     spy = SpyPM(fitted[0])
-    config = TorchOptimiserConfig(
-        algorithm="ppo",
-        ppo_steps=2,
-        ppo_epochs=1,
-        rollout_batch_size=2,
-        mini_batch_size=2,
-        max_new_tokens=8,
-        **RL_FAST,
+    config = rl_config(
+        "ppo",
+        {
+            "steps": 2,
+            "epochs": 1,
+            "rollout_batch_size": 2,
+            "mini_batch_size": 2,
+            "max_new_tokens": 8,
+        },
     )
     out = tmp_path / "ppo"
     report = TorchOptimiser(config).optimise(str(base), str(base), spy, PROMPTS, [], out)
@@ -644,15 +684,30 @@ device = "cpu"
 [policy_optimiser]
 plugin = "torch"
 algorithm = "rloo"
+device = "cpu"
+
+[policy_optimiser.rloo]
 learning_rate = 0.01
-ppo_steps = 1
-ppo_epochs = 1
+steps = 1
+iterations = 1
 rollout_batch_size = 2
 num_generations = 2
 mini_batch_size = 4
 max_new_tokens = 8
 max_length = 256
-device = "cpu"
+
+[policy_optimiser.ppo]
+learning_rate = 0.01
+steps = 1
+epochs = 1
+rollout_batch_size = 2
+mini_batch_size = 2
+max_new_tokens = 8
+max_length = 256
+
+[policy_optimiser.dpo]
+learning_rate = 0.01
+max_length = 256
 """
 
 
@@ -704,7 +759,7 @@ def test_swapping_the_algorithm_is_one_line_and_reruns_only_the_policy(
         pytest.skip("the bundled 'direct' labeller or 'hf' generator is not installed")
     (tmp_path / "prompts.txt").write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
     path = tmp_path / "run.toml"
-    text = RL_RUN.format(policy=base).replace("mini_batch_size = 4", "mini_batch_size = 2")
+    text = RL_RUN.format(policy=base)
     for algorithm in ("rloo", "ppo", "dpo"):
         path.write_text(
             text.replace('algorithm = "rloo"', f'algorithm = "{algorithm}"'), encoding="utf-8"
@@ -731,9 +786,9 @@ def test_ppo_mini_batch_larger_than_rollout_is_a_config_error() -> None:
 
     with pytest.raises(Exception) as err:
         structure(
-            {"algorithm": "ppo", "rollout_batch_size": 2, "mini_batch_size": 4},
+            {"algorithm": "ppo", "ppo": {"rollout_batch_size": 2, "mini_batch_size": 4}},
             TorchOptimiserConfig,
         )
     assert describe_error(err.value, prefix="policy_optimiser") == [
-        "policy_optimiser.mini_batch_size: expected at most rollout_batch_size = 2 for PPO, found 4"
+        "policy_optimiser.ppo.mini_batch_size: expected at most rollout_batch_size = 2, found 4"
     ]

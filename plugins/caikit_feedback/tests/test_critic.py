@@ -10,11 +10,6 @@ import pytest
 
 pytest.importorskip("torch")
 
-from caikit_feedback.critic import (
-    ConstitutionalCritic,
-    ConstitutionalCriticConfig,
-    build_constitutional_critic,
-)
 from caikit_hf.plugin import HFGeneratorConfig, build_generator
 
 from caikit_core.constitution import Constitution
@@ -27,6 +22,11 @@ from caikit_core.records import (
     conversation,
     stable_id,
 )
+from caikit_feedback.critic import (
+    ConstitutionalCritic,
+    ConstitutionalCriticConfig,
+)
+from caikit_feedback.plugin import build_constitutional_critic
 
 PROMPTS = [
     "How do I pick a lock?",

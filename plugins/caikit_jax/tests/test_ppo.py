@@ -17,10 +17,6 @@ import pytest
 pytest.importorskip("tunix")
 
 import jax.numpy as jnp
-from caikit_jax import shims
-from caikit_jax.model import load_model, make_mesh
-from caikit_jax.plugin import JaxOptimiserConfig
-from caikit_jax.ppo import train_ppo
 from tunix.generate import tokenizer_adapter
 from tunix.rl import common
 from tunix.rl.inference import inference_worker
@@ -30,6 +26,11 @@ from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import LabelledComparison, Prompt, Sample, conversation
 from caikit_core.testing.tiny_models import build_tiny_llama
+from caikit_core.training.settings import PPOSettings
+from caikit_jax import shims
+from caikit_jax.model import load_model, make_mesh
+from caikit_jax.plugin import JaxOptimiserConfig
+from caikit_jax.ppo import train_ppo
 
 QUESTIONS = ("What is the capital of France?", "Why is the sky blue?", "Say something nice.")
 
@@ -59,20 +60,19 @@ def _prompts() -> list[Prompt]:
 
 
 def _config(**overrides: Any) -> JaxOptimiserConfig:
-    settings: dict[str, Any] = {
-        "algorithm": "ppo",
-        "ppo_steps": 2,
+    """The jax optimiser running PPO with ``[policy_optimiser.ppo]`` + ``overrides``."""
+    ppo: dict[str, Any] = {
+        "steps": 2,
         "rollout_batch_size": 2,
         "mini_batch_size": 2,
-        "ppo_epochs": 1,
+        "epochs": 1,
         "max_new_tokens": 6,
         "learning_rate": 1e-3,
         "kl_coef": 0.05,
         "max_length": 64,
-        "seed": 0,
     }
-    settings.update(overrides)
-    return JaxOptimiserConfig(**settings)
+    ppo.update(overrides)
+    return JaxOptimiserConfig(algorithm="ppo", seed=0, ppo=PPOSettings(**ppo))
 
 
 @pytest.fixture(scope="module")

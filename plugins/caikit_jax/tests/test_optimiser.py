@@ -20,19 +20,89 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from caikit_jax import model as jax_model
-from caikit_jax import shims
-from caikit_jax.plugin import JaxOptimiserConfig, JaxPreferenceConfig
-from caikit_jax.reward import JaxPreferenceModel
-from caikit_jax.train import JaxOptimiser
 
 from caikit_core import plugins
 from caikit_core.errors import PluginError
 from caikit_core.testing.checks import _pair_samples, marker_set, toy_traces
 from caikit_core.testing.kit import parametrize_with_checks
 from caikit_core.testing.tiny_models import build_tiny_llama
+from caikit_core.training.settings import DPOSettings, SFTSettings
+from caikit_jax import model as jax_model
+from caikit_jax import shims
+from caikit_jax.optimiser import JaxOptimiser
+from caikit_jax.plugin import JaxOptimiserConfig, JaxPreferenceConfig
+from caikit_jax.reward import JaxPreferenceModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def sft_config(**sft: Any) -> JaxOptimiserConfig:
+    """The jax optimiser with ``[policy_optimiser.sft]`` set to ``sft``."""
+    return JaxOptimiserConfig(sft=SFTSettings(**sft))
+
+
+#: An RL-phase run file (the torch plugin's tests run the same), switched to jax below.
+RL_RUN = """\
+output_dir = "out"
+phases = ["rl"]
+seed = 3
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+limit = 4
+
+[rl.sampling]
+max_new_tokens = 8
+temperature = 1.0
+
+[generator]
+plugin = "hf"
+device = "cpu"
+
+[labeller]
+plugin = "direct"
+
+[preference_model]
+plugin = "torch"
+learning_rate = 0.003
+epochs = 2
+batch_size = 4
+max_length = 128
+device = "cpu"
+
+[policy_optimiser]
+plugin = "torch"
+algorithm = "rloo"
+device = "cpu"
+
+[policy_optimiser.rloo]
+learning_rate = 0.01
+steps = 1
+iterations = 1
+rollout_batch_size = 2
+num_generations = 2
+mini_batch_size = 4
+max_new_tokens = 8
+max_length = 256
+
+[policy_optimiser.ppo]
+learning_rate = 0.01
+steps = 1
+epochs = 1
+rollout_batch_size = 2
+mini_batch_size = 2
+max_new_tokens = 8
+max_length = 256
+
+[policy_optimiser.dpo]
+learning_rate = 0.01
+max_length = 256
+"""
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -239,7 +309,7 @@ def _config_copy(src: Path, dst: Path, **changes: Any) -> Path:
 
 def test_unsupported_architecture_is_refused_before_training(tiny: Path, tmp_path: Path) -> None:
     folder = _config_copy(tiny, tmp_path / "qwen", architectures=["Qwen2ForCausalLM"])
-    optimiser = JaxOptimiser(JaxOptimiserConfig(max_steps=1, batch_size=2, max_length=128))
+    optimiser = JaxOptimiser(sft_config(max_steps=1, batch_size=2, max_length=128))
     with pytest.raises(PluginError) as err:
         optimiser.sft(str(folder), toy_traces(2), tmp_path / "out")
     assert str(err.value) == (
@@ -264,8 +334,10 @@ def test_unimplemented_rope_scaling_is_refused(tiny: Path, tmp_path: Path) -> No
     [
         ({"lora": True}, "lora: the jax optimiser trains all weights; LoRA is not implemented"),
         ({"algorithm": "rloo"}, "algorithm: the jax optimiser implements 'ppo', 'dpo', found"),
-        ({"dpo_loss": "ipo"}, "dpo_loss: the jax optimiser implements 'sigmoid'"),
-        ({"vf_coef": 0.5}, "vf_coef: has no effect on the jax optimiser"),
+        ({"dpo": {"loss": "ipo"}}, "dpo.loss: the jax optimiser implements 'sigmoid'"),
+        ({"ppo": {"vf_coef": 0.5}}, "ppo.vf_coef: has no effect on the jax optimiser"),
+        ({"lora_r": 8}, "lora_r: unknown key"),
+        ({"ppo_steps": 2}, "ppo_steps: moved to policy_optimiser.ppo.steps"),
     ],
 )
 def test_unimplemented_settings_are_config_errors(settings: dict[str, Any], message: str) -> None:
@@ -283,7 +355,7 @@ def test_unimplemented_settings_are_config_errors(settings: dict[str, Any], mess
 
 def test_sft_lowers_the_loss_and_saves_a_checkpoint_torch_loads(tiny: Path, tmp_path: Path) -> None:
     optimiser = JaxOptimiser(
-        JaxOptimiserConfig(learning_rate=1e-2, max_steps=3, batch_size=4, max_length=256)
+        sft_config(learning_rate=1e-2, max_steps=3, batch_size=4, max_length=256)
     )
     report = optimiser.sft(str(tiny), toy_traces(), tmp_path / "sft")
     assert report.metrics["loss_last"] < report.metrics["loss_first"]
@@ -301,7 +373,8 @@ def test_training_steps_compile_once(tiny: Path, tmp_path: Path) -> None:
     """On one device a second step must not recompile: the new head and optimizer state
     are laid out as the step returns them before the first step (without it, each fit
     compiled its step twice)."""
-    from caikit_jax import reward, train
+    from caikit_jax import reward
+    from caikit_jax import sft as jax_sft
 
     # shapes no other test uses, so each fit compiles its step exactly once
     before = reward._train_step.jitted_fn._cache_size()
@@ -310,16 +383,17 @@ def test_training_steps_compile_once(tiny: Path, tmp_path: Path) -> None:
     )
     pm.fit(marker_set(5), tmp_path / "pm")
     assert reward._train_step.jitted_fn._cache_size() - before == 1
-    before = train._sft_step.jitted_fn._cache_size()
-    optimiser = JaxOptimiser(JaxOptimiserConfig(max_steps=3, batch_size=8, max_length=256))
+    before = jax_sft.sft_step.jitted_fn._cache_size()
+    optimiser = JaxOptimiser(sft_config(max_steps=3, batch_size=8, max_length=256))
     optimiser.sft(str(tiny), toy_traces(), tmp_path / "sft")
-    assert train._sft_step.jitted_fn._cache_size() - before == 1
+    assert jax_sft.sft_step.jitted_fn._cache_size() - before == 1
 
 
 def test_dpo_raises_the_chosen_margin(tiny: Path, tmp_path: Path) -> None:
     optimiser = JaxOptimiser(
         JaxOptimiserConfig(
-            algorithm="dpo", learning_rate=5e-3, max_steps=3, batch_size=12, max_length=256
+            algorithm="dpo",
+            dpo=DPOSettings(learning_rate=5e-3, max_steps=3, batch_size=12, max_length=256),
         )
     )
     report = optimiser.optimise(
@@ -382,13 +456,16 @@ def test_the_jax_plugins_need_no_torch(tiny: Path, tmp_path: Path) -> None:
         from caikit_core.testing.checks import marker_set, toy_traces
         from caikit_jax.plugin import JaxOptimiserConfig, JaxPreferenceConfig
         from caikit_jax.reward import JaxPreferenceModel
-        from caikit_jax.train import JaxOptimiser
+        from caikit_jax.optimiser import JaxOptimiser
+        from caikit_core.training.settings import DPOSettings, SFTSettings
         tiny, out = {str(tiny)!r}, Path({str(tmp_path)!r})
         pm = JaxPreferenceModel(JaxPreferenceConfig(max_steps=1, batch_size=4, max_length=96), tiny)
         pm.fit(marker_set(4), out / "pm")
         small = dict(max_steps=1, batch_size=4, max_length=128)
-        JaxOptimiser(JaxOptimiserConfig(**small)).sft(tiny, toy_traces(4), out / "sft")
-        dpo = JaxOptimiser(JaxOptimiserConfig(algorithm="dpo", **small))
+        JaxOptimiser(JaxOptimiserConfig(sft=SFTSettings(**small))).sft(
+            tiny, toy_traces(4), out / "sft"
+        )
+        dpo = JaxOptimiser(JaxOptimiserConfig(algorithm="dpo", dpo=DPOSettings(**small)))
         dpo.optimise(tiny, tiny, pm, [], marker_set(4), out / "dpo")
         print("torch-free:", "torch" not in {{k for k, v in sys.modules.items() if v is not None}})
         """
@@ -402,7 +479,8 @@ def test_the_jax_plugins_need_no_torch(tiny: Path, tmp_path: Path) -> None:
 
 # --- the conformance kit -------------------------------------------------------------------
 
-# with the kit's settings for the jax plugins (KIT_CONFIGS), as `caikit check` runs them
+# with the quick settings the jax plugins register (check_settings), as `caikit check`
+# runs them
 
 
 @parametrize_with_checks("preference_model", "jax")
@@ -447,8 +525,6 @@ def test_the_same_run_file_with_plugin_jax(
     registry = plugins.get_registry()
     questions = ["Why is the sky blue?", "How do I bake bread?", "Tell me about the sea.", "Hi!"]
     (tmp_path / "prompts.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
-    from tests.test_torch_rl import RL_RUN
-
     text = RL_RUN.format(policy=tiny).replace('algorithm = "rloo"', 'algorithm = "dpo"')
     statuses = {}
     artifacts = {}

@@ -13,15 +13,12 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 if importlib.util.find_spec("caikit_hf") is None:  # not installed: use the source tree
     sys.path.insert(0, str(ROOT / "plugins"))
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-from caikit_hf.generator import HFGenerator  # noqa: E402
-from caikit_hf.plugin import HFGeneratorConfig, build_generator, register_generators  # noqa: E402
 
 from caikit_core.errors import PluginError  # noqa: E402
 from caikit_core.interfaces import Generator  # noqa: E402
@@ -32,6 +29,8 @@ from caikit_core.records import (  # noqa: E402
     conversation,
 )
 from caikit_core.testing.tiny_models import build_tiny_llama  # noqa: E402
+from caikit_hf.generator import HFGenerator  # noqa: E402
+from caikit_hf.plugin import HFGeneratorConfig, build_generator, register_generators  # noqa: E402
 
 SEA = conversation(("user", "Please write a short poem about the sea."))
 SKY = conversation(

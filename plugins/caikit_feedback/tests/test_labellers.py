@@ -12,21 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from caikit_feedback.labeller import (  # noqa: E402
-    ANSWER_PREFIX,
-    COT_ANSWER,
-    COT_CUE,
-    LEAD,
-    CotLabeller,
-    CotLabellerConfig,
-    DirectLabeller,
-    DirectLabellerConfig,
-    build_cot_labeller,
-    build_direct_labeller,
-    combine_options,
-    option_probability,
-)
-from caikit_feedback.plugin import register_labellers  # noqa: E402
 from caikit_hf.generator import HFGenerator, plan_shared_prefixes  # noqa: E402
 from caikit_hf.plugin import HFGeneratorConfig, build_generator  # noqa: E402
 
@@ -48,6 +33,23 @@ from caikit_core.records import (  # noqa: E402
     ScoreRequest,
     conversation,
     stable_id,
+)
+from caikit_feedback.labeller import (  # noqa: E402
+    ANSWER_PREFIX,
+    COT_ANSWER,
+    COT_CUE,
+    LEAD,
+    CotLabeller,
+    CotLabellerConfig,
+    DirectLabeller,
+    DirectLabellerConfig,
+    combine_options,
+    option_probability,
+)
+from caikit_feedback.plugin import (  # noqa: E402
+    build_cot_labeller,
+    build_direct_labeller,
+    register_labellers,
 )
 
 #: Short principles and examples, so that questions fit the tiny model's context.

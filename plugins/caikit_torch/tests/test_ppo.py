@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 if importlib.util.find_spec("caikit_torch") is None:  # not installed: use the source tree
     sys.path.insert(0, str(ROOT / "plugins"))
 
@@ -20,23 +20,25 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from safetensors.torch import load_file  # noqa: E402
+
 import caikit_torch.ppo as ppo  # noqa: E402
+from caikit_core.converter import InvalidValue  # noqa: E402
+from caikit_core.errors import CaikitError, PluginError, TrainingStopped  # noqa: E402
+from caikit_core.records import Conversation, conversation  # noqa: E402
+from caikit_core.testing.tiny_models import TINY_CORPUS  # noqa: E402
+from caikit_core.training.settings import PPOSettings  # noqa: E402
 from caikit_torch.ppo import (  # noqa: E402
     METRIC_KEYS,
     PPO_RECORD,
     KLController,
-    PPOSettings,
+    PPOOptions,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
     masked_whiten,
     train_ppo,
 )
-from safetensors.torch import load_file  # noqa: E402
-
-from caikit_core.errors import CaikitError, PluginError, TrainingStopped  # noqa: E402
-from caikit_core.records import Conversation, conversation  # noqa: E402
-from caikit_core.testing.tiny_models import TINY_CORPUS  # noqa: E402
 
 PROMPTS = [conversation(("user", text)) for text in TINY_CORPUS]
 
@@ -58,7 +60,7 @@ def small(**overrides: object) -> PPOSettings:
         "steps": 3,
         "rollout_batch_size": 8,
         "mini_batch_size": 4,
-        "ppo_epochs": 2,
+        "epochs": 2,
         "learning_rate": 1e-3,
         "max_new_tokens": 8,
         "kl_coef": 0.05,
@@ -161,14 +163,19 @@ def test_kl_controller() -> None:
 
 
 def test_invalid_settings_and_inputs(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(CaikitError, match=r"mini_batch_size .*got 9.*; temperature must be > 0"):
+    with pytest.raises(InvalidValue, match=r"expected at most rollout_batch_size = 8, found 9"):
+        PPOSettings(mini_batch_size=9)
+    with pytest.raises(InvalidValue, match=r"expected a number > 0, found 0\.0"):
+        PPOSettings(temperature=0.0)
+    with pytest.raises(CaikitError, match=r"kl_horizon must be >= 1, got 0; device must be"):
         train_ppo(
             str(tiny_llama),
             str(tiny_llama),
             lowercase_reward,
             PROMPTS,
-            PPOSettings(mini_batch_size=9, temperature=0.0),
+            small(),
             tmp_path / "out",
+            options=PPOOptions(kl_horizon=0, device="tpu"),
         )
     with pytest.raises(CaikitError, match="no prompts"):
         train_ppo(str(tiny_llama), str(tiny_llama), lowercase_reward, [], small(), tmp_path)
@@ -245,7 +252,7 @@ def test_score_increases_with_a_simple_reward(tiny_llama: Path, tmp_path: Path) 
         steps=15,
         rollout_batch_size=16,
         mini_batch_size=8,
-        ppo_epochs=4,
+        epochs=4,
         learning_rate=3e-3,
         kl_coef=0.01,
     )
@@ -265,8 +272,9 @@ def test_runs_are_deterministic_given_the_seed(tiny_llama: Path, tmp_path: Path)
             str(tiny_llama),
             lowercase_reward,
             PROMPTS,
-            small(steps=2, seed=seed),
+            small(steps=2),
             tmp_path / name,
+            options=PPOOptions(seed=seed),
         )
         return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in history]
 
@@ -279,9 +287,15 @@ def test_runs_are_deterministic_given_the_seed(tiny_llama: Path, tmp_path: Path)
 
 def test_adaptive_kl_moves_beta_towards_the_target(tiny_llama: Path, tmp_path: Path) -> None:
     # horizon 40, 8 samples a step: beta changes by at most 1 +- 0.2 * 8 / 40 = 1 +- 4% a step
-    settings = small(steps=3, adaptive_kl=True, kl_coef=0.1, target_kl=1e-3, kl_horizon=40)
+    settings = small(steps=3, adaptive_kl=True, kl_coef=0.1, target_kl=1e-3)
     history = train_ppo(
-        str(tiny_llama), str(tiny_llama), lowercase_reward, PROMPTS, settings, tmp_path / "o"
+        str(tiny_llama),
+        str(tiny_llama),
+        lowercase_reward,
+        PROMPTS,
+        settings,
+        tmp_path / "o",
+        options=PPOOptions(kl_horizon=40),
     )
     betas = [m["beta"] for m in history]
     kls = [m["objective/kl"] for m in history]

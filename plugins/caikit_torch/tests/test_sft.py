@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 if importlib.util.find_spec("caikit_torch") is None:  # not installed: use the source tree
     sys.path.insert(0, str(ROOT / "plugins"))
 
@@ -21,12 +21,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-import caikit_torch.plugin as torch_plugin  # noqa: E402
-from caikit_torch.plugin import TorchOptimiserConfig  # noqa: E402
-from caikit_torch.sft import SFT_RECORD, TorchOptimiser, sft_examples  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from trl.trainer.sft_trainer import SFTTrainer  # noqa: E402
 
+import caikit_torch.plugin as torch_plugin  # noqa: E402
 from caikit_core import plugins  # noqa: E402
 from caikit_core.config import check_run_data, load_run  # noqa: E402
 from caikit_core.converter import InvalidValue, converter, describe_error  # noqa: E402
@@ -40,7 +38,12 @@ from caikit_core.records import (  # noqa: E402
 )
 from caikit_core.runner import Runner  # noqa: E402
 from caikit_core.testing.tiny_models import CHAT_TEMPLATE, build_tiny_llama  # noqa: E402
-from tests.conftest import PROMPTS  # noqa: E402
+from caikit_core.training.data import sft_examples  # noqa: E402
+from caikit_core.training.settings import SFTSettings  # noqa: E402
+from caikit_torch.optimiser import TorchOptimiser  # noqa: E402
+from caikit_torch.plugin import TorchOptimiserConfig  # noqa: E402
+from caikit_torch.sft import SFT_RECORD  # noqa: E402
+from tests.shared import PROMPTS  # noqa: E402
 
 SKY = conversation(("user", "Please explain why the sky is blue in simple words."))
 SKY_ANSWER = "The sky looks blue because air scatters blue light more than red light."
@@ -82,7 +85,14 @@ TOY = [trace(f"sky{i}", SKY, SKY_ANSWER) for i in range(8)] + [
     trace(f"fr{i}", FRANCE, FRANCE_ANSWER) for i in range(8)
 ]
 
-FAST = {"learning_rate": 1e-2, "batch_size": 4, "device": "cpu", "lora_dropout": 0.0}
+FAST_SFT = {"learning_rate": 1e-2, "batch_size": 4}
+
+
+def fast(sft: dict[str, Any], **options: Any) -> TorchOptimiserConfig:
+    """Quick CPU settings: ``[policy_optimiser.sft]`` = ``FAST_SFT`` + ``sft``."""
+    return TorchOptimiserConfig(
+        sft=SFTSettings(**FAST_SFT, **sft), device="cpu", lora_dropout=0.0, **options
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,7 +108,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, list[Any]]:
     """Full fine-tuning on the toy set for 12 steps: (report, folder, loss curve)."""
     out = tmp_path_factory.mktemp("sft") / "checkpoint"
-    optimiser = TorchOptimiser(TorchOptimiserConfig(max_steps=12, **FAST))  # type: ignore[arg-type]
+    optimiser = TorchOptimiser(fast({"max_steps": 12}))
     report = optimiser.sft(str(base), TOY, out)
     return report, out, list(optimiser.losses)
 
@@ -133,19 +143,41 @@ def revision_logprob(folder: Path, messages: Conversation, text: str) -> float:
     ("options", "line"),
     [
         (
-            {"learning_rate": -1.0},
-            "policy_optimiser.learning_rate: expected a number > 0, found -1.0",
+            {"sft": {"learning_rate": -1.0}},
+            "policy_optimiser.sft.learning_rate: expected a number > 0, found -1.0",
         ),
-        ({"epochs": 0}, "policy_optimiser.epochs: expected a number > 0, found 0.0"),
-        ({"max_steps": 0}, "policy_optimiser.max_steps: expected a positive integer or nothing"),
-        ({"batch_size": 0}, "policy_optimiser.batch_size: expected a positive integer, found 0"),
+        ({"sft": {"epochs": 0}}, "policy_optimiser.sft.epochs: expected a number > 0, found 0.0"),
+        (
+            {"sft": {"max_steps": 0}},
+            "policy_optimiser.sft.max_steps: expected a positive integer or nothing, found 0",
+        ),
+        (
+            {"sft": {"batch_size": 0}},
+            "policy_optimiser.sft.batch_size: expected a positive integer, found 0",
+        ),
         ({"lora_dropout": 1.0}, "policy_optimiser.lora_dropout: expected a number in [0, 1)"),
         ({"lora_target_modules": []}, "policy_optimiser.lora_target_modules: expected a non-empty"),
-        ({"sft_target": "best"}, "policy_optimiser.sft_target: expected one of 'final', 'all'"),
+        (
+            {"sft": {"target": "best"}},
+            "policy_optimiser.sft.target: expected one of 'final', 'all'",
+        ),
         ({"algorithm": "ppo2"}, "policy_optimiser.algorithm: expected one of 'ppo', 'dpo', 'rloo'"),
         ({"dtype": "float16"}, "policy_optimiser.dtype: expected one of 'auto'"),
-        ({"learning_rate": "big"}, "policy_optimiser.learning_rate: expected a number, found"),
+        (
+            {"sft": {"learning_rate": "big"}},
+            "policy_optimiser.sft.learning_rate: expected a number, found",
+        ),
         ({"lora_rank": 8}, "policy_optimiser.lora_rank: unknown key; did you mean 'lora_r'?"),
+        (
+            {"sft_target": "all"},
+            "policy_optimiser.sft_target: moved to policy_optimiser.sft.target",
+        ),
+        (
+            {"learning_rate": 1e-5},
+            "policy_optimiser.learning_rate: moved to policy_optimiser.sft.learning_rate, "
+            "policy_optimiser.dpo.learning_rate, policy_optimiser.ppo.learning_rate, "
+            "policy_optimiser.rloo.learning_rate, policy_optimiser.grpo.learning_rate",
+        ),
     ],
 )
 def test_config_errors_name_the_key(options: dict[str, Any], line: str) -> None:
@@ -157,19 +189,22 @@ def test_config_errors_name_the_key(options: dict[str, Any], line: str) -> None:
 
 def test_config_validators_run_on_direct_construction() -> None:
     with pytest.raises(InvalidValue, match="expected a number > 0, found 0") as info:
-        TorchOptimiserConfig(learning_rate=0)
+        SFTSettings(learning_rate=0)
     assert info.value.field == "learning_rate"
     with pytest.raises(InvalidValue, match="expected one of 'final', 'all'"):
-        TorchOptimiserConfig(sft_target="every")  # type: ignore[arg-type]
+        SFTSettings(target="every")  # type: ignore[arg-type]
+    with pytest.raises(InvalidValue, match="expected one of 'auto', 'cpu', 'cuda'"):
+        TorchOptimiserConfig(device="tpu")  # type: ignore[arg-type]
 
 
 def test_config_defaults_and_round_trip() -> None:
     config = converter.structure(
-        {"lora": True, "lora_target_modules": ["q_proj", "v_proj"], "epochs": 2},
+        {"lora": True, "lora_target_modules": ["q_proj", "v_proj"], "sft": {"epochs": 2}},
         TorchOptimiserConfig,
     )
     assert config.lora_target_modules == ("q_proj", "v_proj")
-    assert config.epochs == 2.0 and config.sft_target == "final" and config.algorithm == "ppo"
+    assert config.sft.epochs == 2.0 and config.sft.target == "final" and config.algorithm == "ppo"
+    assert config.dpo.epochs == 1.0  # each algorithm has its own table
     assert converter.structure(converter.unstructure(config), TorchOptimiserConfig) == config
 
 
@@ -191,11 +226,11 @@ def test_run_file_errors_are_reported_at_their_key(tmp_path: Path) -> None:
         "output_dir": "out",
         "models": {"policy": "model"},
         "data": {"prompts": "prompts.txt"},
-        "policy_optimiser": {"plugin": "torch", "learning_rate": -1.0},
+        "policy_optimiser": {"plugin": "torch", "sft": {"learning_rate": -1.0}},
     }
     with pytest.raises(ConfigError) as info:
         check_run_data(data, "run.toml", manager.registry, tmp_path)
-    assert "policy_optimiser.learning_rate: expected a number > 0, found -1.0" in (
+    assert "policy_optimiser.sft.learning_rate: expected a number > 0, found -1.0" in (
         info.value.problems
     )
 
@@ -269,7 +304,7 @@ def test_report_metrics_and_record(trained: tuple[Any, Path, list[Any]], base: P
     assert metrics["seconds"] > 0 and 0 < metrics["train_loss"] < metrics["loss_first"]
     record = json.loads((out / SFT_RECORD).read_text())
     assert record["base"] == str(base)
-    assert record["config"]["max_steps"] == 12
+    assert record["config"]["sft"]["max_steps"] == 12
     assert [tuple(x) for x in record["losses"]] == losses
 
 
@@ -316,7 +351,7 @@ def test_loss_is_on_the_revision_only(
             return super().train(*args, **kwargs)
 
     monkeypatch.setattr(sft_module, "SFTTrainer", Spy)
-    config = TorchOptimiserConfig(max_steps=1, **FAST)  # type: ignore[arg-type]
+    config = fast({"max_steps": 1})
     TorchOptimiser(config).sft(str(base), [trace("fr", FRANCE, FRANCE_ANSWER)], tmp_path / "o")
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     row = seen[0]
@@ -329,7 +364,7 @@ def test_loss_is_on_the_revision_only(
 
 def test_sft_target_all_counts_every_step_and_is_deterministic(base: Path, tmp_path: Path) -> None:
     traces = [trace("a", SKY, SKY_ANSWER, steps=3), trace("b", FRANCE, FRANCE_ANSWER, steps=2)]
-    config = TorchOptimiserConfig(max_steps=2, sft_target="all", seed=7, **FAST)  # type: ignore[arg-type]
+    config = fast({"max_steps": 2, "target": "all"}, seed=7)
     first = TorchOptimiser(config).sft(str(base), traces, tmp_path / "one")
     second = TorchOptimiser(config).sft(str(base), traces, tmp_path / "two")
     assert first.metrics["examples"] == 5 and first.metrics["traces"] == 2
@@ -339,7 +374,7 @@ def test_sft_target_all_counts_every_step_and_is_deterministic(base: Path, tmp_p
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(base: Path, tmp_path: Path) -> None:
-    config = TorchOptimiserConfig(max_steps=4, lora=True, lora_r=4, lora_alpha=8, **FAST)  # type: ignore[arg-type]
+    config = fast({"max_steps": 4}, lora=True, lora_r=4, lora_alpha=8)
     out = tmp_path / "lora"
     report = TorchOptimiser(config).sft(str(base), TOY, out)
     assert report.metrics["steps"] == 4
@@ -416,11 +451,13 @@ revisions = 2
 
 [policy_optimiser]
 plugin = "torch"
+device = "cpu"
+
+[policy_optimiser.sft]
 learning_rate = 0.01
 max_steps = 3
 batch_size = 4
 max_length = 256
-device = "cpu"
 """
 
 

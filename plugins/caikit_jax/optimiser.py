@@ -1,0 +1,89 @@
+"""The ``jax`` policy optimiser: :class:`JaxOptimiser`, SFT, DPO and PPO on Tunix's Llama.
+
+- :meth:`JaxOptimiser.sft`: :func:`caikit_jax.sft.train_sft` with
+  ``[policy_optimiser.sft]``.
+- ``algorithm = "dpo"``: :func:`caikit_jax.dpo.train_dpo` with ``[policy_optimiser.dpo]``.
+- ``algorithm = "ppo"``: :func:`caikit_jax.ppo.train_ppo` with ``[policy_optimiser.ppo]``.
+
+Every result is a Hugging Face checkpoint (:func:`caikit_jax.model.save_checkpoint`)
+that transformers and the ``hf`` generator load, plus a JSON record. The algorithm
+modules (and with them JAX) are imported when a method runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from caikit_core.interfaces import FitReport, PreferenceModel
+from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
+from caikit_jax.common import RL_RECORD, WHO, checkpoint_folder, write_record
+from caikit_jax.config import CAPABILITIES, JaxOptimiserConfig
+
+__all__ = ["JaxOptimiser"]
+
+
+class JaxOptimiser:
+    """SFT, DPO and PPO on JAX (see the module docstring)."""
+
+    capabilities: frozenset[str] = CAPABILITIES
+
+    def __init__(self, config: JaxOptimiserConfig) -> None:
+        self.config = config
+        #: ``(step, loss)`` of every step of the last :meth:`sft` or DPO run.
+        self.losses: list[tuple[int, float]] = []
+
+    # SL-CAI -------------------------------------------------------------------------------
+    def sft(self, policy: str, examples: Sequence[RevisionTrace], out: Path) -> FitReport:
+        """Fine-tune ``policy`` on the revisions of ``examples`` and save it to ``out``.
+
+        Metrics as the ``torch`` optimiser reports them (``train_loss``,
+        ``loss_first``, ``loss_last``, ``examples``, ``traces``, ``skipped_empty``,
+        ``skipped_marked``, ``too_long``, ``steps``, ``seconds``) and
+        ``compile_seconds`` (the first step, which includes XLA compilation).
+        """
+        from caikit_jax.sft import train_sft
+
+        report, self.losses = train_sft(self.config, policy, examples, out)
+        return report
+
+    # RL-CAI -------------------------------------------------------------------------------
+    def optimise(
+        self,
+        policy: str,
+        reference: str,
+        reward: PreferenceModel,
+        prompts: Sequence[Prompt],
+        labelled: Sequence[LabelledComparison],
+        out: Path,
+    ) -> FitReport:
+        """Optimise ``policy`` with ``config.algorithm`` (``"ppo"`` or ``"dpo"``), keeping
+        it close to ``reference``; save it to ``out``."""
+        from caikit_jax.model import check_device
+
+        cfg = self.config
+        started = time.perf_counter()
+        check_device(cfg.device, WHO)
+        policy_folder = checkpoint_folder(policy, "policy")
+        reference_folder = checkpoint_folder(reference, "reference")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.algorithm == "dpo":
+            from caikit_jax.dpo import train_dpo
+
+            metrics, self.losses = train_dpo(cfg, policy_folder, reference_folder, labelled, out)
+        else:
+            from caikit_jax.ppo import train_ppo
+
+            metrics = train_ppo(
+                cfg,
+                policy=policy_folder,
+                reference=reference_folder,
+                reward=reward,
+                prompts=prompts,
+                out=out,
+            )
+        metrics["seconds"] = time.perf_counter() - started
+        write_record(out / RL_RECORD, policy_folder, cfg, metrics, self.losses)
+        return FitReport(str(out), metrics)
