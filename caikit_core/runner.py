@@ -23,6 +23,7 @@ a changed setting re-runs that stage and everything after it, and nothing before
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -248,7 +249,7 @@ class Runner:
         elapsed = time.perf_counter() - started
         manifest.artifact = "artifact"
         manifest.metrics = {k: float(v) for k, v in report.metrics.items()}
-        manifest.history = [{k: float(v) for k, v in row.items()} for row in report.history]
+        manifest.history = [_numbers(row) for row in report.history]
         manifest.complete = True
         manifest.finished_at = time.time()
         manifest.timings["seconds"] = elapsed
@@ -282,6 +283,15 @@ class Runner:
             return source  # saved outside the temporary folder: already safe
         shutil.move(str(source), str(target))
         return target
+
+
+def _numbers(row: Any) -> dict[str, float]:
+    """A history row's finite numbers (a trainer's log rows also hold strings, bools)."""
+    return {
+        str(k): float(v)
+        for k, v in dict(row).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class _ShardWriter:

@@ -161,4 +161,4 @@ class TorchOptimiser:
         metrics["seconds"] = time.perf_counter() - started
         run.write_record(metrics)
         log.info("%s: done in %.1fs, saved to %s", cfg.algorithm, metrics["seconds"], out)
-        return FitReport(str(out), metrics)
+        return FitReport(str(out), metrics, history=run.history)

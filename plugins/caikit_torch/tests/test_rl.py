@@ -778,6 +778,13 @@ def test_swapping_the_algorithm_is_one_line_and_reruns_only_the_policy(
         assert policy.artifact is not None
         record = json.loads((policy.artifact / RL_RECORD).read_text())
         assert record["algorithm"] == algorithm
+        # the per-step metrics reach the manifest through FitReport.history, as numbers
+        manifest = json.loads((policy.path / "manifest.json").read_text())
+        assert manifest["history"] == policy.history and policy.history
+        if algorithm == "ppo":
+            scores = [row["objective/scores"] for row in policy.history]
+            assert scores == [row["objective/scores"] for row in record["history"]]
+            assert "objective/kl" in policy.history[0]
         transformers.AutoModelForCausalLM.from_pretrained(policy.artifact)
 
 
