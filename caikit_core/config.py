@@ -152,7 +152,35 @@ class ResolvedRole:
     spec: PluginSpec
     config: Any
 
+    @property
+    def ref(self) -> RoleRef:
+        """The role as plain, picklable data (what crosses to a stage's worker)."""
+        return RoleRef(self.role, self.spec.name, self.config)
+
     def options(self) -> dict[str, Any]:
+        return self.ref.options()
+
+
+@attrs.frozen
+class RoleRef:
+    """A role resolved to plain data: which plugin, with which validated config.
+
+    Picklable (the config is a frozen attrs instance), so it can cross to another
+    process, where :meth:`spec` finds the plugin in that process's registry.
+    """
+
+    role: str
+    plugin: str
+    config: Any = None
+
+    def spec(self) -> PluginSpec:
+        """The plugin's registration, looked up in this process's registry."""
+        from caikit_core.plugins import get_registry
+
+        return get_registry().get(self.role, self.plugin)
+
+    def options(self) -> dict[str, Any]:
+        """The config as plain data (what enters fingerprints)."""
         if self.config is None:
             return {}
         data = converter.unstructure(self.config)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from caikit_core import hookimpl, plugins
-from caikit_core.config import load_run
+from caikit_core.config import RoleRef, load_run
 from caikit_core.errors import StageError
 from caikit_core.io.prompts import PromptFileError, make_prompt
 from caikit_core.records import (
@@ -26,7 +26,7 @@ from caikit_core.records import (
 )
 from caikit_core.runner import Runner
 from caikit_core.stages import STAGES, stage_names
-from caikit_core.stages.base import Context, RoleRef, StageResult, WorkerSpec
+from caikit_core.stages.base import Context, StageResult, WorkerSpec
 from caikit_core.stages.helpfulness import HelpfulnessWorker
 from caikit_core.stages.labels import LabelWorker
 from caikit_core.stages.pairs import PairWorker

@@ -24,15 +24,21 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
-from caikit_core.converter import converter
+from caikit_core.config import RoleRef
 from caikit_core.errors import CaikitError, StageError
-from caikit_core.records import SamplingParams, from_arrow
+from caikit_core.records import (
+    Generation,
+    GenerationRequest,
+    Prompt,
+    SamplingParams,
+    derive_seed,
+    from_arrow,
+)
 
 if TYPE_CHECKING:
     from caikit_core.config import ResolvedRun, RunConfig
     from caikit_core.constitution import Constitution
     from caikit_core.interfaces import FitReport
-    from caikit_core.plugins import PluginSpec
     from caikit_core.store import RunStore
 
 log = logging.getLogger("caikit.stages")
@@ -42,32 +48,6 @@ Key = Hashable
 
 
 # --- roles and workers ------------------------------------------------------------------
-
-
-@attrs.frozen
-class RoleRef:
-    """A role resolved to plain data: which plugin, with which validated config."""
-
-    role: str
-    plugin: str
-    config: Any = None
-
-    def spec(self) -> PluginSpec:
-        """The plugin's registration, looked up in this process's registry."""
-        from caikit_core.plugins import get_registry
-
-        return get_registry().get(self.role, self.plugin)
-
-    def options(self) -> dict[str, Any]:
-        """The config as plain data (what enters fingerprints)."""
-        if self.config is None:
-            return {}
-        data = converter.unstructure(self.config)
-        assert isinstance(data, dict)
-        return data
-
-    def cache_key(self) -> str:
-        return json.dumps([self.role, self.plugin, self.options()], sort_keys=True, default=str)
 
 
 _INSTANCES: dict[tuple[str, ...], Any] = {}
@@ -80,7 +60,10 @@ def plugin_instance(role: RoleRef, **kwargs: Any) -> Any:
     Use :meth:`RoleRef.spec` and ``spec.build`` directly for instances that take
     other plugins' instances as arguments (critics, labellers).
     """
-    key = (role.cache_key(), json.dumps(kwargs, sort_keys=True, default=str))
+    key = (
+        json.dumps([role.role, role.plugin, role.options()], sort_keys=True, default=str),
+        json.dumps(kwargs, sort_keys=True, default=str),
+    )
     if key not in _INSTANCES:
         spec = role.spec()
         log.info("loading %s '%s' with %s", role.role, spec.name, kwargs)
@@ -164,6 +147,52 @@ def sampling(cfg: Any) -> SamplingParams:
     )
 
 
+class SamplingWorker:
+    """What the sampling stages' workers share: ``samples`` completions per prompt from
+    the run's generator, each request seeded by the run seed, the prompt id and the
+    stage's name, so a prompt's text never depends on the batch it lands in."""
+
+    stage = ""
+
+    def __init__(
+        self,
+        *,
+        generator: RoleRef,
+        model: str,
+        sampling: SamplingParams,
+        seed: int,
+        samples: int = 1,
+    ) -> None:
+        self.generator_role = generator
+        self.generator = plugin_instance(generator, model=model)
+        self.model = model
+        self.sampling = sampling
+        self.seed = seed
+        self.samples = samples
+
+    @classmethod
+    def spec(cls, ctx: Context, model: str, cfg: Any, samples: int = 1) -> WorkerSpec:
+        """This worker on the run's generator, ``model`` and sampling table ``cfg``."""
+        kwargs = {
+            "generator": ctx.role("generator"),
+            "model": model,
+            "sampling": sampling(cfg),
+            "seed": ctx.seed,
+            "samples": samples,
+        }
+        return WorkerSpec(cls, kwargs)
+
+    def sample(self, batch: list[Prompt]) -> list[Generation]:
+        seeds = [derive_seed(self.seed, p.id, self.stage) for p in batch]
+        requests = [
+            GenerationRequest(p.id, p.messages, self.sampling, self.samples, seed)
+            for p, seed in zip(batch, seeds, strict=True)
+        ]
+        generations: list[Generation] = self.generator.generate(requests)
+        check_count(self.stage, self.generator_role, generations, len(requests))
+        return generations
+
+
 # --- what a stage sees of the run -------------------------------------------------------
 
 
@@ -216,8 +245,7 @@ class Context:
         return self._constitution
 
     def role(self, name: str) -> RoleRef:
-        resolved = self.run.roles[name]
-        return RoleRef(name, resolved.spec.name, resolved.config)
+        return self.run.roles[name].ref
 
     def path(self, value: str) -> Path:
         """A path named in the run file, relative to the run file's folder."""

@@ -12,56 +12,22 @@ from typing import Any
 import attrs
 
 from caikit_core.config import RunConfig
-from caikit_core.records import (
-    GenerationRequest,
-    Prompt,
-    RevisionTrace,
-    SamplingParams,
-    derive_seed,
-    stable_id,
-)
-from caikit_core.stages.base import (
-    Context,
-    RoleRef,
-    Stage,
-    WorkerSpec,
-    check_count,
-    plugin_instance,
-    sampling,
-)
+from caikit_core.records import Prompt, RevisionTrace, stable_id
+from caikit_core.stages.base import Context, SamplingWorker, Stage, WorkerSpec, sampling
 from caikit_core.store import file_digest, model_fingerprint
 
 
-class HelpfulnessWorker:
+class HelpfulnessWorker(SamplingWorker):
     """``samples`` answers per helpfulness prompt; empty answers are dropped."""
 
-    def __init__(
-        self, *, generator: RoleRef, model: str, sampling: SamplingParams, samples: int, seed: int
-    ) -> None:
-        self.generator_role = generator
-        self.generator = plugin_instance(generator, model=model)
-        self.sampling = sampling
-        self.samples = samples
-        self.seed = seed
+    stage = "helpfulness"
 
     def __call__(self, batch: list[Prompt]) -> list[RevisionTrace]:
-        requests = [
-            GenerationRequest(
-                p.id,
-                p.messages,
-                self.sampling,
-                self.samples,
-                derive_seed(self.seed, p.id, "helpfulness"),
-            )
-            for p in batch
-        ]
-        generations = self.generator.generate(requests)
-        check_count("helpfulness", self.generator_role, generations, len(requests))
         return [
             RevisionTrace(
                 stable_id("helpfulness", p.id, k), p.id, p.messages, text, (), text, "helpfulness"
             )
-            for p, g in zip(batch, generations, strict=True)
+            for p, g in zip(batch, self.sample(batch), strict=True)
             for k, text in enumerate(g.texts)
             if text.strip()
         ]
@@ -110,13 +76,7 @@ class Helpfulness(Stage):
         return read_prompts(self._file(ctx))
 
     def worker(self, ctx: Context) -> WorkerSpec:
-        return WorkerSpec(
-            HelpfulnessWorker,
-            {
-                "generator": ctx.role("generator"),
-                "model": ctx.model("policy"),
-                "sampling": sampling(ctx.config.sl.sampling),
-                "samples": ctx.config.sl.helpfulness_samples,
-                "seed": ctx.seed,
-            },
+        sl = ctx.config.sl
+        return HelpfulnessWorker.spec(
+            ctx, ctx.model("policy"), sl.sampling, samples=sl.helpfulness_samples
         )

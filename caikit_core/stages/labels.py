@@ -13,12 +13,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from caikit_core.config import RoleRef
 from caikit_core.constitution import Constitution
 from caikit_core.errors import StageError
 from caikit_core.records import Comparison, PreferenceLabel, iter_from_arrow
 from caikit_core.stages.base import (
     Context,
-    RoleRef,
     Stage,
     StageResult,
     WorkerSpec,

@@ -11,58 +11,25 @@ from typing import Any
 import attrs
 
 from caikit_core.errors import StageError
-from caikit_core.records import (
-    Comparison,
-    GenerationRequest,
-    Prompt,
-    SamplingParams,
-    derive_seed,
-    stable_id,
-)
-from caikit_core.stages.base import (
-    Context,
-    RoleRef,
-    Stage,
-    WorkerSpec,
-    check_count,
-    plugin_instance,
-    sampling,
-)
+from caikit_core.records import Comparison, Prompt, stable_id
+from caikit_core.stages.base import Context, SamplingWorker, Stage, WorkerSpec, sampling
 
 
-class PairWorker:
+class PairWorker(SamplingWorker):
     """Two samples per prompt, as one comparison."""
 
-    def __init__(
-        self, *, generator: RoleRef, model: str, sampling: SamplingParams, seed: int
-    ) -> None:
-        self.generator_role = generator
-        self.generator = plugin_instance(generator, model=model)
-        self.model = model
-        self.sampling = sampling
-        self.seed = seed
+    stage = "pairs"
 
     def __call__(self, batch: list[Prompt]) -> list[Comparison]:
-        requests = [
-            GenerationRequest(
-                p.id, p.messages, self.sampling, 2, derive_seed(self.seed, p.id, "pairs")
-            )
-            for p in batch
-        ]
-        generations = self.generator.generate(requests)
-        check_count("pairs", self.generator_role, generations, len(requests))
         out = []
-        for p, g in zip(batch, generations, strict=True):
+        for p, g in zip(batch, self.sample(batch), strict=True):
             if len(g.texts) != 2:
                 raise StageError(
                     f"stage 'pairs': generator returned {len(g.texts)} samples for "
                     f"record {p.id}, expected 2"
                 )
-            out.append(
-                Comparison(
-                    stable_id("pair", p.id), p.id, p.messages, g.texts[0], g.texts[1], self.model
-                )
-            )
+            a, b = g.texts
+            out.append(Comparison(stable_id("pair", p.id), p.id, p.messages, a, b, self.model))
         return out
 
 
@@ -89,12 +56,4 @@ class Pairs(Stage):
         return ctx.rows("prompts")
 
     def worker(self, ctx: Context) -> WorkerSpec:
-        return WorkerSpec(
-            PairWorker,
-            {
-                "generator": ctx.role("generator"),
-                "model": ctx.rl_policy()[0],
-                "sampling": sampling(ctx.config.rl.sampling),
-                "seed": ctx.seed,
-            },
-        )
+        return PairWorker.spec(ctx, ctx.rl_policy()[0], ctx.config.rl.sampling, samples=2)

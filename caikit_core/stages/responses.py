@@ -7,50 +7,20 @@ from typing import Any
 
 import attrs
 
-from caikit_core.records import (
-    GenerationRequest,
-    Prompt,
-    Sample,
-    SamplingParams,
-    derive_seed,
-    stable_id,
-)
-from caikit_core.stages.base import (
-    Context,
-    RoleRef,
-    Stage,
-    WorkerSpec,
-    check_count,
-    plugin_instance,
-    sampling,
-)
+from caikit_core.records import Prompt, Sample, stable_id
+from caikit_core.stages.base import Context, SamplingWorker, Stage, WorkerSpec, sampling
 from caikit_core.store import model_fingerprint
 
 
-class RespondWorker:
-    """One sampled answer per prompt, seeded by the prompt id."""
+class RespondWorker(SamplingWorker):
+    """One sampled answer per prompt."""
 
-    def __init__(
-        self, *, generator: RoleRef, model: str, sampling: SamplingParams, seed: int
-    ) -> None:
-        self.generator_role = generator
-        self.generator = plugin_instance(generator, model=model)
-        self.model = model
-        self.sampling = sampling
-        self.seed = seed
+    stage = "responses"
 
     def __call__(self, batch: list[Prompt]) -> list[Sample]:
-        requests = [
-            GenerationRequest(
-                p.id, p.messages, self.sampling, 1, derive_seed(self.seed, p.id, "responses")
-            )
-            for p in batch
-        ]
-        generations = self.generator.generate(requests)
-        check_count("responses", self.generator_role, generations, len(requests))
         return [
             Sample(stable_id("response", p.id), p.id, p.messages, g.texts[0], self.model)
-            for p, g in zip(batch, generations, strict=True)
+            for p, g in zip(batch, self.sample(batch), strict=True)
         ]
 
 
@@ -77,12 +47,4 @@ class Responses(Stage):
         return ctx.rows("prompts")
 
     def worker(self, ctx: Context) -> WorkerSpec:
-        return WorkerSpec(
-            RespondWorker,
-            {
-                "generator": ctx.role("generator"),
-                "model": ctx.model("policy"),
-                "sampling": sampling(ctx.config.sl.sampling),
-                "seed": ctx.seed,
-            },
-        )
+        return RespondWorker.spec(ctx, ctx.model("policy"), ctx.config.sl.sampling)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from caikit_core.config import RoleRef
 from caikit_core.constitution import Constitution
 from caikit_core.records import RevisionTrace, Sample
 from caikit_core.stages.base import (
     Context,
-    RoleRef,
     Stage,
     StageResult,
     WorkerSpec,
