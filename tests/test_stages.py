@@ -218,7 +218,7 @@ def test_stage_labels_rejects_probabilities_outside_the_unit_interval(
     ctx: Context, test_plugins: None
 ) -> None:
     worker = LabelWorker(
-        labeller=RoleRef("labeller", "too-sure"),
+        plugin=RoleRef("labeller", "too-sure"),
         generator=_echo(ctx),
         model="m",
         constitution=ctx.constitution,

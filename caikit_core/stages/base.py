@@ -193,6 +193,44 @@ class SamplingWorker:
         return generations
 
 
+class FeedbackWorker:
+    """What the critic's and the labeller's workers share: the stage's feedback plugin
+    (``role``) built around the run's generator on ``model`` (from the process cache)
+    and the constitution."""
+
+    stage = ""
+    role = ""
+
+    def __init__(
+        self,
+        *,
+        plugin: RoleRef,
+        generator: RoleRef,
+        model: str,
+        constitution: Constitution,
+        seed: int,
+    ) -> None:
+        self.plugin_role = plugin
+        self.plugin = plugin.spec().build(
+            plugin.config,
+            generator=plugin_instance(generator, model=model),
+            constitution=constitution,
+        )
+        self.seed = seed
+
+    @classmethod
+    def spec(cls, ctx: Context, model: str) -> WorkerSpec:
+        """This worker with the run's ``role`` plugin, generator on ``model``, constitution."""
+        kwargs = {
+            "plugin": ctx.role(cls.role),
+            "generator": ctx.role("generator"),
+            "model": model,
+            "constitution": ctx.constitution,
+            "seed": ctx.seed,
+        }
+        return WorkerSpec(cls, kwargs)
+
+
 # --- what a stage sees of the run -------------------------------------------------------
 
 

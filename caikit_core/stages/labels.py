@@ -13,44 +13,28 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from caikit_core.config import RoleRef
-from caikit_core.constitution import Constitution
 from caikit_core.errors import StageError
 from caikit_core.records import Comparison, PreferenceLabel, iter_from_arrow
 from caikit_core.stages.base import (
     Context,
+    FeedbackWorker,
     Stage,
     StageResult,
     WorkerSpec,
     check_count,
-    plugin_instance,
 )
 from caikit_core.store import model_fingerprint
 
 
-class LabelWorker:
+class LabelWorker(FeedbackWorker):
     """Runs the labeller over a batch of comparisons and checks what it returns."""
 
-    def __init__(
-        self,
-        *,
-        labeller: RoleRef,
-        generator: RoleRef,
-        model: str,
-        constitution: Constitution,
-        seed: int,
-    ) -> None:
-        self.labeller_role = labeller
-        self.labeller = labeller.spec().build(
-            labeller.config,
-            generator=plugin_instance(generator, model=model),
-            constitution=constitution,
-        )
-        self.seed = seed
+    stage = "labels"
+    role = "labeller"
 
     def __call__(self, batch: list[Comparison]) -> list[PreferenceLabel]:
-        labels: list[PreferenceLabel] = self.labeller.label(batch, seed=self.seed)
-        check_count("labels", self.labeller_role, labels, len(batch))
+        labels: list[PreferenceLabel] = self.plugin.label(batch, seed=self.seed)
+        check_count(self.stage, self.plugin_role, labels, len(batch))
         bad = [
             f"{c.id} (p_a={x.p_a!r})"
             for c, x in zip(batch, labels, strict=True)
@@ -63,7 +47,7 @@ class LabelWorker:
                 if bad
                 else f"labels for the wrong comparisons at records {', '.join(wrong)}"
             )
-            spec = self.labeller_role.spec()
+            spec = self.plugin_role.spec()
             raise StageError(
                 f"stage 'labels': labeller '{spec.name}' ({spec.origin()}) returned {what}"
             )
@@ -92,16 +76,7 @@ class Labels(Stage):
         return ctx.rows("pairs")
 
     def worker(self, ctx: Context) -> WorkerSpec:
-        return WorkerSpec(
-            LabelWorker,
-            {
-                "labeller": ctx.role("labeller"),
-                "generator": ctx.role("generator"),
-                "model": ctx.model("feedback"),
-                "constitution": ctx.constitution,
-                "seed": ctx.seed,
-            },
-        )
+        return LabelWorker.spec(ctx, ctx.model("feedback"))
 
     def summary(self, ctx: Context, result: StageResult) -> list[str]:
         """The P(A) histogram, the preferred side, and mean swap-consistency."""

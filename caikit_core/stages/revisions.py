@@ -9,43 +9,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from caikit_core.config import RoleRef
-from caikit_core.constitution import Constitution
 from caikit_core.records import RevisionTrace, Sample
 from caikit_core.stages.base import (
     Context,
+    FeedbackWorker,
     Stage,
     StageResult,
     WorkerSpec,
     check_count,
-    plugin_instance,
 )
 from caikit_core.store import model_fingerprint
 
 
-class ReviseWorker:
+class ReviseWorker(FeedbackWorker):
     """Runs the critic over a batch of responses."""
 
-    def __init__(
-        self,
-        *,
-        critic: RoleRef,
-        generator: RoleRef,
-        model: str,
-        constitution: Constitution,
-        seed: int,
-    ) -> None:
-        self.critic_role = critic
-        self.critic = critic.spec().build(
-            critic.config,
-            generator=plugin_instance(generator, model=model),
-            constitution=constitution,
-        )
-        self.seed = seed
+    stage = "revisions"
+    role = "critic"
 
     def __call__(self, batch: list[Sample]) -> list[RevisionTrace]:
-        traces: list[RevisionTrace] = self.critic.revise(batch, seed=self.seed)
-        check_count("revisions", self.critic_role, traces, len(batch))
+        traces: list[RevisionTrace] = self.plugin.revise(batch, seed=self.seed)
+        check_count(self.stage, self.plugin_role, traces, len(batch))
         return traces
 
 
@@ -71,16 +55,7 @@ class Revisions(Stage):
         return ctx.rows("responses")
 
     def worker(self, ctx: Context) -> WorkerSpec:
-        return WorkerSpec(
-            ReviseWorker,
-            {
-                "critic": ctx.role("critic"),
-                "generator": ctx.role("generator"),
-                "model": ctx.model("policy"),
-                "constitution": ctx.constitution,
-                "seed": ctx.seed,
-            },
-        )
+        return ReviseWorker.spec(ctx, ctx.model("policy"))
 
     def summary(self, ctx: Context, result: StageResult) -> list[str]:
         return [
