@@ -391,8 +391,10 @@ class Stage:
 
     # map and source stages
     def items(self, ctx: Context) -> Sequence[Any]:
-        """What it maps over (map) or the records it writes (source)."""
-        raise NotImplementedError(f"stage '{self.name}' has no items")
+        """What it maps over (map) or the records it writes (source); default: the
+        rows of its one input stage."""
+        (single,) = self.inputs
+        return ctx.rows(single)
 
     def worker(self, ctx: Context) -> WorkerSpec:
         """The worker that maps one batch of items to records (map stages)."""

@@ -8,7 +8,6 @@ comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -71,9 +70,6 @@ class Labels(Stage):
 
     def models(self, ctx: Context) -> dict[str, str]:
         return {"feedback": ctx.model("feedback")}
-
-    def items(self, ctx: Context) -> Sequence[Comparison]:
-        return ctx.rows("pairs")
 
     def worker(self, ctx: Context) -> WorkerSpec:
         return LabelWorker.spec(ctx, ctx.model("feedback"))

@@ -5,7 +5,6 @@ The policy is the SFT checkpoint when the run trains one, else ``models.policy``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -51,9 +50,6 @@ class Pairs(Stage):
 
     def models(self, ctx: Context) -> dict[str, str]:
         return {"policy": ctx.rl_policy()[0]}
-
-    def items(self, ctx: Context) -> Sequence[Prompt]:
-        return ctx.rows("prompts")
 
     def worker(self, ctx: Context) -> WorkerSpec:
         return PairWorker.spec(ctx, ctx.rl_policy()[0], ctx.config.rl.sampling, samples=2)

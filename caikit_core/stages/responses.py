@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -42,9 +41,6 @@ class Responses(Stage):
 
     def models(self, ctx: Context) -> dict[str, str]:
         return {"policy": ctx.model("policy")}
-
-    def items(self, ctx: Context) -> Sequence[Prompt]:
-        return ctx.rows("prompts")
 
     def worker(self, ctx: Context) -> WorkerSpec:
         return RespondWorker.spec(ctx, ctx.model("policy"), ctx.config.sl.sampling)

@@ -6,7 +6,6 @@ step's principle, critique and revision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from caikit_core.records import RevisionTrace, Sample
@@ -50,9 +49,6 @@ class Revisions(Stage):
 
     def models(self, ctx: Context) -> dict[str, str]:
         return {"policy": ctx.model("policy")}
-
-    def items(self, ctx: Context) -> Sequence[Sample]:
-        return ctx.rows("responses")
 
     def worker(self, ctx: Context) -> WorkerSpec:
         return ReviseWorker.spec(ctx, ctx.model("policy"))
