@@ -201,7 +201,7 @@ class Runner:
             for offset in range(0, len(shards[index]), bsz):
                 batches[(index, offset)] = shards[index][offset : offset + bsz]
         writer = _ShardWriter(self.store, stage, fp, manifest, shards, batches)
-        if stage.kind == "source":
+        if stage.kind == "source" or not batches:
             outputs: Iterator[tuple[Key, list[Any]]] = iter(batches.items())
         else:
             outputs = self.executor.map(
@@ -213,7 +213,10 @@ class Runner:
         try:
             for key, out in outputs:
                 writer.add(key, out)
-        except BatchFailed as failure:
+        except Exception as exc:
+            failure = _batch_failure(exc)
+            if failure is None:
+                raise
             ids = [stage.item_id(x) for x in batches.get(failure.key, [])]
             shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
             message = f"stage '{stage.name}' failed on records [{shown}]: {failure}"
@@ -285,6 +288,16 @@ class Runner:
         return target
 
 
+def _batch_failure(exc: BaseException) -> BatchFailed | None:
+    """The :class:`BatchFailed` an executor raised, or chained as a cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BatchFailed):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
 def _numbers(row: Any) -> dict[str, float]:
     """A history row's finite numbers (a trainer's log rows also hold strings, bools)."""
     return {
@@ -354,15 +367,17 @@ class _ShardWriter:
             )
 
     def _write(self, index: int, parts: dict[Key, list[Any]]) -> None:
-        """Rows in item order (by batch offset), each record id once."""
+        """Rows in item order (by batch offset); two records with one id are an error
+        (a retried batch never gets here twice: :meth:`add` keeps one copy)."""
         assert self.stage.record_type is not None
-        rows: list[Any] = []
-        seen: set[str] = set()
-        for key in sorted(parts, key=lambda k: self.place[k][1]):
-            for record in parts[key]:
-                if record.id not in seen:
-                    seen.add(record.id)
-                    rows.append(record)
+        rows = [r for key in sorted(parts, key=lambda k: self.place[k][1]) for r in parts[key]]
+        ids = [r.id for r in rows]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise StageError(
+                f"stage '{self.stage.name}': records {twice[:8]} were returned more than once "
+                f"in shard {index}; each record needs its own id"
+            )
         table = to_arrow(rows, self.stage.record_type)
         file = self.store.write_shard(self.stage.name, self.fp, index, table)
         now = time.perf_counter()

@@ -167,20 +167,66 @@ def test_out_of_order_and_repeated_batches_give_the_local_shards(
 
 
 def test_a_positional_executor_cannot_corrupt_a_run(echo_run: Path, with_echo: Path) -> None:
-    """Outputs under the wrong key are caught: the labels stage's worker rejects labels
-    for the wrong comparison, and nothing is written for a batch under a wrong key
-    that would go unnoticed... so the test checks the records' own ids."""
-    with pytest.raises(StageError):
+    """Records returned under another batch's key are caught by the runner (each
+    record's ``prompt_id`` must be one of its batch's prompt ids), before any shard
+    holding them is written."""
+    with pytest.raises(StageError, match=r"stage 'responses': the executor returned records \["):
         _run_with(echo_run, "positional", "out-positional")
+    responses = echo_run.parent / "out-positional" / "stages" / "responses"
+    assert not list(responses.rglob("shard-*.parquet"))
 
 
-def test_the_docs_executor_example_passes_the_kit() -> None:
-    import re
-    import types
+class ChainingExecutor:
+    """Wraps a batch's error in its own, with the BatchFailed as the cause (allowed)."""
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "plugin-hooks.md").read_text()
-    section = text.split("## register_executors", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    module = types.ModuleType("docs_executor_example")
-    exec(compile(code, "docs/plugin-hooks.md#register_executors", "exec"), module.__dict__)
-    assert _failed(module.Threads()) == set()
+    capabilities: frozenset[str] = frozenset()
+
+    def map(self, worker: WorkerFactory, batches: Batches, *, total: int, describe: str) -> Out:
+        run = worker.build()
+        for key, batch in batches:
+            try:
+                out = run(key, batch)
+            except BatchFailed as failure:
+                raise RuntimeError("the engine reports a failed task") from failure
+            yield key, out
+
+
+class _MorePlugins:
+    @hookimpl
+    def register_executors(self, register: Any) -> None:
+        register("chaining", lambda config: ChainingExecutor())
+
+
+def test_a_chained_batch_failure_still_names_the_records(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from caikit_core.cli import main
+    from caikit_core.io.prompts import make_prompt
+    from tests.conftest import PROMPTS
+
+    plugins.get_plugin_manager().register(_MorePlugins(), "more-test-plugins")
+    text = echo_run.read_text().replace('plugin = "echo"', 'plugin = "echo"\nfail_on = "number 5:"')
+    echo_run.write_text(text + '\n[executor]\nplugin = "chaining"\n')
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'responses' failed on records [" in err and make_prompt(PROMPTS[5]).id in err
+    assert "ValueError: echo cannot answer" in err and "Traceback" not in err
+
+
+def test_two_records_with_one_id_are_an_error_not_a_silent_drop(
+    echo_run: Path, with_echo: Path
+) -> None:
+    """A batch whose records repeat an id (here: every record twice) fails the stage
+    instead of losing records silently; a retried batch (a repeated key) is fine."""
+    runner = Runner(load_run(echo_run, plugins.get_registry()))
+    local_map = runner.executor.map
+
+    def doubling(worker: Any, batches: Any, **kwargs: Any) -> Any:
+        for key, out in local_map(worker, batches, **kwargs):
+            yield key, out + out
+
+    runner.executor.map = doubling
+    with pytest.raises(
+        StageError, match=r"stage 'responses': records \['[0-9a-f]+', .* more than once in shard 0"
+    ):
+        runner.execute()

@@ -81,10 +81,16 @@ def _echo(ctx: Context) -> RoleRef:
     return ctx.role("generator")
 
 
-def test_every_map_worker_spec_pickles_and_maps_a_batch(ctx: Context) -> None:
+def test_every_map_worker_spec_pickles_and_maps_a_batch(ctx: Context, echo_run: Path) -> None:
     """Map stages hand the executor plain data: a spec that survives pickling builds a
     worker that maps a batch, with no reference to the driver's objects."""
-    summary = Runner(ctx.run, store=ctx.store).execute()
+    (echo_run.parent / "h.txt").write_text("be helpful\n", encoding="utf-8")
+    echo_run.write_text(echo_run.read_text() + '\n[sl]\nhelpfulness_prompts = "h.txt"\n')
+    run = load_run(echo_run, plugins.get_registry())
+    summary = Runner(run, store=ctx.store).execute()
+    assert {"responses", "revisions", "helpfulness", "pairs", "labels"} <= set(
+        summary.context.fingerprints
+    )
     done = summary.context
     for name, cls in STAGES.items():
         if cls.kind != "map" or name not in done.fingerprints:
@@ -285,3 +291,36 @@ def test_a_local_run_loads_each_generator_model_once(
     assert summary.stage("helpfulness").rows == 4
     sft = str(summary.stage("sft").artifact)
     assert built == ["echo-policy", sft, "echo-policy"]
+
+
+def test_a_worker_spec_builds_and_maps_in_another_process(
+    ctx: Context, tmp_path: Path, echo_site: Path
+) -> None:
+    """What a distributed executor does: the revisions stage's spec (roles, model path,
+    constitution, seed) pickled here, unpickled and built in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    spec = STAGES["revisions"]().worker(ctx)
+    samples = [
+        Sample(stable_id("response", p.id), p.id, p.messages, "an answer", "m")
+        for p in map(make_prompt, PROMPTS[:2])
+    ]
+    here = spec.build()(("k", 0), samples)
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((spec, samples)))
+    code = (
+        "import pickle, sys\n"
+        "spec, samples = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "out = spec.build()(('k', 0), samples)\n"
+        "open(sys.argv[2], 'wb').write(pickle.dumps(out))\n"
+    )
+    env = {"PYTHONPATH": str(echo_site), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "job.pkl"), str(tmp_path / "out.pkl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert pickle.loads((tmp_path / "out.pkl").read_bytes()) == here

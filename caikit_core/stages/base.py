@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -51,6 +52,7 @@ Key = Hashable
 
 
 _INSTANCES: dict[tuple[str, ...], Any] = {}
+_INSTANCES_LOCK = threading.Lock()
 
 
 def plugin_instance(role: RoleRef, **kwargs: Any) -> Any:
@@ -64,17 +66,19 @@ def plugin_instance(role: RoleRef, **kwargs: Any) -> Any:
         json.dumps([role.role, role.plugin, role.options()], sort_keys=True, default=str),
         json.dumps(kwargs, sort_keys=True, default=str),
     )
-    if key not in _INSTANCES:
-        spec = role.spec()
-        log.info("loading %s '%s' with %s", role.role, spec.name, kwargs)
-        _INSTANCES[key] = spec.build(role.config, **kwargs)
-    return _INSTANCES[key]
+    with _INSTANCES_LOCK:  # threads of one executor load a model once, not once each
+        if key not in _INSTANCES:
+            spec = role.spec()
+            log.info("loading %s '%s' with %s", role.role, spec.name, kwargs)
+            _INSTANCES[key] = spec.build(role.config, **kwargs)
+        return _INSTANCES[key]
 
 
 def release_instances() -> None:
     """Forget every cached plugin instance of this process (their models are freed
     when nothing else holds them)."""
-    _INSTANCES.clear()
+    with _INSTANCES_LOCK:
+        _INSTANCES.clear()
 
 
 class Worker(Protocol):

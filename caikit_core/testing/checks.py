@@ -1102,8 +1102,13 @@ class KitWhoAmI:
         return [f"{os.getpid()}:{self.token}" for _ in batch]
 
 
+def _keyed(*batches: list[int]) -> dict[tuple[int, int], list[int]]:
+    """Batches under keys shaped like the runner's: ``(shard, offset)`` tuples."""
+    return {(i, 0): batch for i, batch in enumerate(batches)}
+
+
 def _run_map(
-    ctx: CheckContext, worker: type, batches: dict[str, list[int]], **kwargs: Any
+    ctx: CheckContext, worker: type, batches: dict[tuple[int, int], list[int]], **kwargs: Any
 ) -> list[tuple[Any, list[Any]]]:
     from caikit_core.stages.base import WorkerSpec
 
@@ -1129,7 +1134,7 @@ def _by_key(ctx: CheckContext, got: list[tuple[Any, list[Any]]]) -> dict[Any, li
 @_check("executor")
 def check_executor_matches_local(ctx: CheckContext) -> None:
     """Each key's outputs equal the worker's outputs for that batch (as ``local`` gives)."""
-    batches = {"a": [1, 2, 3], "b": [4], "c": [5, 6], "d": []}
+    batches = _keyed([1, 2, 3], [4], [5, 6], [])
     expected = {k: KitSquare()(b) for k, b in batches.items()}
     got = _by_key(ctx, _run_map(ctx, KitSquare, batches))
     _expect(
@@ -1142,9 +1147,9 @@ def check_executor_matches_local(ctx: CheckContext) -> None:
 @_check("executor")
 def check_executor_results_keyed(ctx: CheckContext) -> None:
     """Outputs come back under their own batch's key, whatever order batches finish in."""
-    batches = {f"k{i}": [i] for i in range(6)}
+    batches = _keyed(*([i] for i in range(6)))
     got = _by_key(ctx, _run_map(ctx, KitSlowEarly, batches))
-    expected = {f"k{i}": [i + 1] for i in range(6)}
+    expected = {(i, 0): [i + 1] for i in range(6)}
     _expect(
         got == expected,
         f"map yielded {got!r}, expected {expected!r}; pair each output with the key its "
@@ -1156,7 +1161,7 @@ def check_executor_results_keyed(ctx: CheckContext) -> None:
 def check_executor_builds_worker_once_per_process(ctx: CheckContext) -> None:
     """A process builds the stage's worker once and maps all its batches with it (a
     worker loads models when built)."""
-    batches = {f"k{i}": [i, i] for i in range(8)}
+    batches = _keyed(*([i, i] for i in range(8)))
     got = _by_key(ctx, _run_map(ctx, KitWhoAmI, batches, tag="kit"))
     tokens: dict[str, set[str]] = {}
     for out in got.values():
@@ -1184,11 +1189,11 @@ def check_executor_propagates_exceptions(ctx: CheckContext) -> None:
     from caikit_core.stages.base import BatchFailed
 
     try:
-        _run_map(ctx, KitBoomWorker, {"ok": [1, 2], "bad": [7, 8], "later": [9]})
+        _run_map(ctx, KitBoomWorker, _keyed([1, 2], [7, 8], [9]))
     except Exception as exc:
         failure = exc if isinstance(exc, BatchFailed) else exc.__cause__
         _expect(
-            isinstance(failure, BatchFailed) and failure.key == "bad",
+            isinstance(failure, BatchFailed) and failure.key == (1, 0),
             f"map raised {exc!r}; re-raise the BatchFailed that the built worker raises "
             "(it carries the batch's key), or chain it as the cause",
         )
