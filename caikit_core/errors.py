@@ -25,6 +25,9 @@ class ConfigError(CaikitError):
         noun = "problem" if len(self.problems) == 1 else "problems"
         super().__init__(f"{source}: {len(self.problems)} config {noun}:\n{lines}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, list[str]]]:
+        return (type(self), (self.source, self.problems))
+
 
 class PluginError(CaikitError):
     """A plugin that cannot be loaded, validated or registered."""
@@ -69,7 +72,7 @@ class TrainingStopped(CaikitError):
     """A training run stopped on a guard (e.g. KL above its bound, a non-finite loss).
 
     ``checkpoint`` is the folder the trainer saved before stopping, if any; the
-    pipeline keeps it (it is not a completed stage) and names it in the error.
+    runner keeps it (it is not a completed stage) and names it in the error.
     """
 
     def __init__(self, message: str, checkpoint: str | None = None) -> None:

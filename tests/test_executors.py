@@ -13,7 +13,7 @@ import pytest
 
 from caikit_core import hookimpl, plugins
 from caikit_core.config import load_run
-from caikit_core.errors import StageError
+from caikit_core.errors import ConfigError, PluginError, StageError, TrainingStopped
 from caikit_core.interfaces import WorkerFactory
 from caikit_core.runner import Runner
 from caikit_core.stages.base import BatchFailed, WorkerSpec
@@ -230,3 +230,21 @@ def test_two_records_with_one_id_are_an_error_not_a_silent_drop(
         StageError, match=r"stage 'responses': records \['[0-9a-f]+', .* more than once in shard 0"
     ):
         runner.execute()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConfigError("run.toml", ["labeller.clamp: expected a number, found 'x'"]),
+        TrainingStopped("KL 12.5 above kl_bound 10", checkpoint="/tmp/ckpt"),
+        StageError("stage 'labels': labeller 'x' returned 3 results for 4 inputs"),
+        PluginError("unknown labeller plugin 'y'"),
+    ],
+    ids=["config", "training-stopped", "stage", "plugin"],
+)
+def test_caikit_errors_cross_process_boundaries_intact(error: Exception) -> None:
+    """A worker in another process (a Ray actor) may raise these; they must arrive with
+    their message and fields, not as a constructor TypeError."""
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error) and str(again) == str(error)
+    assert vars(again) == vars(error)
