@@ -679,16 +679,16 @@ def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
             )
         if score.token_counts[1] != j - 1 or not _as_generated(score, last, 0, j):
             continue  # the greedy text does not re-tokenise as generated
-        best = score.logprobs[0]
+        top = score.logprobs[0]
         for m in range(2, len(request.continuations)):
             if not _as_generated(score, last, m, j):
                 continue  # the new token merged with the greedy ones (or split)
             compared += 1
             text, lp = request.continuations[m], score.logprobs[m]
             _expect(
-                lp <= best + _SCORE_TOLERANCE,
+                lp <= top + _SCORE_TOLERANCE,
                 f"for '{request.id}' generate's greedy {j}-token text {request.continuations[0]!r} "
-                f"scores {best:.6g} but {text!r}, which shares its first {j - 1} tokens, scores "
+                f"scores {top:.6g} but {text!r}, which shares its first {j - 1} tokens, scores "
                 f"{lp:.6g} (tolerance {_SCORE_TOLERANCE:g}); with temperature 0 every step of "
                 "generate must take the most likely token given the prompt and all tokens so far "
                 "(and score must score the same tokens given the same context)",
