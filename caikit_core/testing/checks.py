@@ -457,10 +457,25 @@ def check_generator_greedy_choice_scores_highest(ctx: CheckContext) -> None:
         raise CheckSkipped("no greedy token's text scores as one token; nothing to compare")
 
 
-#: Absolute tolerance, in nats, of the score checks below: far above the float32
-#: round-off of a padded batch (about 1e-5 on the kit's tiny model), far below what a
-#: scoring bug changes.
+#: Absolute tolerance, in nats, of the score checks below for a float32 model: far
+#: above the round-off of a padded batch (about 1e-5 on the kit's tiny model), far
+#: below what a scoring bug changes.
 _SCORE_TOLERANCE = 1e-3
+#: The same for a generator that declares a 16-bit dtype (``dtype`` of the instance or
+#: of its config): bfloat16 round-off alone moves a sum of ten log-probs by ~1e-2.
+_SCORE_TOLERANCE_16BIT = 0.1
+
+
+def _score_tolerance(ctx: CheckContext) -> float:
+    """:data:`_SCORE_TOLERANCE`, or :data:`_SCORE_TOLERANCE_16BIT` for a 16-bit generator."""
+    instance = ctx.instance
+    config = getattr(instance, "config", None)
+    for dtype in (getattr(instance, "dtype", None), getattr(config, "dtype", None)):
+        if dtype is not None and str(dtype) != "auto":
+            text = str(dtype).lower()
+            return _SCORE_TOLERANCE_16BIT if "16" in text or "half" in text else _SCORE_TOLERANCE
+    return _SCORE_TOLERANCE
+
 
 #: (question, response_prefix, a, b) for the chain-rule check. Every piece after the
 #: first starts with a space, so a byte-level BPE tokenizer (the tiny model's, GPT-2's,
@@ -487,7 +502,8 @@ def _scores(ctx: CheckContext, requests: list[ScoreRequest]) -> list[Score]:
 
 @_check("generator", CAN_SCORE)
 def check_generator_score_chain_rule(ctx: CheckContext) -> None:
-    """log P(ab | x) = log P(a | x) + log P(b | x, response_prefix + a), within 1e-3.
+    """log P(ab | x) = log P(a | x) + log P(b | x, response_prefix + a), within 1e-3
+    (0.1 for a generator that declares a 16-bit ``dtype``).
 
     A continuation's log-probability is a sum over its tokens, so scoring ``a + b``
     whole, or ``a`` and then ``b`` with ``a`` appended to ``response_prefix``, gives
@@ -502,6 +518,7 @@ def check_generator_score_chain_rule(ctx: CheckContext) -> None:
         requests.append(ScoreRequest(f"chain-{i}-whole", messages, (a + b, a), prefix))
         requests.append(ScoreRequest(f"chain-{i}-rest", messages, (b,), prefix + a))
     scores = _scores(ctx, requests)
+    tolerance = _score_tolerance(ctx)
     compared = 0
     for i, (_, prefix, a, b) in enumerate(_CHAIN):
         whole, rest = scores[2 * i], scores[2 * i + 1]
@@ -511,10 +528,10 @@ def check_generator_score_chain_rule(ctx: CheckContext) -> None:
         compared += 1
         joint, first, second = whole.logprobs[0], whole.logprobs[1], rest.logprobs[0]
         _expect(
-            abs(joint - (first + second)) <= _SCORE_TOLERANCE,
+            abs(joint - (first + second)) <= tolerance,
             f"for 'chain-{i}' log P({a + b!r}) is {joint:.6g}, but log P({a!r}) + "
             f"log P({b!r} | response_prefix {prefix + a!r}) is {first:.6g} + {second:.6g} = "
-            f"{first + second:.6g} (tolerance {_SCORE_TOLERANCE:g}); score must sum the "
+            f"{first + second:.6g} (tolerance {tolerance:g}); score must sum the "
             "log-softmax of each continuation token given everything before it, with "
             "response_prefix in the context after the opened assistant turn",
         )
@@ -581,7 +598,7 @@ _GREEDY_PROMPTS = (
 )
 
 
-def _as_generated(whole: Score, last: Score, m: int, tokens: int) -> bool:
+def _as_generated(whole: Score, last: Score, m: int, tokens: int, tolerance: float) -> bool:
     """Whether whole text ``m`` (0: the greedy text; m >= 2: tail m - 1) scores as the
     shared greedy tokens (whole text 1) then one token, as it was generated."""
     tail = 0 if m == 0 else m - 1
@@ -589,15 +606,16 @@ def _as_generated(whole: Score, last: Score, m: int, tokens: int) -> bool:
     return (
         whole.token_counts[m] == tokens
         and last.token_counts[tail] == 1
-        and abs(whole.logprobs[m] - split) <= _SCORE_TOLERANCE
+        and abs(whole.logprobs[m] - split) <= tolerance
     )
 
 
 @_check("generator", CAN_SCORE)
 def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
     """``generate``'s greedy text of ``j`` tokens (j = 2..4) scores at least as high,
-    within 1e-3, as every other ``j``-token continuation that shares its first ``j - 1``
-    tokens (the greedy next token and sampled ones after those tokens), on 8 prompts.
+    within 1e-3 (0.1 for a 16-bit ``dtype``), as every other ``j``-token continuation
+    that shares its first ``j - 1`` tokens (the greedy next token and sampled ones
+    after those tokens), on 8 prompts.
 
     Greedy decoding maximises each step, not the whole sequence, so a greedy text can
     lose to a continuation that differs from it early. It cannot lose to one that
@@ -610,10 +628,10 @@ def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
     ``score`` sees text, not the generated tokens, so a text is compared only when it
     scores as the shared tokens then one more: ``token_counts`` of ``j - 1`` and
     ``j`` (and 1 for the last token), and log P(whole) = log P(shared) +
-    log P(last | response_prefix shared) within 1e-3. A generated sequence that the
-    tokenizer re-segments, or a last token that merges with the one before it, is
-    left out, so a correct generator cannot fail. It catches a ``generate`` that stops
-    decoding greedily after the first token (the one-token case is
+    log P(last | response_prefix shared) within the tolerance. A generated sequence
+    that the tokenizer re-segments, or a last token that merges with the one before
+    it, is left out, so a correct generator cannot fail. It catches a ``generate``
+    that stops decoding greedily after the first token (the one-token case is
     ``check_generator_greedy_choice_scores_highest``), and a ``score`` that scores
     other tokens or another context than ``generate`` decodes from.
     """
@@ -669,6 +687,7 @@ def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
         requests.append(ScoreRequest(f"greedy-{i}-{j}", messages[i], whole))
         requests.append(ScoreRequest(f"greedy-{i}-{j}-last", messages[i], tuple(tails), shared))
     scores = _scores(ctx, requests)
+    tolerance = _score_tolerance(ctx)
     compared = 0
     for k, (_, j) in enumerate(cases):
         request, score, last = requests[2 * k], scores[2 * k], scores[2 * k + 1]
@@ -677,19 +696,19 @@ def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
                 "score reports no token_counts, so the kit cannot tell which continuations "
                 "have as many tokens as the greedy text; fill Score.token_counts"
             )
-        if score.token_counts[1] != j - 1 or not _as_generated(score, last, 0, j):
+        if score.token_counts[1] != j - 1 or not _as_generated(score, last, 0, j, tolerance):
             continue  # the greedy text does not re-tokenise as generated
         top = score.logprobs[0]
         for m in range(2, len(request.continuations)):
-            if not _as_generated(score, last, m, j):
+            if not _as_generated(score, last, m, j, tolerance):
                 continue  # the new token merged with the greedy ones (or split)
             compared += 1
             text, lp = request.continuations[m], score.logprobs[m]
             _expect(
-                lp <= top + _SCORE_TOLERANCE,
+                lp <= top + tolerance,
                 f"for '{request.id}' generate's greedy {j}-token text {request.continuations[0]!r} "
                 f"scores {top:.6g} but {text!r}, which shares its first {j - 1} tokens, scores "
-                f"{lp:.6g} (tolerance {_SCORE_TOLERANCE:g}); with temperature 0 every step of "
+                f"{lp:.6g} (tolerance {tolerance:g}); with temperature 0 every step of "
                 "generate must take the most likely token given the prompt and all tokens so far "
                 "(and score must score the same tokens given the same context)",
             )
