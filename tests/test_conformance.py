@@ -283,6 +283,21 @@ class PrefixBlindScorer(_WrappedHF):
         return super().score([attrs.evolve(r, response_prefix="") for r in requests])
 
 
+class MeanScorer(_WrappedHF):
+    """The hf generator, but ``score`` averages the token log-probabilities."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        return [
+            attrs.evolve(
+                s,
+                logprobs=tuple(
+                    lp / max(n, 1) for lp, n in zip(s.logprobs, s.token_counts, strict=True)
+                ),
+            )
+            for s in super().score(requests)
+        ]
+
+
 #: The one conversation :class:`QuestionBlindGenerator` answers, whatever it is asked.
 _FIXED = (Message("user", "Why is the sky blue?"),)
 
@@ -419,6 +434,18 @@ def test_scorer_blind_to_the_prefix_fails_the_chain_rule_check() -> None:
     # With the prefix ignored no alternative scores as generated, so nothing is compared.
     statuses = {r.check: r.status for r in results}
     assert statuses["check_generator_greedy_text_scores_highest"] == "skipped"
+
+
+def test_averaging_scorer_fails_the_chain_rule_check() -> None:
+    failed = _failed(check_plugin("generator", MeanScorer()))
+    # A one-token greedy completion also loses to a longer text's higher average.
+    assert set(failed) == {
+        "check_generator_score_chain_rule",
+        "check_generator_greedy_choice_scores_highest",
+    }
+    reason = failed["check_generator_score_chain_rule"]
+    assert reason.startswith("for 'chain-0' log P('The capital of France is Paris.') is -")
+    assert "score must sum the log-softmax of each continuation token" in reason
 
 
 def test_generator_blind_to_the_question_fails_the_prompt_check() -> None:

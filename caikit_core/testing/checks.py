@@ -509,8 +509,8 @@ def check_generator_score_chain_rule(ctx: CheckContext) -> None:
     whole, or ``a`` and then ``b`` with ``a`` appended to ``response_prefix``, gives
     the same number. The pieces split at a space, where the tokenizer splits too; a
     case whose ``token_counts`` show that ``a + b`` is not tokenised as ``a`` then
-    ``b`` is left out. This catches a ``score`` that ignores ``response_prefix``,
-    averages instead of sums, or mis-aligns the continuation's tokens.
+    ``b`` is left out. This catches a ``score`` that ignores ``response_prefix`` or
+    averages the token log-probabilities instead of summing them.
     """
     requests = []
     for i, (question, prefix, a, b) in enumerate(_CHAIN):
