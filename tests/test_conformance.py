@@ -88,6 +88,49 @@ def test_generator_hf_skip_policy_passes_the_over_long_check() -> None:
     ]
 
 
+def test_hf_scores_are_far_inside_the_score_checks_margins() -> None:
+    """The tolerances leave room: hf's chain-rule gaps are float32 round-off, far under
+    1e-3, and its scores move with the question far more than 1e-6."""
+    from caikit_core.testing import checks
+    from caikit_core.testing.fixtures import hf_generator
+
+    generator = hf_generator()
+    requests = []
+    for question, prefix, a, b in checks._CHAIN:
+        messages = (Message("user", question),)
+        requests.append(ScoreRequest("whole", messages, (a + b, a), prefix))
+        requests.append(ScoreRequest("rest", messages, (b,), prefix + a))
+    scores = generator.score(requests)
+    for whole, rest in zip(scores[::2], scores[1::2], strict=True):
+        assert whole.token_counts[0] == whole.token_counts[1] + rest.token_counts[0]
+        assert abs(whole.logprobs[0] - whole.logprobs[1] - rest.logprobs[0]) < 1e-4
+    options = generator.score(
+        [
+            ScoreRequest(f"o-{i}", (Message("user", q),), checks._OPTIONS, checks._OPTION_PREFIX)
+            for i, q in enumerate(checks._PROMPT_QUESTIONS)
+        ]
+    )
+    gaps = [
+        max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+        for i, a in enumerate(options)
+        for b in options[i + 1 :]
+    ]
+    assert len(gaps) == 6 and min(gaps) > 0.1
+
+
+def test_generator_hf_in_bfloat16_passes_the_score_checks() -> None:
+    """bfloat16 round-off breaks the chain rule by more than 1e-3 on the tiny model; a
+    generator that declares a 16-bit dtype is held to 0.1 instead."""
+    results = check_plugin("generator", "hf", config={"dtype": "bfloat16"}, pattern="score")
+    assert {r.check: r.status for r in results} == {
+        "check_generator_scores_are_logprobs": "passed",
+        "check_generator_greedy_choice_scores_highest": "passed",
+        "check_generator_score_chain_rule": "passed",
+        "check_generator_scores_depend_on_prompt": "passed",
+        "check_generator_greedy_text_scores_highest": "passed",
+    }
+
+
 def test_parametrize_ids_and_xfail_marks() -> None:
     mark = parametrize_with_checks(
         "executor", "local", expected_failed_checks={"check_executor_empty": "known bug #1"}
@@ -215,6 +258,87 @@ class SystemTurnScorer:
         return scores
 
 
+class _WrappedHF:
+    """The hf generator on the tiny model; subclasses break one thing about it."""
+
+    def __init__(self) -> None:
+        from caikit_core.testing.fixtures import hf_generator
+
+        self.inner = hf_generator()
+        self.capabilities = self.inner.capabilities
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        generations: list[Generation] = self.inner.generate(requests)
+        return generations
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        scores: list[Score] = self.inner.score(requests)
+        return scores
+
+
+class PrefixBlindScorer(_WrappedHF):
+    """The hf generator, but ``score`` drops ``response_prefix``."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        return super().score([attrs.evolve(r, response_prefix="") for r in requests])
+
+
+class MeanScorer(_WrappedHF):
+    """The hf generator, but ``score`` averages the token log-probabilities."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        return [
+            attrs.evolve(
+                s,
+                logprobs=tuple(
+                    lp / max(n, 1) for lp, n in zip(s.logprobs, s.token_counts, strict=True)
+                ),
+            )
+            for s in super().score(requests)
+        ]
+
+
+#: The one conversation :class:`QuestionBlindGenerator` answers, whatever it is asked.
+_FIXED = (Message("user", "Why is the sky blue?"),)
+
+
+class QuestionBlindGenerator(_WrappedHF):
+    """The hf generator, but ``generate`` and ``score`` both drop the messages for a
+    fixed question: consistent with itself, and blind to what it is asked."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return super().generate([attrs.evolve(r, messages=_FIXED) for r in requests])
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        return super().score([attrs.evolve(r, messages=_FIXED) for r in requests])
+
+
+class GreedyFirstTokenOnly(_WrappedHF):
+    """The hf generator, but greedy decoding is greedy for the first token only: the
+    rest is sampled (seeded, so still deterministic)."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        out = []
+        for r in requests:
+            sampling = r.sampling
+            if sampling.temperature != 0.0 or sampling.max_new_tokens <= 1:
+                out.extend(super().generate([r]))
+                continue
+            one = attrs.evolve(sampling, max_new_tokens=1)
+            (first,) = super().generate([attrs.evolve(r, sampling=one)])
+            if first.finish_reasons != ("length",) * r.n:
+                out.append(first)
+                continue
+            more = attrs.evolve(
+                sampling, max_new_tokens=sampling.max_new_tokens - 1, temperature=1.0
+            )
+            prefix = r.response_prefix + first.texts[0]
+            (rest,) = super().generate([attrs.evolve(r, sampling=more, response_prefix=prefix)])
+            texts = tuple(first.texts[0] + t for t in rest.texts)
+            out.append(Generation(r.id, texts, rest.finish_reasons, first.warnings + rest.warnings))
+        return out
+
+
 class SwappedDPO:
     """The torch optimiser's DPO, but it trains on the rejected response as the chosen one."""
 
@@ -275,14 +399,88 @@ def test_declared_skip_policy_must_skip() -> None:
     )
 
 
-def test_scoring_another_context_fails_the_greedy_choice_check() -> None:
+def test_scoring_another_context_fails_the_greedy_checks() -> None:
     failed = _failed(check_plugin("generator", SystemTurnScorer()))
-    assert set(failed) == {"check_generator_greedy_choice_scores_highest"}
+    # The context differs for every token, so the whole greedy texts do not win either.
+    assert set(failed) == {
+        "check_generator_greedy_choice_scores_highest",
+        "check_generator_greedy_text_scores_highest",
+    }
+    assert (
+        "and score must score the same tokens given the same context"
+        in (failed["check_generator_greedy_text_scores_highest"])
+    )
     reason = failed["check_generator_greedy_choice_scores_highest"]
     assert re.match(
         r"for 'top-\d' the greedy one-token completion '.+' scores -?[\d.]+ but", reason
     )
     assert "score and generate must render the same context" in reason
+
+
+def test_scorer_blind_to_the_prefix_fails_the_chain_rule_check() -> None:
+    results = check_plugin("generator", PrefixBlindScorer())
+    failed = _failed(results)
+    assert set(failed) == {"check_generator_score_chain_rule"}
+    match = re.match(
+        r"for 'chain-0' log P\('The capital of France is Paris.'\) is (-[\d.]+), but "
+        r"log P\('The capital'\) \+ log P\(' of France is Paris.' \| response_prefix "
+        r"'The capital'\) is (-[\d.]+) \+ (-[\d.]+) = (-[\d.]+) \(tolerance 0.001\)",
+        failed["check_generator_score_chain_rule"],
+    )
+    assert match, failed["check_generator_score_chain_rule"]
+    joint, split = float(match.group(1)), float(match.group(4))
+    assert abs(joint - split) > 0.1
+    assert "with response_prefix in the context" in failed["check_generator_score_chain_rule"]
+    # With the prefix ignored no alternative scores as generated, so nothing is compared.
+    statuses = {r.check: r.status for r in results}
+    assert statuses["check_generator_greedy_text_scores_highest"] == "skipped"
+
+
+def test_averaging_scorer_fails_the_chain_rule_check() -> None:
+    failed = _failed(check_plugin("generator", MeanScorer()))
+    # A one-token greedy completion also loses to a longer text's higher average.
+    assert set(failed) == {
+        "check_generator_score_chain_rule",
+        "check_generator_greedy_choice_scores_highest",
+    }
+    reason = failed["check_generator_score_chain_rule"]
+    assert reason.startswith("for 'chain-0' log P('The capital of France is Paris.') is -")
+    assert "score must sum the log-softmax of each continuation token" in reason
+
+
+def test_generator_blind_to_the_question_fails_the_prompt_check() -> None:
+    results = check_plugin("generator", QuestionBlindGenerator())
+    failed = _failed(results)
+    assert set(failed) == {"check_generator_scores_depend_on_prompt"}
+    reason = failed["check_generator_scores_depend_on_prompt"]
+    match = re.match(
+        r"options \('A', 'B'\) score (\(.+?\)) under 'What is the capital of France\?' and "
+        r"(\(.+?\)) under 'Say something nice.'; scores must depend on the messages",
+        reason,
+    )
+    assert match and match.group(1) == match.group(2), reason
+    assert "do not cache scores by continuation alone" in reason
+    # Consistent with itself, it passes the other score checks.
+    statuses = {r.check: r.status for r in results}
+    assert statuses["check_generator_score_chain_rule"] == "passed"
+    assert statuses["check_generator_greedy_text_scores_highest"] == "passed"
+
+
+def test_greedy_for_one_token_only_fails_the_greedy_text_check() -> None:
+    results = check_plugin("generator", GreedyFirstTokenOnly())
+    failed = _failed(results)
+    assert set(failed) == {"check_generator_greedy_text_scores_highest"}
+    reason = failed["check_generator_greedy_text_scores_highest"]
+    match = re.match(
+        r"for 'greedy-\d-([234])' generate's greedy \1-token text '.+' scores (-[\d.]+) but "
+        r"'.+', which shares its first \d tokens, scores (-[\d.]+) \(tolerance 0.001\)",
+        reason,
+    )
+    assert match, reason
+    assert float(match.group(3)) > float(match.group(2)) + 1e-3
+    assert "every step of generate must take the most likely token" in reason
+    statuses = {r.check: r.status for r in results}
+    assert statuses["check_generator_greedy_choice_scores_highest"] == "passed"
 
 
 def test_dpo_on_swapped_pairs_fails_the_chosen_margin_check() -> None:

@@ -457,6 +457,268 @@ def check_generator_greedy_choice_scores_highest(ctx: CheckContext) -> None:
         raise CheckSkipped("no greedy token's text scores as one token; nothing to compare")
 
 
+#: Absolute tolerance, in nats, of the score checks below for a float32 model: far
+#: above the round-off of a padded batch (about 1e-5 on the kit's tiny model), far
+#: below what a scoring bug changes.
+_SCORE_TOLERANCE = 1e-3
+#: The same for a generator that declares a 16-bit dtype (``dtype`` of the instance or
+#: of its config): bfloat16 round-off alone moves a sum of ten log-probs by ~1e-2.
+_SCORE_TOLERANCE_16BIT = 0.1
+
+
+def _score_tolerance(ctx: CheckContext) -> float:
+    """:data:`_SCORE_TOLERANCE`, or :data:`_SCORE_TOLERANCE_16BIT` for a 16-bit generator."""
+    instance = ctx.instance
+    config = getattr(instance, "config", None)
+    for dtype in (getattr(instance, "dtype", None), getattr(config, "dtype", None)):
+        if dtype is not None and str(dtype) != "auto":
+            text = str(dtype).lower()
+            return _SCORE_TOLERANCE_16BIT if "16" in text or "half" in text else _SCORE_TOLERANCE
+    return _SCORE_TOLERANCE
+
+
+#: (question, response_prefix, a, b) for the chain-rule check. Every piece after the
+#: first starts with a space, so a byte-level BPE tokenizer (the tiny model's, GPT-2's,
+#: Llama 3's) splits ``a + b`` exactly between them and the context exactly before ``a``.
+_CHAIN = (
+    ("What is the capital of France?", "", "The capital", " of France is Paris."),
+    ("Why is the sky blue?", "Because", " the air", " scatters blue light more."),
+    ("Say something nice.", "Sure:", " you are", " welcome here, friend."),
+)
+
+
+def _scores(ctx: CheckContext, requests: list[ScoreRequest]) -> list[Score]:
+    """``score(requests)``, checked for type, count, order and one logprob per continuation."""
+    scores = _typed_list(ctx.instance.score(requests), Score, len(requests), "score")
+    for request, score in zip(requests, scores, strict=True):
+        _expect(
+            score.request_id == request.id and len(score.logprobs) == len(request.continuations),
+            f"score answered '{request.id}' with request_id '{score.request_id}' and "
+            f"{len(score.logprobs)} logprobs for {len(request.continuations)} continuations; "
+            "return one Score per request, in order, with one logprob per continuation",
+        )
+    return scores
+
+
+@_check("generator", CAN_SCORE)
+def check_generator_score_chain_rule(ctx: CheckContext) -> None:
+    """log P(ab | x) = log P(a | x) + log P(b | x, response_prefix + a), within 1e-3
+    (0.1 for a generator that declares a 16-bit ``dtype``).
+
+    A continuation's log-probability is a sum over its tokens, so scoring ``a + b``
+    whole, or ``a`` and then ``b`` with ``a`` appended to ``response_prefix``, gives
+    the same number. The pieces split at a space, where the tokenizer splits too; a
+    case whose ``token_counts`` show that ``a + b`` is not tokenised as ``a`` then
+    ``b`` is left out. This catches a ``score`` that ignores ``response_prefix`` or
+    averages the token log-probabilities instead of summing them.
+    """
+    requests = []
+    for i, (question, prefix, a, b) in enumerate(_CHAIN):
+        messages = conversation(("user", question))
+        requests.append(ScoreRequest(f"chain-{i}-whole", messages, (a + b, a), prefix))
+        requests.append(ScoreRequest(f"chain-{i}-rest", messages, (b,), prefix + a))
+    scores = _scores(ctx, requests)
+    tolerance = _score_tolerance(ctx)
+    compared = 0
+    for i, (_, prefix, a, b) in enumerate(_CHAIN):
+        whole, rest = scores[2 * i], scores[2 * i + 1]
+        counts, rest_counts = whole.token_counts, rest.token_counts
+        if counts and rest_counts and counts[0] != counts[1] + rest_counts[0]:
+            continue  # a + b is not tokenised as a then b
+        compared += 1
+        joint, first, second = whole.logprobs[0], whole.logprobs[1], rest.logprobs[0]
+        _expect(
+            abs(joint - (first + second)) <= tolerance,
+            f"for 'chain-{i}' log P({a + b!r}) is {joint:.6g}, but log P({a!r}) + "
+            f"log P({b!r} | response_prefix {prefix + a!r}) is {first:.6g} + {second:.6g} = "
+            f"{first + second:.6g} (tolerance {tolerance:g}); score must sum the "
+            "log-softmax of each continuation token given everything before it, with "
+            "response_prefix in the context after the opened assistant turn",
+        )
+    if not compared:
+        raise CheckSkipped(
+            "token_counts show that no a + b of the chain-rule cases is tokenised as a then b"
+        )
+
+
+#: Continuations for the prompt check: two option letters after a prefix (one token
+#: each, as a labeller scores them) and two whole sentences.
+_OPTION_PREFIX = "The better response is ("
+_OPTIONS = ("A", "B")
+_SENTENCES = (" The answer is yes.", " I do not know.")
+_PROMPT_QUESTIONS = (*_QUESTIONS, "Tell me about the sea.")
+
+
+@_check("generator", CAN_SCORE)
+def check_generator_scores_depend_on_prompt(ctx: CheckContext) -> None:
+    """The same continuations get different scores under different questions: option
+    letters after a prefix, and whole sentences, differ by more than 1e-6 somewhere
+    between any two of four questions.
+
+    A language model conditions on its prompt, so two different questions never give
+    identical log-probabilities to the same continuations (on the tiny model they
+    differ by orders of magnitude more than 1e-6). Equal scores mean ``score`` drops
+    the messages (or caches results by continuation), so a labeller's option
+    log-probabilities would be the same whatever the question.
+    """
+    requests = []
+    for i, question in enumerate(_PROMPT_QUESTIONS):
+        messages = conversation(("user", question))
+        requests.append(ScoreRequest(f"options-{i}", messages, _OPTIONS, _OPTION_PREFIX))
+        requests.append(ScoreRequest(f"sentences-{i}", messages, _SENTENCES))
+    scores = _scores(ctx, requests)
+    for kind, offset, texts in (("options", 0, _OPTIONS), ("sentences", 1, _SENTENCES)):
+        found = [scores[2 * i + offset].logprobs for i in range(len(_PROMPT_QUESTIONS))]
+        for i in range(len(found)):
+            for j in range(i + 1, len(found)):
+                gap = max(abs(x - y) for x, y in zip(found[i], found[j], strict=True))
+                _expect(
+                    gap > 1e-6,
+                    f"{kind} {texts!r} score {tuple(round(v, 6) for v in found[i])} under "
+                    f"{_PROMPT_QUESTIONS[i]!r} and {tuple(round(v, 6) for v in found[j])} under "
+                    f"{_PROMPT_QUESTIONS[j]!r}; scores must depend on the messages: render "
+                    "ScoreRequest.messages with the chat template before the continuation (and "
+                    "do not cache scores by continuation alone)",
+                )
+
+
+#: Length (in tokens) of the greedy texts the greedy-text check scores, and its prompts:
+#: ones whose greedy texts on the kit's random tiny model are mostly whole characters
+#: (it often emits part of one, which the check leaves out).
+_GREEDY_TOKENS = 4
+_GREEDY_PROMPTS = (
+    "Why is the sky blue?",
+    "Tell me about the sea.",
+    "Who are you?",
+    "Describe the sun.",
+    "What do cats eat?",
+    "What is the time?",
+    "Is it raining?",
+    "Hello!",
+)
+
+
+def _as_generated(whole: Score, last: Score, m: int, tokens: int, tolerance: float) -> bool:
+    """Whether whole text ``m`` (0: the greedy text; m >= 2: tail m - 1) scores as the
+    shared greedy tokens (whole text 1) then one token, as it was generated."""
+    tail = 0 if m == 0 else m - 1
+    split = whole.logprobs[1] + last.logprobs[tail]
+    return (
+        whole.token_counts[m] == tokens
+        and last.token_counts[tail] == 1
+        and abs(whole.logprobs[m] - split) <= tolerance
+    )
+
+
+@_check("generator", CAN_SCORE)
+def check_generator_greedy_text_scores_highest(ctx: CheckContext) -> None:
+    """``generate``'s greedy text of ``j`` tokens (j = 2..4) scores at least as high,
+    within 1e-3 (0.1 for a 16-bit ``dtype``), as every other ``j``-token continuation
+    that shares its first ``j - 1`` tokens (the greedy next token and sampled ones
+    after those tokens), on 8 prompts.
+
+    Greedy decoding maximises each step, not the whole sequence, so a greedy text can
+    lose to a continuation that differs from it early. It cannot lose to one that
+    differs only in its last token: both share log P(first j - 1 tokens), and the
+    greedy last token is the most likely one after them, so
+    log P(greedy_j) >= log P(greedy_{j-1} + t) for every token t. The alternatives
+    are therefore the ``j - 1``-token greedy text followed by one token that
+    ``generate`` gives after it as ``response_prefix`` (greedy, and 8 samples).
+
+    ``score`` sees text, not the generated tokens, so a text is compared only when it
+    scores as the shared tokens then one more: ``token_counts`` of ``j - 1`` and
+    ``j`` (and 1 for the last token), and log P(whole) = log P(shared) +
+    log P(last | response_prefix shared) within the tolerance. A generated sequence
+    that the tokenizer re-segments, or a last token that merges with the one before
+    it, is left out, so a correct generator cannot fail. It catches a ``generate``
+    that stops decoding greedily after the first token (the one-token case is
+    ``check_generator_greedy_choice_scores_highest``), and a ``score`` that scores
+    other tokens or another context than ``generate`` decodes from.
+    """
+    messages = [conversation(("user", q)) for q in _GREEDY_PROMPTS]
+    greedy = _generate(
+        ctx,
+        [
+            GenerationRequest(f"greedy-{i}-{j}", m, SamplingParams(j, 0.0))
+            for i, m in enumerate(messages)
+            for j in range(1, _GREEDY_TOKENS + 1)
+        ],
+    )
+    texts = {
+        (i, j): (greedy[i * _GREEDY_TOKENS + j - 1].texts or ("",))[0]
+        for i in range(len(messages))
+        for j in range(1, _GREEDY_TOKENS + 1)
+    }
+    # (prompt, j): the j - 1 greedy tokens can be continued (not ended, whole characters).
+    cases = [
+        (i, j)
+        for i in range(len(messages))
+        for j in range(2, _GREEDY_TOKENS + 1)
+        if texts[i, j - 1]
+        and "\ufffd" not in texts[i, j]
+        and texts[i, j].startswith(texts[i, j - 1])
+        and texts[i, j] != texts[i, j - 1]
+    ]
+    if not cases:
+        raise CheckSkipped("every greedy text ended or split a character early; nothing to compare")
+    nexts = _generate(
+        ctx,
+        [
+            GenerationRequest(
+                f"next-{i}-{j}",
+                messages[i],
+                SamplingParams(1, temperature),
+                n=n,
+                seed=31 + 7 * i + j,
+                response_prefix=texts[i, j - 1],
+            )
+            for i, j in cases
+            for temperature, n in ((0.0, 1), (1.0, 8))
+        ],
+    )
+    requests = []
+    for k, (i, j) in enumerate(cases):
+        shared, best = texts[i, j - 1], texts[i, j]
+        found = [t for gen in nexts[2 * k : 2 * k + 2] for t in gen.texts]
+        tails = [best[len(shared) :]]
+        tails += [t for t in dict.fromkeys(found) if t and "\ufffd" not in t and t != tails[0]]
+        # Whole texts, and their last token after the shared greedy tokens as a prefix.
+        whole = (best, shared, *(shared + t for t in tails[1:]))
+        requests.append(ScoreRequest(f"greedy-{i}-{j}", messages[i], whole))
+        requests.append(ScoreRequest(f"greedy-{i}-{j}-last", messages[i], tuple(tails), shared))
+    scores = _scores(ctx, requests)
+    tolerance = _score_tolerance(ctx)
+    compared = 0
+    for k, (_, j) in enumerate(cases):
+        request, score, last = requests[2 * k], scores[2 * k], scores[2 * k + 1]
+        if not score.token_counts or not last.token_counts:
+            raise CheckSkipped(
+                "score reports no token_counts, so the kit cannot tell which continuations "
+                "have as many tokens as the greedy text; fill Score.token_counts"
+            )
+        if score.token_counts[1] != j - 1 or not _as_generated(score, last, 0, j, tolerance):
+            continue  # the greedy text does not re-tokenise as generated
+        top = score.logprobs[0]
+        for m in range(2, len(request.continuations)):
+            if not _as_generated(score, last, m, j, tolerance):
+                continue  # the new token merged with the greedy ones (or split)
+            compared += 1
+            text, lp = request.continuations[m], score.logprobs[m]
+            _expect(
+                lp <= top + tolerance,
+                f"for '{request.id}' generate's greedy {j}-token text {request.continuations[0]!r} "
+                f"scores {top:.6g} but {text!r}, which shares its first {j - 1} tokens, scores "
+                f"{lp:.6g} (tolerance {tolerance:g}); with temperature 0 every step of "
+                "generate must take the most likely token given the prompt and all tokens so far "
+                "(and score must score the same tokens given the same context)",
+            )
+    if not compared:
+        raise CheckSkipped(
+            "no greedy text and alternative scored as generated (token_counts, and the split at "
+            "the last token that check_generator_score_chain_rule checks); nothing to compare"
+        )
+
+
 # --- critic ----------------------------------------------------------------------------
 
 
