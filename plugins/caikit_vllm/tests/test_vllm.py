@@ -345,3 +345,23 @@ def test_tensor_parallel_above_the_visible_gpus_is_refused(model: Path) -> None:
         "vllm generator: tensor_parallel_size=2, but no CUDA device is visible; "
         "set tensor_parallel_size to at most 1"
     )
+
+
+def test_an_architecture_vllm_cannot_load_names_the_folder(model: Path, tmp_path: Path) -> None:
+    """Fails while vLLM reads the config, before an engine starts."""
+    import json
+    import shutil
+
+    import vllm
+
+    folder = tmp_path / "nope"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["NopeForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PluginError) as info:
+        build_generator(ENGINE, model=str(folder))
+    message = str(info.value)
+    prefix = f"vllm generator: vLLM {vllm.__version__} cannot load the model {folder}: "
+    assert message.startswith(prefix)
+    assert "Model architectures ['NopeForCausalLM'] are not supported" in message
