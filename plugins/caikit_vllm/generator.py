@@ -187,6 +187,14 @@ class VLLMGenerator:
         self.context_length = config.max_context or self.max_model_len
         self.eos_ids = self._eos_ids()
 
+    def close(self) -> None:
+        """Shut the engine down now (its worker process and memory), rather than when
+        the generator is garbage-collected. The generator is unusable afterwards."""
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            engine.llm_engine.engine_core.shutdown()
+            del self.llm
+
     # --- setup ------------------------------------------------------------------------
 
     @staticmethod

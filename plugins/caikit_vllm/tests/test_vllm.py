@@ -86,7 +86,7 @@ def vllm_gen(model: Path, engine_start: dict[str, float]) -> Iterator[Any]:
     generator = build_generator(ENGINE, model=str(model))
     engine_start["seconds"] = time.perf_counter() - start
     yield generator
-    del generator
+    generator.close()  # before the next module may start an engine of its own
 
 
 @pytest.fixture(scope="module")
