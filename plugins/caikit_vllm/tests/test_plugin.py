@@ -96,3 +96,30 @@ def test_bad_settings_name_the_key(settings: dict[str, object], message: str) ->
     assert len(lines) == 1, lines
     assert lines[0].startswith("generator."), lines
     assert message in lines[0], lines
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this environment"
+)
+def test_caikit_run_with_plugin_vllm_without_vllm_exits_2_naming_the_command(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "prompts.txt").write_text("Why is the sky blue?\n")
+    run = tmp_path / "run.toml"
+    run.write_text(
+        'output_dir = "out"\nphases = ["sl"]\n[models]\npolicy = "model"\n'
+        '[data]\nprompts = "prompts.txt"\n[generator]\nplugin = "vllm"\n'
+        '[critic]\nplugin = "constitutional"\n[policy_optimiser]\nplugin = "torch"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "caikit_core.cli", "run", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert MISSING_VLLM in errors[0]
+    assert "`make setup-vllm`" in errors[0]
