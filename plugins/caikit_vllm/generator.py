@@ -16,7 +16,8 @@ sequence's random numbers from a generator of its own. A greedy request
 Scoring: a request whose continuations are all single tokens (option letters) is
 one vLLM request with ``max_tokens=1`` reading those tokens' log-probabilities
 from the full next-token distribution (``SamplingParams.logprob_token_ids`` where
-the installed vLLM has it, else the fallback below). Longer continuations are
+the installed vLLM has it and the options are no more than the engine's
+``max_logprobs``, else the fallback below). Longer continuations are
 scored with ``prompt_logprobs=0`` on ``context + continuation``: vLLM returns each
 prompt token's log-probability given the tokens before it, and the
 continuation's are summed. The fallback for single tokens without
@@ -185,6 +186,9 @@ class VLLMGenerator:
             ) from exc
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.context_length = config.max_context or self.max_model_len
+        # The most log-probs one step may return; more options go one by one.
+        limit = int(self.llm.llm_engine.model_config.max_logprobs)
+        self.max_logprobs = limit if limit >= 0 else 1 << 31  # -1: no limit
         self.eos_ids = self._eos_ids()
 
     def close(self) -> None:
@@ -276,7 +280,7 @@ class VLLMGenerator:
             if reason is not None:
                 skipped[i] = reason
                 continue
-            if req.sampling.max_new_tokens == 0:
+            if req.sampling.max_new_tokens == 0 or req.n == 0:
                 continue
             greedy = req.sampling.temperature == 0
             # vLLM refuses greedy sampling with n > 1: decode once, copy below.
@@ -400,10 +404,15 @@ class VLLMGenerator:
             continuations = self._encode(list(req.continuations))
             scored = [(k, c) for k, c in enumerate(continuations) if c]
             singles = [(k, c) for k, c in scored if len(c) == 1]
-            if HAS_LOGPROB_TOKEN_IDS and singles and len(singles) == len(scored):
+            ids = sorted({c[0] for _, c in singles})
+            if (
+                HAS_LOGPROB_TOKEN_IDS
+                and singles
+                and len(singles) == len(scored)
+                and len(ids) <= self.max_logprobs
+            ):
                 # Every continuation is one token (or none): one step reads them all.
                 fitted = self._fit_context(req, context, singles[0][1])
-                ids = sorted({c[0] for _, c in singles})
                 params = SamplingParams(
                     max_tokens=1, temperature=0.0, logprobs=len(ids), logprob_token_ids=ids
                 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import string
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,6 +182,19 @@ def test_option_and_continuation_logprobs_within_1e_3_of_hf(vllm_gen: Any, hf_ge
     # single-token options really are single tokens, multi-token continuations are not
     assert ours[0].token_counts == (1, 1)
     assert max(ours[1].token_counts) > 1
+
+
+def test_more_options_than_max_logprobs_are_scored_one_by_one_like_hf(
+    vllm_gen: Any, hf_gen: Any
+) -> None:
+    letters = tuple(string.ascii_letters[: vllm_gen.max_logprobs + 5])
+    request = ScoreRequest(id="many", messages=PROMPTS[5], continuations=letters)
+    [ours], [theirs] = vllm_gen.score([request]), hf_gen.score([request])
+    assert vllm_gen.max_logprobs == 20
+    assert ours.token_counts == theirs.token_counts == (1,) * 25
+    assert max(abs(x - y) for x, y in zip(ours.logprobs, theirs.logprobs, strict=True)) <= (
+        LOGPROB_TOLERANCE
+    )
 
 
 def test_empty_continuation_scores_zero_over_zero_tokens(vllm_gen: Any) -> None:
