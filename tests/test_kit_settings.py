@@ -80,6 +80,7 @@ def test_the_core_names_no_bundled_plugin_settings() -> None:
     ("role", "name", "key"),
     [
         ("generator", "hf", "device"),
+        ("generator", "vllm", "enforce_eager"),
         ("critic", "constitutional", "revisions"),
         ("labeller", "cot", "max_new_tokens"),
         ("preference_model", "torch", "max_length"),
