@@ -11,7 +11,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "resolve_alias"]
+from caikit_core.errors import PluginError
+
+__all__ = ["TOKENIZER_FILES", "cache_dir", "local_checkpoint", "looks_local", "resolve_alias"]
+
+#: Files any of which marks a folder as holding a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "tekken.json",
+)
 
 
 def cache_dir() -> Path:
@@ -27,3 +40,34 @@ def resolve_alias(name: str) -> str:
     if (folder / "config.json").is_file():
         return str(folder)
     return name
+
+
+def looks_local(model: str) -> bool:
+    """Whether ``model`` names a local folder rather than a hub id (``org/name``)."""
+    if Path(model).expanduser().exists():
+        return True
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def local_checkpoint(model: str, who: str) -> Path | None:
+    """The folder ``model`` names, checked to exist and hold a tokenizer, or ``None``
+    for a hub id; what a generator plugin checks before loading (``who`` starts the
+    error, e.g. ``"hf generator"``).
+
+    :raises PluginError: the folder is missing or holds no tokenizer.
+    """
+    if not looks_local(model):
+        return None
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise PluginError(f"{who}: model folder does not exist: {model}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise PluginError(
+            f"{who}: no tokenizer in {model} (expected one of {', '.join(TOKENIZER_FILES)})"
+        )
+    return folder

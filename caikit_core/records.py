@@ -48,6 +48,11 @@ class Message:
 Conversation = tuple[Message, ...]
 
 
+def chat_messages(conv: Conversation) -> list[dict[str, str]]:
+    """A conversation as the ``[{"role": ..., "content": ...}]`` list chat templates take."""
+    return [{"role": m.role, "content": m.content} for m in conv]
+
+
 def conversation(*turns: tuple[str, str]) -> Conversation:
     """Build a conversation from ``(role, content)`` pairs."""
     return tuple(Message(role, content) for role, content in turns)

@@ -37,10 +37,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -48,7 +46,15 @@ import torch.nn.functional as F
 
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, SEEDED
-from caikit_core.records import Conversation, Generation, GenerationRequest, Score, ScoreRequest
+from caikit_core.models import local_checkpoint
+from caikit_core.records import (
+    Conversation,
+    Generation,
+    GenerationRequest,
+    Score,
+    ScoreRequest,
+    chat_messages,
+)
 from caikit_hf.config import HFGeneratorConfig
 
 __all__ = [
@@ -81,38 +87,11 @@ _MAX_GROUP_SPAN = 512
 #: Attention implementations known to honour a 2-D mask with holes next to a KV cache.
 _PREFIX_ATTENTION = ("sdpa", "eager")
 
-# Files any of which marks a folder as holding a tokenizer.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "tekken.json",
-)
-
 
 def _row_seed(seed: int, index: int) -> int:
     """A 63-bit generator seed derived from a request's seed and a sample index."""
     digest = hashlib.sha256(f"caikit-hf:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _looks_local(model: str) -> bool:
-    """Whether ``model`` names a local folder rather than a hub id (``org/name``)."""
-    if Path(model).expanduser().exists():
-        return True
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or (os.sep != "/" and os.sep in model)
-    )
-
-
-def _messages(conv: Conversation) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conv]
 
 
 @dataclass
@@ -259,17 +238,8 @@ class HFGenerator:
         self.device = self._resolve_device(config.device)
         self.dtype = self._resolve_dtype(config.dtype, self.device)
 
-        source: str = model
-        if _looks_local(model):
-            folder = Path(model).expanduser()
-            if not folder.is_dir():
-                raise PluginError(f"hf generator: model folder does not exist: {model}")
-            if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-                raise PluginError(
-                    f"hf generator: no tokenizer in {model} "
-                    f"(expected one of {', '.join(_TOKENIZER_FILES)})"
-                )
-            source = str(folder)
+        folder = local_checkpoint(model, "hf generator")
+        source = model if folder is None else str(folder)
 
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         if config.revision is not None:
@@ -367,7 +337,7 @@ class HFGenerator:
         texts = []
         for conv, prefix in conversations:
             rendered = self.tokenizer.apply_chat_template(
-                _messages(conv),
+                chat_messages(conv),
                 tokenize=False,
                 add_generation_prompt=True,
                 chat_template=self.config.chat_template,

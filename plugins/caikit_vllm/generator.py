@@ -32,10 +32,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -46,6 +44,7 @@ from vllm.inputs import TokensPrompt
 
 from caikit_core.errors import PluginError
 from caikit_core.interfaces import CAN_SCORE, SEEDED
+from caikit_core.models import local_checkpoint
 from caikit_core.records import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -56,6 +55,7 @@ from caikit_core.records import (
     GenerationRequest,
     Score,
     ScoreRequest,
+    chat_messages,
 )
 from caikit_vllm.config import VLLMGeneratorConfig
 
@@ -66,38 +66,11 @@ logger = logging.getLogger("caikit.vllm")
 #: Whether the installed vLLM's ``SamplingParams`` takes ``logprob_token_ids``.
 HAS_LOGPROB_TOKEN_IDS = "logprob_token_ids" in inspect.signature(SamplingParams).parameters
 
-# Files any of which marks a folder as holding a tokenizer (the hf generator's list).
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "tekken.json",
-)
-
 
 def _row_seed(seed: int, index: int) -> int:
     """A 63-bit sampling seed derived from a request's seed and a sample index."""
     digest = hashlib.sha256(f"caikit-vllm:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _looks_local(model: str) -> bool:
-    """Whether ``model`` names a local folder rather than a hub id (``org/name``)."""
-    if Path(model).expanduser().exists():
-        return True
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or (os.sep != "/" and os.sep in model)
-    )
-
-
-def _messages(conv: Conversation) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conv]
 
 
 def _logprob(entry: Any, token: int) -> float:
@@ -130,17 +103,8 @@ class VLLMGenerator:
     def __init__(self, config: VLLMGeneratorConfig, *, model: str) -> None:
         self.config = config
         self.model_name = model
-        source = model
-        if _looks_local(model):
-            folder = Path(model).expanduser()
-            if not folder.is_dir():
-                raise PluginError(f"vllm generator: model folder does not exist: {model}")
-            if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-                raise PluginError(
-                    f"vllm generator: no tokenizer in {model} "
-                    f"(expected one of {', '.join(_TOKENIZER_FILES)})"
-                )
-            source = str(folder.resolve())
+        folder = local_checkpoint(model, "vllm generator")
+        source = model if folder is None else str(folder.resolve())
         self._check_devices(config.tensor_parallel_size)
 
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
@@ -263,7 +227,7 @@ class VLLMGenerator:
         texts = []
         for conv, prefix in conversations:
             rendered = self.tokenizer.apply_chat_template(
-                _messages(conv),
+                chat_messages(conv),
                 tokenize=False,
                 add_generation_prompt=True,
                 chat_template=self.config.chat_template,
