@@ -30,7 +30,13 @@ import yaml
 from caikit_core import validators
 from caikit_core.converter import converter, describe_error, show
 from caikit_core.errors import ConfigError
-from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT
+from caikit_core.interfaces import (
+    GENERATOR_ROLLOUTS,
+    ROLLOUTS,
+    SUPPORTS_PPO,
+    SUPPORTS_PREFERENCE_LOSS,
+    SUPPORTS_SFT,
+)
 from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
 
 Phase = Literal["sl", "rl"]
@@ -94,10 +100,17 @@ class SLConfig:
 
 @attrs.frozen
 class RLConfig:
-    """Phase 2 (RL-CAI) settings."""
+    """Phase 2 (RL-CAI) settings.
+
+    ``rollouts``: where the policy optimiser samples its RL rollouts from:
+    ``"optimiser"`` (its own in-process sampling, e.g. HF ``generate`` in the
+    ``torch`` backend) or ``"generator"`` (the run's ``[generator]`` plugin, e.g.
+    ``vllm``, loaded with the policy and given its new weights after every update).
+    """
 
     sampling: SamplingConfig = SamplingConfig(temperature=1.0)
     train_policy: bool = True
+    rollouts: Literal["optimiser", "generator"] = "optimiser"
 
 
 @attrs.frozen
@@ -323,6 +336,32 @@ def _capability_problems(config: RunConfig, roles: Mapping[str, ResolvedRole]) -
             f"policy_optimiser.plugin: '{optimiser.spec.name}' cannot optimise a policy "
             f"(needs '{SUPPORTS_PPO}' or '{SUPPORTS_PREFERENCE_LOSS}'; it has: {listed}), "
             "which rl.train_policy = true needs"
+        )
+    if "rl" in config.phases and config.rl.train_policy and config.rl.rollouts == "generator":
+        problems.extend(_rollout_problems(optimiser, roles.get("generator")))
+    return problems
+
+
+def _rollout_problems(optimiser: ResolvedRole, generator: ResolvedRole | None) -> list[str]:
+    """What ``rl.rollouts = "generator"`` needs of the optimiser and the generator."""
+    problems: list[str] = []
+    name = optimiser.spec.name
+    if GENERATOR_ROLLOUTS not in optimiser.spec.capabilities:
+        problems.append(
+            f"rl.rollouts: 'generator' needs a policy optimiser that takes rollouts from a "
+            f"generator ('{GENERATOR_ROLLOUTS}' capability); '{name}' samples its own: set "
+            'rl.rollouts = "optimiser"'
+        )
+    algorithm = getattr(optimiser.config, "algorithm", None)
+    if algorithm == "dpo":
+        problems.append(
+            "rl.rollouts: 'generator' is for algorithms that sample (ppo, grpo, rloo); "
+            f"policy_optimiser.algorithm = {algorithm!r} samples nothing"
+        )
+    if generator is not None and ROLLOUTS not in generator.spec.capabilities:
+        problems.append(
+            f"rl.rollouts: 'generator' needs a generator with the '{ROLLOUTS}' capability; "
+            f"generator.plugin '{generator.spec.name}' has none"
         )
     return problems
 

@@ -21,6 +21,8 @@ from caikit_core.records import (
     PreferenceLabel,
     Prompt,
     RevisionTrace,
+    Rollout,
+    RolloutRequest,
     Sample,
     Score,
     ScoreRequest,
@@ -32,6 +34,9 @@ from caikit_core.records import (
 CAN_SCORE = "score"
 #: Generator: honours ``GenerationRequest.seed`` so the same seed gives the same text.
 SEEDED = "seeded"
+#: Generator: samples token ids for an RL policy (``rollout``) and takes the policy's
+#: updated weights (``load_weights``): see :class:`RolloutGenerator`.
+ROLLOUTS = "rollouts"
 #: Critic: can revise without writing a critique first (the paper's ablation).
 REVISE_WITHOUT_CRITIQUE = "revise-without-critique"
 #: Labeller: scores both option orders and averages them.
@@ -46,6 +51,9 @@ SUPPORTS_SFT = "sft"
 SUPPORTS_PPO = "ppo"
 #: Policy optimiser: a preference loss directly on labelled pairs (DPO and kin).
 SUPPORTS_PREFERENCE_LOSS = "preference-loss"
+#: Policy optimiser: takes its RL rollouts from a generator plugin
+#: (``optimise(..., rollouts=generator)``, ``rl.rollouts = "generator"``).
+GENERATOR_ROLLOUTS = "generator-rollouts"
 #: Executor: runs batches in parallel, possibly on other machines.
 DISTRIBUTED = "distributed"
 
@@ -53,6 +61,7 @@ ALL_CAPABILITIES = frozenset(
     {
         CAN_SCORE,
         SEEDED,
+        ROLLOUTS,
         REVISE_WITHOUT_CRITIQUE,
         DEBIAS,
         CHAIN_OF_THOUGHT,
@@ -60,6 +69,7 @@ ALL_CAPABILITIES = frozenset(
         SUPPORTS_SFT,
         SUPPORTS_PPO,
         SUPPORTS_PREFERENCE_LOSS,
+        GENERATOR_ROLLOUTS,
         DISTRIBUTED,
     }
 )
@@ -90,6 +100,22 @@ class Generator(Protocol):
     def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """Log-probabilities of continuations; only with the ``score`` capability."""
         ...
+
+
+@runtime_checkable
+class RolloutGenerator(Generator, Protocol):
+    """A generator with the ``rollouts`` capability: an RL optimiser's sampler.
+
+    ``rollout`` samples token ids (see :class:`~caikit_core.records.RolloutRequest`);
+    ``load_weights`` replaces the model's weights with those of ``checkpoint``, an
+    HF-format folder of the same architecture (the optimiser saves its updated
+    policy there between steps), and drops anything computed with the old weights
+    (e.g. a prefix cache).
+    """
+
+    def rollout(self, requests: Sequence[RolloutRequest]) -> list[Rollout]: ...
+
+    def load_weights(self, checkpoint: Path) -> None: ...
 
 
 @runtime_checkable
@@ -139,7 +165,12 @@ class PolicyOptimiser(Protocol):
         prompts: Sequence[Prompt],
         labelled: Sequence[LabelledComparison],
         out: Path,
-    ) -> FitReport: ...
+    ) -> FitReport:
+        """RL-CAI. An optimiser with the ``generator-rollouts`` capability is also
+        called with ``rollouts=`` a :class:`RolloutGenerator` loaded with ``policy``
+        when the run asks for it (``rl.rollouts = "generator"``); it samples from it
+        and pushes its updated weights into it between steps."""
+        ...
 
 
 class BatchWorker(Protocol):

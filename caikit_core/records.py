@@ -113,6 +113,34 @@ class Generation:
 
 
 @attrs.frozen
+class RolloutRequest:
+    """Sample ``n`` continuations of ``prompt_ids`` for an RL policy, token for token.
+
+    Tokens are drawn from the model's unfiltered distribution at ``temperature``
+    (no top-k, no top-p; ``temperature == 0``: greedy), which is what the policy's
+    own log-probabilities of them assume. A continuation ends after the first of
+    ``stop_token_ids`` (kept) or after ``max_new_tokens``. ``seed`` makes it
+    reproducible whatever batch it lands in.
+    """
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 1.0
+    n: int = 1
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class Rollout:
+    """The continuations of one :class:`RolloutRequest`, as token ids, in sample order."""
+
+    request_id: str
+    token_ids: tuple[tuple[int, ...], ...]
+
+
+@attrs.frozen
 class ScoreRequest:
     """Score continuations of an assistant turn.
 

@@ -328,3 +328,32 @@ def test_each_algorithm_has_its_own_table(tmp_path: Path, with_echo: Path) -> No
     assert err.value.problems == [
         "policy_optimiser.ppo.steps: expected a positive integer, found 0"
     ]
+
+
+def test_rollouts_from_the_generator_need_both_capabilities(
+    tmp_path: Path, with_echo: Path
+) -> None:
+    """rl.rollouts = "generator" is refused at load unless the optimiser takes rollouts
+    from a generator and the generator can give them; the default asks nothing."""
+    from caikit_core.errors import ConfigError
+
+    manager = _neutral_manager()
+    path = tmp_path / "rollouts.toml"
+    run = ECHO_RUN.replace('plugin = "copy"\n', 'plugin = "neutral"\n')
+    path.write_text(run, encoding="utf-8")
+    assert load_run(path, manager.registry).config.rl.rollouts == "optimiser"  # type: ignore[attr-defined]
+    asked = run + '\n[rl]\nrollouts = "generator"\n'
+    path.write_text(asked, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_run(path, manager.registry)  # type: ignore[attr-defined]
+    assert err.value.problems == [
+        "rl.rollouts: 'generator' needs a policy optimiser that takes rollouts from a "
+        "generator ('generator-rollouts' capability); 'neutral' samples its own: set "
+        'rl.rollouts = "optimiser"',
+        "rl.rollouts: 'generator' needs a generator with the 'rollouts' capability; "
+        "generator.plugin 'echo' has none",
+    ]
+    path.write_text(asked.replace('"generator"', '"engine"'), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_run(path, manager.registry)  # type: ignore[attr-defined]
+    assert any("rl.rollouts" in p and "'optimiser', 'generator'" in p for p in err.value.problems)

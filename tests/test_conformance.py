@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,7 +19,7 @@ torch = pytest.importorskip("torch")
 from caikit_core import hookimpl, plugins  # noqa: E402
 from caikit_core.cli import main  # noqa: E402
 from caikit_core.errors import PluginError  # noqa: E402
-from caikit_core.interfaces import DEBIAS, SUPPORTS_PREFERENCE_LOSS  # noqa: E402
+from caikit_core.interfaces import DEBIAS, ROLLOUTS, SUPPORTS_PREFERENCE_LOSS  # noqa: E402
 from caikit_core.records import (  # noqa: E402
     Comparison,
     Generation,
@@ -27,6 +28,8 @@ from caikit_core.records import (  # noqa: E402
     Message,
     OptionScore,
     PreferenceLabel,
+    Rollout,
+    RolloutRequest,
     Sample,
     Score,
     ScoreRequest,
@@ -245,7 +248,7 @@ class SystemTurnScorer:
         from caikit_core.testing.fixtures import hf_generator
 
         self.inner = hf_generator()
-        self.capabilities = self.inner.capabilities
+        self.capabilities = self.inner.capabilities - {ROLLOUTS}
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         generations: list[Generation] = self.inner.generate(requests)
@@ -274,6 +277,27 @@ class _WrappedHF:
     def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         scores: list[Score] = self.inner.score(requests)
         return scores
+
+    def rollout(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        rollouts: list[Rollout] = self.inner.rollout(requests)
+        return rollouts
+
+    def load_weights(self, checkpoint: Path) -> None:
+        self.inner.load_weights(checkpoint)
+
+
+class BatchSeededRollouts(_WrappedHF):
+    """The hf generator, but a rollout's seed is its place in the batch, not its own."""
+
+    def rollout(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        return super().rollout([attrs.evolve(r, seed=i) for i, r in enumerate(requests)])
+
+
+class StaleWeights(_WrappedHF):
+    """The hf generator, but ``load_weights`` loads nothing."""
+
+    def load_weights(self, checkpoint: Path) -> None:
+        pass
 
 
 class PrefixBlindScorer(_WrappedHF):
@@ -415,6 +439,21 @@ def test_scoring_another_context_fails_the_greedy_checks() -> None:
         r"for 'top-\d' the greedy one-token completion '.+' scores -?[\d.]+ but", reason
     )
     assert "score and generate must render the same context" in reason
+
+
+def test_batch_seeded_rollouts_fail_the_rollout_seed_check() -> None:
+    failed = _failed(check_plugin("generator", BatchSeededRollouts()))
+    assert set(failed) == {"check_generator_rollouts_seeded_and_stop_at_stop_tokens"}
+    reason = failed["check_generator_rollouts_seeded_and_stop_at_stop_tokens"]
+    assert reason.startswith("seeded rollout 'r1' gave ((") and "in a batch" in reason
+
+
+def test_a_generator_ignoring_new_weights_fails_the_weights_check() -> None:
+    failed = _failed(check_plugin("generator", StaleWeights()))
+    assert set(failed) == {"check_generator_rollouts_follow_loaded_weights"}
+    assert failed["check_generator_rollouts_follow_loaded_weights"].startswith(
+        "greedy rollouts are the same after load_weights of a checkpoint with other weights"
+    )
 
 
 def test_scorer_blind_to_the_prefix_fails_the_chain_rule_check() -> None:

@@ -2,6 +2,8 @@
 
 Starts from the SFT checkpoint (or ``models.policy``), which is also the KL
 reference; PPO-style optimisers use the reward, DPO-style ones the labelled pairs.
+With ``rl.rollouts = "generator"`` the run's generator plugin is built on the policy
+and handed to the optimiser (``rollouts=``) to sample from.
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ class Policy(Stage):
         )
 
     def settings(self, ctx: Context) -> dict[str, Any]:
-        return {
+        settings: dict[str, Any] = {
             "policy": ctx.rl_policy()[1],
             "prompts": ctx.fingerprints["prompts"],
             "labels": ctx.fingerprints["labels"],
         }
+        if ctx.config.rl.rollouts == "generator":  # absent by default: old fingerprints hold
+            generator = ctx.role("generator")
+            settings["rollouts"] = {"plugin": generator.plugin, "settings": generator.options()}
+        return settings
 
     def models(self, ctx: Context) -> dict[str, str]:
         policy = ctx.rl_policy()[0]
@@ -51,9 +57,21 @@ class Policy(Stage):
         reward = pm_role.spec().build(pm_role.config, model=ctx.model("preference"))
         reward.load(ctx.artifacts["preference_model"])
         policy = ctx.rl_policy()[0]
-        report: FitReport = optimiser.optimise(
-            policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out
-        )
+        if ctx.config.rl.rollouts == "optimiser":
+            report: FitReport = optimiser.optimise(
+                policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out
+            )
+            return report
+        generator_role = ctx.role("generator")
+        rollouts = generator_role.spec().build(generator_role.config, model=policy)
+        try:
+            report = optimiser.optimise(
+                policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out, rollouts=rollouts
+            )
+        finally:
+            close = getattr(rollouts, "close", None)
+            if callable(close):
+                close()
         return report
 
     def summary(self, ctx: Context, result: StageResult) -> list[str]:

@@ -24,6 +24,7 @@ from caikit_core.interfaces import (
     CHAIN_OF_THOUGHT,
     CLAMP,
     DEBIAS,
+    ROLLOUTS,
     SEEDED,
     SUPPORTS_PPO,
     SUPPORTS_PREFERENCE_LOSS,
@@ -41,6 +42,8 @@ from caikit_core.records import (
     Prompt,
     RevisionStep,
     RevisionTrace,
+    Rollout,
+    RolloutRequest,
     Sample,
     SamplingParams,
     Score,
@@ -292,6 +295,100 @@ def check_generator_empty_batch(ctx: CheckContext) -> None:
     _expect(ctx.instance.generate([]) == [], "generate([]) must return [] without error")
     if CAN_SCORE in ctx.capabilities:
         _expect(ctx.instance.score([]) == [], "score([]) must return [] without error")
+
+
+def _rollouts(ctx: CheckContext, requests: list[RolloutRequest]) -> list[Rollout]:
+    out = _typed_list(ctx.instance.rollout(requests), Rollout, len(requests), "rollout")
+    for request, got in zip(requests, out, strict=True):
+        _expect(
+            got.request_id == request.id and len(got.token_ids) == request.n,
+            f"rollout answered '{request.id}' with request_id '{got.request_id}' and "
+            f"{len(got.token_ids)} sequences; return one Rollout per request, in order, with "
+            "n sequences of token ids",
+        )
+        for tokens in got.token_ids:
+            _expect(
+                0 < len(tokens) <= request.max_new_tokens
+                and all(isinstance(t, int) for t in tokens),
+                f"rollout '{request.id}' returned {len(tokens)} tokens for max_new_tokens = "
+                f"{request.max_new_tokens}; return 1 to max_new_tokens int token ids",
+            )
+    return out
+
+
+_ROLLOUT_PROMPTS = ((5, 9, 12, 7, 3), (11, 4, 8), (6, 6, 2, 10))
+
+
+@_check("generator", ROLLOUTS)
+def check_generator_rollouts_seeded_and_stop_at_stop_tokens(ctx: CheckContext) -> None:
+    """``rollout``: a seeded request's tokens do not depend on its batch, and a
+    sequence ends after its first stop token, which it keeps."""
+
+    def req(i: int, **kw: Any) -> RolloutRequest:
+        return RolloutRequest(f"r{i}", _ROLLOUT_PROMPTS[i], **{"max_new_tokens": 6, **kw})
+
+    batch = _rollouts(ctx, [req(i, n=2, seed=40 + i) for i in range(3)])
+    (alone,) = _rollouts(ctx, [req(1, n=2, seed=41)])
+    _expect(
+        alone.token_ids == batch[1].token_ids,
+        f"seeded rollout 'r1' gave {alone.token_ids} alone but {batch[1].token_ids} in a batch; "
+        "derive each sequence's randomness from the request's seed and sample index",
+    )
+    (greedy,) = _rollouts(ctx, [req(0, temperature=0.0)])
+    tokens = list(greedy.token_ids[0])
+    stop = tokens[min(2, len(tokens) - 1)]
+    cut = tuple(tokens[: tokens.index(stop) + 1])
+    (stopped,) = _rollouts(ctx, [req(0, temperature=0.0, stop_token_ids=(stop,))])
+    _expect(
+        stopped.token_ids[0] == cut,
+        f"greedy rollout 'r0' is {tuple(tokens)}; with stop_token_ids = ({stop},) it gave "
+        f"{stopped.token_ids[0]}, expected {cut} (end after the first stop token, keeping it)",
+    )
+
+
+def _perturbed_copy(model: str, out: Path) -> Path:
+    """``model``'s checkpoint with noise added to every weight (saved with its tokenizer)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in loaded.parameters():
+            param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.5)
+    loaded.save_pretrained(out)
+    for item in Path(model).iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and not (out / item.name).exists():
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+@_check("generator", ROLLOUTS)
+def check_generator_rollouts_follow_loaded_weights(ctx: CheckContext) -> None:
+    """``load_weights``: greedy rollouts change with new weights and come back with
+    the old ones (nothing computed with the old weights, e.g. a prefix cache, is reused)."""
+    model = str(ctx.role_kwargs().get("model", ctx.base_model()))
+    requests = [
+        RolloutRequest(f"w{i}", p, max_new_tokens=8, temperature=0.0)
+        for i, p in enumerate(_ROLLOUT_PROMPTS)
+    ]
+    before = [r.token_ids for r in _rollouts(ctx, requests)]
+    ctx.instance.load_weights(_perturbed_copy(model, ctx.path("perturbed")))
+    changed = [r.token_ids for r in _rollouts(ctx, requests)]
+    ctx.instance.load_weights(Path(model))
+    back = [r.token_ids for r in _rollouts(ctx, requests)]
+    _expect(
+        changed != before,
+        "greedy rollouts are the same after load_weights of a checkpoint with other weights; "
+        "load the checkpoint's weights into the model that samples",
+    )
+    _expect(
+        back == before,
+        f"after loading the original weights back, greedy rollouts are {back}, not {before} "
+        "as at first; reset caches computed with the replaced weights",
+    )
 
 
 @_check("generator")

@@ -39,18 +39,21 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from caikit_core.errors import PluginError
-from caikit_core.interfaces import CAN_SCORE, SEEDED
+from caikit_core.interfaces import CAN_SCORE, ROLLOUTS, SEEDED
 from caikit_core.models import local_checkpoint
 from caikit_core.records import (
     Conversation,
     Generation,
     GenerationRequest,
+    Rollout,
+    RolloutRequest,
     Score,
     ScoreRequest,
     chat_messages,
@@ -228,7 +231,7 @@ class HFGenerator:
         cannot load the tokenizer or the model from it.
     """
 
-    capabilities: frozenset[str] = frozenset({CAN_SCORE, SEEDED})
+    capabilities: frozenset[str] = frozenset({CAN_SCORE, ROLLOUTS, SEEDED})
 
     def __init__(self, config: HFGeneratorConfig, *, model: str) -> None:
         import transformers
@@ -498,8 +501,91 @@ class HFGenerator:
         )
         return prompt[-budget:], None
 
-    def _generate_rows(self, rows: list[_Row]) -> None:
-        """Generate every row of one micro-batch, filling ``tokens`` and ``finish``."""
+    # --- rollouts (the ``rollouts`` capability) ----------------------------------------
+
+    def rollout(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        """Token ids sampled from the unfiltered distribution (see ``RolloutRequest``),
+        each continuation ending after its first stop token (kept) or at the limit.
+
+        :raises PluginError: a prompt that does not fit the context with its
+            ``max_new_tokens``, or invalid settings.
+        """
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            limit = self.context_length
+            if req.max_new_tokens < 1 or req.temperature < 0 or req.n < 0 or not req.prompt_ids:
+                raise PluginError(
+                    f"hf generator: rollout {req.id!r}: needs a prompt, max_new_tokens >= 1, "
+                    "temperature >= 0 and n >= 0"
+                )
+            if limit is not None and len(req.prompt_ids) + req.max_new_tokens > limit:
+                raise PluginError(
+                    f"hf generator: rollout {req.id!r}: a prompt of {len(req.prompt_ids)} tokens "
+                    f"plus max_new_tokens={req.max_new_tokens} exceeds the context of {limit}"
+                )
+            rows.extend(
+                _Row(
+                    i,
+                    k,
+                    list(req.prompt_ids),
+                    req.max_new_tokens,
+                    float(req.temperature),
+                    1.0,
+                    (),
+                    _row_seed(req.seed, k),
+                )
+                for k in range(req.n)
+            )
+        size = self.config.max_batch_size
+        by_stops: dict[frozenset[int], list[_Row]] = {}
+        for row in rows:
+            stops = requests[row.request].stop_token_ids
+            by_stops.setdefault(frozenset(stops) or self.eos_ids, []).append(row)
+        with torch.inference_mode():
+            for eos, group in by_stops.items():
+                group.sort(key=lambda r: -len(r.prompt))
+                for start in range(0, len(group), size):
+                    self._generate_rows(group[start : start + size], eos=eos)
+        tokens: list[list[tuple[int, ...]]] = [[] for _ in requests]
+        for row in rows:  # in request and sample order
+            tokens[row.request].append(tuple(row.tokens))
+        return [Rollout(req.id, tuple(t)) for req, t in zip(requests, tokens, strict=True)]
+
+    def load_weights(self, checkpoint: Path) -> None:
+        """Replace the model's weights with the ``*.safetensors`` weights in ``checkpoint``.
+
+        :raises PluginError: no weights there, or names or shapes that do not match.
+        """
+        from safetensors.torch import load_file
+
+        files = sorted(Path(checkpoint).glob("*.safetensors"))
+        if not files:
+            raise PluginError(f"hf generator: no *.safetensors weights in {checkpoint}")
+        weights: dict[str, torch.Tensor] = {}
+        for file in files:
+            weights.update(load_file(str(file)))
+        tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        except RuntimeError as exc:  # a shape mismatch
+            raise PluginError(
+                f"hf generator: cannot load the weights in {checkpoint}: {exc}"
+            ) from exc
+        if tied:  # the output head is the input embedding, saved once
+            missing = [k for k in missing if not k.startswith("lm_head.")]
+        if missing or unexpected:
+            raise PluginError(
+                f"hf generator: the weights in {checkpoint} do not match the model "
+                f"(missing: {missing[:5]}, unexpected: {list(unexpected)[:5]})"
+            )
+        if tied:
+            self.model.tie_weights()
+
+    def _generate_rows(self, rows: list[_Row], eos: frozenset[int] | None = None) -> None:
+        """Generate every row of one micro-batch, filling ``tokens`` and ``finish``.
+
+        ``eos``: the tokens that end a row (default: the model's end-of-sequence
+        tokens, left out of ``tokens``); given, as for rollouts, they are kept."""
         steps = max(row.max_new for row in rows)
         for row in rows:
             if row.max_new == 0:
@@ -518,7 +604,8 @@ class HFGenerator:
         logits, cache = self._forward(ids, mask[:, :width], positions, use_cache=True, keep=1)
         next_positions = positions[:, -1:] + 1
         active = [i for i, row in enumerate(rows) if row.max_new > 0]
-        eos = self.eos_ids
+        keep_eos = eos is not None
+        eos = self.eos_ids if eos is None else eos
         for step in range(steps):
             tokens = picker.pick(logits[:, -1, :], step)
             chosen = tokens.tolist()
@@ -528,6 +615,8 @@ class HFGenerator:
                 token = chosen[i]
                 if token in eos:
                     row.finish = FINISH_EOS
+                    if keep_eos:
+                        row.tokens.append(token)
                     continue
                 row.tokens.append(token)
                 if len(row.tokens) >= row.max_new:

@@ -26,7 +26,7 @@ import transformers
 import trl
 
 from caikit_core.errors import CaikitError, PluginError
-from caikit_core.interfaces import PreferenceModel
+from caikit_core.interfaces import PreferenceModel, RolloutGenerator
 from caikit_core.records import Conversation, Message, Prompt, Sample
 from caikit_core.training.metrics import checked_scores
 from caikit_torch.config import TorchOptimiserConfig
@@ -328,9 +328,12 @@ class RLRun:
         reference: Path,
         device: str,
         out: Path,
+        rollouts: RolloutGenerator | None = None,
     ) -> None:
         self.cfg = config
         self.policy, self.reference, self.device, self.out = policy, reference, device, out
+        #: where rollouts are sampled (``rl.rollouts = "generator"``); None: in-process
+        self.rollouts = rollouts
         #: every logged step (a TRL trainer's ``log_history``, or PPO's per-step metrics).
         self.history: list[dict[str, Any]] = []
 

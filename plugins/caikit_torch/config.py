@@ -33,7 +33,12 @@ import attrs
 
 from caikit_core import validators as v
 from caikit_core.converter import InvalidValue
-from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT
+from caikit_core.interfaces import (
+    GENERATOR_ROLLOUTS,
+    SUPPORTS_PPO,
+    SUPPORTS_PREFERENCE_LOSS,
+    SUPPORTS_SFT,
+)
 from caikit_core.training.settings import (
     ALGORITHMS,
     DPO_LOSSES,
@@ -61,8 +66,9 @@ __all__ = [
 DTYPES = ("auto", "float32", "bfloat16")
 #: Accepted values of ``device``.
 DEVICES = ("auto", "cpu", "cuda")
-#: What the policy optimiser can do: SFT, PPO (and RLOO/GRPO) against a reward, and DPO.
-CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS})
+#: What the policy optimiser can do: SFT, PPO (and RLOO/GRPO) against a reward, and DPO;
+#: PPO, RLOO and GRPO can take their rollouts from a generator plugin.
+CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS})
 #: What the preference model declares: no optional capability (every PM fits, loads, scores).
 PM_CAPABILITIES: frozenset[str] = frozenset()
 

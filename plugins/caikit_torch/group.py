@@ -6,9 +6,13 @@ of ``rollout_batch_size`` prompts per rollout, rewarded by a Python reward funct
 :class:`~caikit_core.records.Sample` records and calls the preference model's
 ``score``; ``beta`` weighs the KL to the reference, ``epsilon`` clips the ratio and
 ``iterations`` optimiser steps follow each rollout (``[policy_optimiser.rloo]`` or
-``[policy_optimiser.grpo]``). ``kl_bound`` stops training when the KL per response
-exceeds it (TRL logs a per-token mean KL; it is compared as
-``kl * completions/mean_length``), saving the current policy to ``out`` and raising
+``[policy_optimiser.grpo]``). With a rollout generator (``rl.rollouts =
+"generator"``) the trainer's sampling step (``_generate_single_turn``, the one
+method both TRL trainers route generation through) asks the generator instead, and
+the policy is saved and loaded into it whenever an optimiser step has changed it.
+``kl_bound`` stops training when the KL per response exceeds it (TRL logs a
+per-token mean KL; it is compared as ``kl * completions/mean_length``), saving the
+current policy to ``out`` and raising
 :class:`~caikit_core.errors.TrainingStopped` with it as the checkpoint.
 
 This module imports torch, transformers, TRL and datasets at import time. The
@@ -17,17 +21,19 @@ This module imports torch, transformers, TRL and datasets at import time. The
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 import transformers
 
 from caikit_core.errors import CaikitError, TrainingStopped
-from caikit_core.interfaces import PreferenceModel
-from caikit_core.records import Prompt, Sample, stable_id
+from caikit_core.interfaces import PreferenceModel, RolloutGenerator
+from caikit_core.records import Prompt, RolloutRequest, Sample, stable_id
 from caikit_torch.common import (
     WHO,
     KLGuard,
@@ -83,6 +89,47 @@ def preference_reward_function(
     return caikit_preference_model
 
 
+def with_rollouts(trainer_cls: Any, rollouts: RolloutGenerator, seed: int, push: Path) -> Any:
+    """``trainer_cls`` (TRL's ``RLOOTrainer`` or ``GRPOTrainer``) sampling from
+    ``rollouts``: each prompt's completion comes from the generator with a seed of
+    its own (``seed``, the call, the row), and the policy's weights are saved to
+    ``push`` and loaded into the generator first whenever the global step moved."""
+    returns_logprobs = "num_generations" in trainer_cls._generate_single_turn.__code__.co_varnames
+
+    class FromGenerator(trainer_cls):  # type: ignore[misc]
+        _caikit_calls = 0
+        _caikit_loaded_step = 0
+
+        def _generate_single_turn(self, prompt_ids: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.state.global_step != self._caikit_loaded_step:
+                self.accelerator.unwrap_model(self.model).save_pretrained(push)
+                rollouts.load_weights(push)
+                self._caikit_loaded_step = self.state.global_step
+            call = self._caikit_calls
+            self._caikit_calls += 1
+            requests = [
+                RolloutRequest(
+                    id=f"{call}:{i}",
+                    prompt_ids=tuple(int(t) for t in ids),
+                    max_new_tokens=int(self.max_completion_length),
+                    temperature=float(self.temperature),
+                    seed=_row_seed(seed, call, i),
+                    stop_token_ids=tuple(int(t) for t in self.eos_token_ids),
+                )
+                for i, ids in enumerate(prompt_ids)
+            ]
+            completions = [list(r.token_ids[0]) for r in rollouts.rollout(requests)]
+            return (completions, None) if returns_logprobs else completions
+
+    FromGenerator.__name__ = f"{trainer_cls.__name__}FromGenerator"
+    return FromGenerator
+
+
+def _row_seed(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) -> dict[str, float]:
     """RLOO or GRPO (``run.cfg.algorithm``) with TRL, rewarded by the preference model."""
     cfg = run.cfg
@@ -109,6 +156,12 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
             f"(= {sequences}) to be a multiple of mini_batch_size (= {table.mini_batch_size})"
         )
     same = run.reference.resolve() == run.policy.resolve()
+    if cfg.lora and run.rollouts is not None:
+        raise CaikitError(
+            f"{WHO}: {cfg.algorithm} with lora = true cannot push its weights into a rollout "
+            'generator (the adapters are merged only at the end); set rl.rollouts = "optimiser" '
+            "or lora = false"
+        )
     if cfg.lora and not same:
         raise CaikitError(
             f"{WHO}: {cfg.algorithm} with lora = true takes the policy with its adapters "
@@ -138,6 +191,10 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
     )
     rows = [{"prompt": chat_turns(p.messages), "prompt_id": p.id} for p in kept]
     with tempfile.TemporaryDirectory(prefix=f"caikit-{cfg.algorithm}-") as scratch:
+        trainer_cls: Any = TrainerClass
+        if run.rollouts is not None:
+            push = Path(scratch) / "push"
+            trainer_cls = with_rollouts(TrainerClass, run.rollouts, cfg.seed, push)
         args = ConfigClass(
             output_dir=scratch,
             learning_rate=table.learning_rate,
@@ -158,7 +215,7 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
                 logging_steps=1,
             ),
         )
-        trainer = TrainerClass(
+        trainer = trainer_cls(
             model=model,
             reward_funcs=preference_reward_function(reward),
             args=args,

@@ -29,7 +29,7 @@ import transformers
 import trl
 
 from caikit_core.errors import TrainingStopped
-from caikit_core.interfaces import FitReport, PreferenceModel
+from caikit_core.interfaces import FitReport, PreferenceModel, RolloutGenerator
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
 from caikit_core.training.data import require_sft_examples
 from caikit_torch.common import (
@@ -114,12 +114,16 @@ class TorchOptimiser:
         prompts: Sequence[Prompt],
         labelled: Sequence[LabelledComparison],
         out: Path,
+        *,
+        rollouts: RolloutGenerator | None = None,
     ) -> FitReport:
         """RL-CAI: optimise ``policy`` with the configured ``algorithm`` and save it to ``out``.
 
         ``"ppo"``, ``"rloo"`` and ``"grpo"`` sample responses to ``prompts`` and reward
         them with ``reward.score``, penalising the KL divergence to ``reference``;
-        ``"dpo"`` trains on the ``labelled`` pairs directly.
+        ``"dpo"`` trains on the ``labelled`` pairs directly. With ``rollouts`` (a
+        generator loaded with ``policy``), responses are sampled by it, and the
+        policy's weights are pushed into it after every optimiser step.
 
         :param policy: a local Hugging Face checkpoint folder (the SFT model).
         :param reference: the checkpoint the KL penalty refers to (usually ``policy``).
@@ -140,7 +144,7 @@ class TorchOptimiser:
         device = resolve_device(cfg.device)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        run = RLRun(cfg, policy_dir, reference_dir, device, out)
+        run = RLRun(cfg, policy_dir, reference_dir, device, out, rollouts)
         with progress_bars(log.isEnabledFor(logging.INFO)):
             try:
                 if cfg.algorithm == "dpo":

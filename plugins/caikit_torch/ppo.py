@@ -71,6 +71,7 @@ import inspect
 import json
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -83,8 +84,8 @@ import transformers
 from torch import nn
 
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
-from caikit_core.interfaces import PreferenceModel
-from caikit_core.records import Conversation, Prompt, Sample, stable_id
+from caikit_core.interfaces import PreferenceModel, RolloutGenerator
+from caikit_core.records import Conversation, Prompt, RolloutRequest, Sample, stable_id
 from caikit_core.training.settings import PPOSettings
 from caikit_torch.common import RLRun, chat_turns, score_samples
 
@@ -128,8 +129,9 @@ PPO_RECORD = "caikit_ppo.json"
 #: - ``loss/policy``, ``loss/value``, ``loss/total``: the mini-batch losses, averaged
 #:   (``total = policy + vf_coef * value``).
 #: - ``beta``: the KL coefficient used for this step's rewards.
-#: - ``time/generate``, ``time/score``, ``time/train``: seconds spent sampling;
-#:   computing log-probabilities, values, rewards and advantages; and updating.
+#: - ``time/generate``, ``time/score``, ``time/train``, ``time/push``: seconds spent
+#:   sampling; computing log-probabilities, values, rewards and advantages; updating;
+#:   and pushing the updated weights into the rollout generator (0 without one).
 METRIC_KEYS: tuple[str, ...] = (
     "step",
     "objective/kl",
@@ -147,6 +149,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "val/clipfrac",
     "beta",
     "time/generate",
+    "time/push",
     "time/score",
     "time/train",
 )
@@ -526,8 +529,10 @@ class _Trainer:
         settings: PPOSettings,
         options: PPOOptions,
         out: Path,
+        rollouts: RolloutGenerator | None = None,
     ) -> None:
         self.settings = settings
+        self.rollouts = rollouts
         self.options = options
         self.reward = reward
         self.prompts = list(prompts)
@@ -579,6 +584,12 @@ class _Trainer:
         self.world = int(self.accelerator.num_processes)
         self.stream = _prompt_stream(len(self.prompts), options.seed)
         self.history: list[dict[str, float]] = []
+        if rollouts is not None and self.world > 1:
+            raise CaikitError(
+                f"{_WHO}: rollouts from a generator run in one process; this run has {self.world}"
+            )
+        #: where the updated policy is saved for the rollout generator to load
+        self.push_dir = tempfile.TemporaryDirectory(prefix="caikit-ppo-push-")
 
     # setup helpers --------------------------------------------------------------------
     def _eos_ids(self, model: Any) -> list[int]:
@@ -663,8 +674,11 @@ class _Trainer:
         indices = self._next_prompts()
         rows = [self.encoded[i] for i in indices]
         prompt_ids, prompt_mask = self._left_pad(rows)
-        with _seeded(_mix(self.options.seed, 2, step, self.rank), self.device):
-            responses = self._generate(prompt_ids, prompt_mask)
+        if self.rollouts is not None:
+            responses = self._rollout(rows, step)
+        else:
+            with _seeded(_mix(self.options.seed, 2, step, self.rank), self.device):
+                responses = self._generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
 
         rollout = self._score(indices, prompt_ids, prompt_mask, responses)
@@ -704,6 +718,9 @@ class _Trainer:
 
         train_stats = self._update(step, rollout, advantages, returns)
         trained = time.perf_counter()
+        if self.rollouts is not None and step + 1 < s.steps:
+            self._push()
+        pushed = time.perf_counter()
 
         metrics: dict[str, float] = {
             "step": float(step),
@@ -718,6 +735,7 @@ class _Trainer:
             "time/generate": generated - started,
             "time/score": scored - generated,
             "time/train": trained - scored,
+            "time/push": pushed - trained,
         }
         self.kl.update(mean_kl, s.rollout_batch_size * self.world)
         return metrics
@@ -770,6 +788,36 @@ class _Trainer:
             policy.generation_config = saved
         responses: torch.Tensor = out[:, prompt_ids.shape[1] :]
         return responses
+
+    def _rollout(self, rows: list[list[int]], step: int) -> torch.Tensor:
+        """Sample one response per prompt from the rollout generator: ``[batch, R]``,
+        right-padded with the pad token (``_score`` masks after the first EOS)."""
+        assert self.rollouts is not None
+        s = self.settings
+        requests = [
+            RolloutRequest(
+                id=f"{step}:{i}",
+                prompt_ids=tuple(row),
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                seed=_mix(self.options.seed, 2, step, self.rank, i),
+                stop_token_ids=tuple(self.eos_ids),
+            )
+            for i, row in enumerate(rows)
+        ]
+        sampled = [r.token_ids[0] for r in self.rollouts.rollout(requests)]
+        width = max(1, max(len(t) for t in sampled))
+        out = torch.full((len(sampled), width), self.pad_id, dtype=torch.long)
+        for i, tokens in enumerate(sampled):
+            out[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return out.to(self.device)
+
+    def _push(self) -> None:
+        """Save the updated policy's weights and load them into the rollout generator."""
+        assert self.rollouts is not None
+        folder = Path(self.push_dir.name)
+        self._policy().save_pretrained(folder, safe_serialization=True)
+        self.rollouts.load_weights(folder)
 
     @torch.no_grad()
     def _score(
@@ -966,6 +1014,7 @@ def train_ppo(
     *,
     options: PPOOptions | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    rollouts: RolloutGenerator | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy`` with PPO against ``reward``, penalised by KL to ``reference``.
 
@@ -984,6 +1033,9 @@ def train_ppo(
         :data:`PPO_RECORD` (the settings and the metrics of every step).
     :param on_step: called after each step with its metrics (see :data:`METRIC_KEYS`),
         in every process.
+    :param rollouts: a generator loaded with ``policy`` to sample the responses
+        (``rl.rollouts = "generator"``); the updated policy is saved and loaded into
+        it after every step but the last. ``None``: the policy's own ``generate``.
     :returns: every step's metrics, in order (:data:`METRIC_KEYS`, all finite).
     :raises CaikitError: invalid options, no prompts, or a reward function that
         returns the wrong number of scores or non-finite ones.
@@ -997,8 +1049,11 @@ def train_ppo(
         raise CaikitError(f"{_WHO}: invalid settings: " + "; ".join(problems))
     if not prompts:
         raise CaikitError(f"{_WHO}: no prompts to train on")
-    trainer = _Trainer(policy, reference, reward, prompts, settings, options, Path(out))
-    return trainer.run(on_step)
+    trainer = _Trainer(policy, reference, reward, prompts, settings, options, Path(out), rollouts)
+    try:
+        return trainer.run(on_step)
+    finally:
+        trainer.push_dir.cleanup()
 
 
 def optimise_ppo(
@@ -1032,6 +1087,7 @@ def optimise_ppo(
         run.out,
         options=PPOOptions(seed=cfg.seed, device=run.device),
         on_step=on_step,
+        rollouts=run.rollouts,
     )
     run.history = [dict(h) for h in history]
     first, last = history[0], history[-1]

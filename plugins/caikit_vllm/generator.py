@@ -34,6 +34,7 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -43,7 +44,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from caikit_core.errors import PluginError
-from caikit_core.interfaces import CAN_SCORE, SEEDED
+from caikit_core.interfaces import CAN_SCORE, ROLLOUTS, SEEDED
 from caikit_core.models import local_checkpoint
 from caikit_core.records import (
     FINISH_EOS,
@@ -53,6 +54,8 @@ from caikit_core.records import (
     Conversation,
     Generation,
     GenerationRequest,
+    Rollout,
+    RolloutRequest,
     Score,
     ScoreRequest,
     chat_messages,
@@ -98,7 +101,7 @@ class VLLMGenerator:
         visible GPUs, or vLLM cannot load the model (the message names the folder).
     """
 
-    capabilities: frozenset[str] = frozenset({CAN_SCORE, SEEDED})
+    capabilities: frozenset[str] = frozenset({CAN_SCORE, ROLLOUTS, SEEDED})
 
     def __init__(self, config: VLLMGeneratorConfig, *, model: str) -> None:
         self.config = config
@@ -312,6 +315,66 @@ class VLLMGenerator:
                 )
             )
         return out
+
+    # --- rollouts (the ``rollouts`` capability) ----------------------------------------
+
+    def rollout(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        """Token ids sampled from the unfiltered distribution (no top-k, no top-p), one
+        vLLM request per sequence with its own seed, as ``generate`` does; each
+        continuation ends after its first stop token (kept) or at the limit.
+
+        :raises PluginError: a prompt that does not fit the context with its
+            ``max_new_tokens``, or invalid settings.
+        """
+        seqs: list[_Seq] = []
+        params: list[SamplingParams] = []
+        for i, req in enumerate(requests):
+            if req.max_new_tokens < 1 or req.temperature < 0 or req.n < 0 or not req.prompt_ids:
+                raise PluginError(
+                    f"vllm generator: rollout {req.id!r}: needs a prompt, max_new_tokens >= 1, "
+                    "temperature >= 0 and n >= 0"
+                )
+            if len(req.prompt_ids) + req.max_new_tokens > self.context_length:
+                raise PluginError(
+                    f"vllm generator: rollout {req.id!r}: a prompt of {len(req.prompt_ids)} "
+                    f"tokens plus max_new_tokens={req.max_new_tokens} exceeds the context of "
+                    f"{self.context_length}"
+                )
+            greedy = req.temperature == 0
+            for k in range(req.n):
+                seqs.append(_Seq(i, k, list(req.prompt_ids)))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=float(req.temperature),
+                        top_p=1.0,
+                        top_k=0,
+                        max_tokens=req.max_new_tokens,
+                        seed=None if greedy else _row_seed(req.seed, k),
+                        stop_token_ids=sorted(req.stop_token_ids or self.eos_ids),
+                        ignore_eos=bool(req.stop_token_ids),
+                        detokenize=False,
+                    )
+                )
+        tokens: list[list[tuple[int, ...]]] = [[] for _ in requests]
+        for seq, output in zip(seqs, self._run([s.prompt for s in seqs], params), strict=True):
+            tokens[seq.request].append(tuple(int(t) for t in output.outputs[0].token_ids))
+        return [Rollout(req.id, tuple(t)) for req, t in zip(requests, tokens, strict=True)]
+
+    def load_weights(self, checkpoint: Path) -> None:
+        """Reload the engine's weights from ``checkpoint`` (an HF folder of the same
+        architecture) in place, through vLLM's worker ``reload_weights``, and reset
+        the prefix cache, whose entries the old weights computed.
+
+        :raises PluginError: vLLM cannot load the weights there.
+        """
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
+        except Exception as exc:
+            raise PluginError(
+                f"vllm generator: cannot load the weights in {checkpoint}: {exc}"
+            ) from exc
+        self.llm.reset_prefix_cache()
 
     def _sampling(self, req: GenerationRequest, sample: int) -> SamplingParams:
         sampling = req.sampling

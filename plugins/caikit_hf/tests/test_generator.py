@@ -437,3 +437,76 @@ def test_greedy_token_scores_highest(gen: HFGenerator) -> None:
     [score] = gen.score([ScoreRequest("g", SEA, (text, *singles))])
     assert set(score.token_counts) == {1}
     assert score.logprobs[0] >= max(score.logprobs[1:])
+
+
+# --- rollouts (the ``rollouts`` capability) -------------------------------------------
+
+
+def test_rollout_greedy_matches_generate_and_keeps_the_stop_token(gen: HFGenerator) -> None:
+    from caikit_core.records import RolloutRequest
+
+    ids = prompt_ids(gen, SEA)
+    expected = reference_greedy(gen, ids, 12)
+    [out] = gen.rollout([RolloutRequest("r", tuple(ids), max_new_tokens=12, temperature=0.0)])
+    assert out.request_id == "r" and list(out.token_ids[0]) == expected
+    stop = expected[3]
+    cut = expected[: expected.index(stop) + 1]
+    [out] = gen.rollout(
+        [
+            RolloutRequest(
+                "s", tuple(ids), max_new_tokens=12, temperature=0.0, n=2, stop_token_ids=(stop,)
+            )
+        ]
+    )
+    assert [list(t) for t in out.token_ids] == [cut, cut]  # the stop token is kept
+
+
+def test_rollout_samples_are_seeded_per_request_not_per_batch(gen: HFGenerator) -> None:
+    from caikit_core.records import RolloutRequest
+
+    ids = tuple(prompt_ids(gen, SEA))
+    other = tuple(prompt_ids(gen, SKY))
+
+    def req(rid: str, prompt: tuple[int, ...], seed: int) -> RolloutRequest:
+        return RolloutRequest(rid, prompt, max_new_tokens=10, temperature=1.0, n=3, seed=seed)
+
+    [alone] = gen.rollout([req("a", ids, 7)])
+    batch = gen.rollout([req("b", other, 1), req("a", ids, 7), req("c", other, 2)])
+    assert batch[1].token_ids == alone.token_ids
+    assert len(set(alone.token_ids)) == 3  # three samples, three sequences
+    assert gen.rollout([req("a", ids, 8)])[0].token_ids != alone.token_ids
+    with pytest.raises(PluginError, match="rollout 'x': needs a prompt"):
+        gen.rollout([RolloutRequest("x", (), max_new_tokens=4)])
+    with pytest.raises(PluginError, match="exceeds the context"):
+        gen.rollout([RolloutRequest("y", ids, max_new_tokens=10**6)])
+
+
+def test_load_weights_makes_the_generator_follow_new_weights(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    from caikit_core.records import RolloutRequest
+
+    g = build_generator(HFGeneratorConfig(device="cpu"), model=str(tiny_path))
+    ids = prompt_ids(g, SEA)
+    request = RolloutRequest("r", tuple(ids), max_new_tokens=12, temperature=0.0)
+    before = g.rollout([request])[0].token_ids[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path / "updated")
+    g.load_weights(tmp_path / "updated")
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=g.pad_id
+        )
+    expected = tuple(out[0, len(ids) :].tolist())
+    after = g.rollout([request])[0].token_ids[0]
+    assert after == expected[: len(after)] and after != before
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PluginError, match=r"no \*\.safetensors weights in .*empty"):
+        g.load_weights(tmp_path / "empty")
+    other = build_tiny_llama(tmp_path / "wider", hidden_size=64)
+    with pytest.raises(PluginError, match="cannot load the weights in .*wider"):
+        g.load_weights(other)
