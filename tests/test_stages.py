@@ -269,6 +269,68 @@ def test_stage_policy_prints_per_step_reward_and_kl_from_its_history(ctx: Contex
     assert STAGES["policy"].included(ctx.config)
 
 
+def test_stage_policy_hands_the_generator_to_the_optimiser_with_rl_rollouts_generator(
+    echo_run: Path, with_echo: Path
+) -> None:
+    """rl.rollouts = "generator": the policy stage builds the run's generator on the
+    policy it starts from, passes it as ``rollouts=`` and closes it afterwards; only
+    the policy stage's fingerprint changes."""
+    import types
+
+    from caikit_echo.plugin import CopyOptimiser, EchoConfig, EchoGenerator
+
+    seen: dict[str, Any] = {}
+
+    class RollingEcho(EchoGenerator):  # type: ignore[misc]
+        capabilities = frozenset({"score", "seeded", "rollouts"})
+
+        def __init__(self, config: Any, model: str) -> None:
+            super().__init__(config, model)
+            self.model_name = model
+
+        def close(self) -> None:
+            seen["closed"] = self.model_name
+
+    class RollingCopy(CopyOptimiser):  # type: ignore[misc]
+        def optimise(self, policy: str, *args: Any, rollouts: Any = None) -> Any:
+            seen["policy"], seen["rollouts"] = policy, rollouts
+            return super().optimise(policy, *args)
+
+    @hookimpl
+    def register_generators(register):  # type: ignore[no-untyped-def]
+        register(
+            "rolling",
+            lambda config, *, model: RollingEcho(config, model),
+            config=EchoConfig,
+            capabilities={"score", "seeded", "rollouts"},
+        )
+
+    @hookimpl
+    def register_policy_optimisers(register):  # type: ignore[no-untyped-def]
+        register(
+            "rolling-copy",
+            lambda config: RollingCopy(config),
+            capabilities={"sft", "ppo", "generator-rollouts"},
+        )
+
+    module = types.ModuleType("rolling")
+    module.register_generators = register_generators  # type: ignore[attr-defined]
+    module.register_policy_optimisers = register_policy_optimisers  # type: ignore[attr-defined]
+    plugins.get_plugin_manager().register(module, "rolling", distribution="rolling", version="1")
+    text = echo_run.read_text().replace('plugin = "copy"', 'plugin = "rolling-copy"')
+    text = text.replace('plugin = "echo"', 'plugin = "rolling"', 1)
+    echo_run.write_text(text)
+    plain = Runner(load_run(echo_run, plugins.get_registry())).execute().context
+    assert seen["rollouts"] is None  # the default passes no generator
+    echo_run.write_text(text + '\n[rl]\nrollouts = "generator"\n')
+    rolled = Runner(load_run(echo_run, plugins.get_registry())).execute().context
+    assert isinstance(seen["rollouts"], RollingEcho)
+    assert seen["rollouts"].model_name == seen["policy"] == seen["closed"]
+    assert seen["policy"] == rolled.rl_policy()[0]
+    changed = {n for n in plain.fingerprints if plain.fingerprints[n] != rolled.fingerprints[n]}
+    assert changed == {"policy"}
+
+
 def test_a_local_run_loads_each_generator_model_once(
     echo_run: Path, with_echo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

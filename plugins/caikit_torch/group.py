@@ -22,6 +22,7 @@ This module imports torch, transformers, TRL and datasets at import time. The
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -94,7 +95,10 @@ def with_rollouts(trainer_cls: Any, rollouts: RolloutGenerator, seed: int, push:
     ``rollouts``: each prompt's completion comes from the generator with a seed of
     its own (``seed``, the call, the row), and the policy's weights are saved to
     ``push`` and loaded into the generator first whenever the global step moved."""
-    returns_logprobs = "num_generations" in trainer_cls._generate_single_turn.__code__.co_varnames
+    # GRPO's takes num_generations and returns (completion ids, log-probs); RLOO's the ids.
+    returns_logprobs = (
+        "num_generations" in inspect.signature(trainer_cls._generate_single_turn).parameters
+    )
 
     class FromGenerator(trainer_cls):  # type: ignore[misc]
         _caikit_calls = 0

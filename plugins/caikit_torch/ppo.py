@@ -718,9 +718,10 @@ class _Trainer:
 
         train_stats = self._update(step, rollout, advantages, returns)
         trained = time.perf_counter()
+        push_seconds = 0.0
         if self.rollouts is not None and step + 1 < s.steps:
             self._push()
-        pushed = time.perf_counter()
+            push_seconds = time.perf_counter() - trained
 
         metrics: dict[str, float] = {
             "step": float(step),
@@ -735,7 +736,7 @@ class _Trainer:
             "time/generate": generated - started,
             "time/score": scored - generated,
             "time/train": trained - scored,
-            "time/push": pushed - trained,
+            "time/push": push_seconds,
         }
         self.kl.update(mean_kl, s.rollout_batch_size * self.world)
         return metrics
