@@ -332,7 +332,118 @@ def test_the_conformance_kit_passes(vllm_gen: Any, model: Path) -> None:
         "check_generator_score_chain_rule",
         "check_generator_scores_depend_on_prompt",
         "check_generator_greedy_text_scores_highest",
+        # rollouts for RL (issue 11, item 6)
+        "check_generator_rollouts_seeded_and_stop_at_stop_tokens",
+        "check_generator_rollouts_follow_loaded_weights",
     }
+
+
+# --- rollouts for RL, and weight pushes ---------------------------------------------------
+
+
+def _prompt_ids(gen: Any, messages: Any) -> tuple[int, ...]:
+    """The chat-formatted prompt's ids under ``gen``'s tokenizer, assistant turn opened."""
+    text = gen.tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return tuple(gen.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_rollout_tokens_equal_hf_greedy_and_at_a_stop_token(vllm_gen: Any, hf_gen: Any) -> None:
+    from caikit_core.records import RolloutRequest
+
+    requests = [
+        RolloutRequest(f"r{i}", _prompt_ids(hf_gen, m), max_new_tokens=16, temperature=0.0)
+        for i, m in enumerate(PROMPTS[:8])
+    ]
+    assert all(
+        _prompt_ids(vllm_gen, m) == r.prompt_ids for m, r in zip(PROMPTS[:8], requests, strict=True)
+    )
+    hf = [r.token_ids for r in hf_gen.rollout(requests)]
+    assert [r.token_ids for r in vllm_gen.rollout(requests)] == hf
+    stop = hf[0][0][4]
+    cut = hf[0][0][: hf[0][0].index(stop) + 1]
+    stopped = attrs.evolve(requests[0], stop_token_ids=(stop,), n=2)
+    assert (
+        vllm_gen.rollout([stopped])[0].token_ids
+        == (cut, cut)
+        == hf_gen.rollout([stopped])[0].token_ids
+    )
+
+
+def test_after_a_ppo_weight_push_the_engine_is_the_updated_policy(
+    vllm_gen: Any, model: Path, tmp_path: Path
+) -> None:
+    """PPO (caikit_torch) samples from the engine; after each push, the engine's greedy
+    tokens equal transformers' greedy ``generate`` of the policy it was pushed."""
+    pytest.importorskip("accelerate")
+    import torch
+    import transformers
+    from caikit_torch.ppo import PPOOptions, train_ppo
+
+    from caikit_core.records import RolloutRequest
+    from caikit_core.training.settings import PPOSettings
+
+    probes = [_prompt_ids(vllm_gen, m) for m in PROMPTS[:4]]
+    pushes: list[tuple[list[Any], list[Any]]] = []
+    sampled: list[int] = []
+
+    class Checked:
+        capabilities = vllm_gen.capabilities
+
+        def rollout(self, requests: Any) -> Any:
+            sampled.append(len(requests))
+            return vllm_gen.rollout(requests)
+
+        def load_weights(self, checkpoint: Path) -> None:
+            vllm_gen.load_weights(checkpoint)
+            policy = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+            ours = [
+                r.token_ids[0]
+                for r in vllm_gen.rollout(
+                    [
+                        RolloutRequest(f"p{i}", p, max_new_tokens=8, temperature=0.0)
+                        for i, p in enumerate(probes)
+                    ]
+                )
+            ]
+            with torch.inference_mode():
+                theirs = [
+                    tuple(
+                        policy.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[
+                            0, len(p) :
+                        ].tolist()
+                    )[: len(o)]
+                    for p, o in zip(probes, ours, strict=True)
+                ]
+            pushes.append((ours, theirs))
+
+    settings = PPOSettings(
+        steps=3,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        epochs=2,
+        learning_rate=2e-2,
+        max_new_tokens=8,
+    )
+    try:
+        history = train_ppo(
+            str(model),
+            str(model),
+            lambda convs, texts: [float(len(t)) / 10 for t in texts],
+            PROMPTS,
+            settings,
+            tmp_path / "out",
+            options=PPOOptions(seed=1),
+            rollouts=Checked(),
+        )
+    finally:
+        vllm_gen.load_weights(model)  # the module's engine goes back to the tiny model
+    assert sampled == [4, 4, 4] and len(history) == 3
+    assert len(pushes) == 2 and all(ours == theirs for ours, theirs in pushes)
+    assert pushes[0][0] != pushes[1][0] or history[1]["objective/kl"] > 0
 
 
 # --- bad set-ups (no engine starts) -----------------------------------------------------
