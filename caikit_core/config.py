@@ -376,6 +376,9 @@ def _resolve_role(
         )
         return None
     spec = registry.get(role, role_cfg.plugin)
+    unavailable = spec.unavailable()
+    if unavailable is not None:
+        problems.append(f"{role}.plugin: '{spec.name}' cannot run here: {unavailable}")
     if spec.config_cls is None:
         if role_cfg.options:
             keys = ", ".join(sorted(role_cfg.options))

@@ -45,6 +45,7 @@ class Register(Protocol):
         capabilities: Iterable[str] = (),
         description: str = "",
         check_settings: Mapping[str, Any] | None = None,
+        preflight: Callable[[], str | None] | None = None,
     ) -> None:
         """Register one implementation of the hook's role.
 
@@ -57,6 +58,10 @@ class Register(Protocol):
         :param check_settings: small, valid settings (as a run file's table would
             give them) that the conformance kit builds the plugin with, so its
             checks run in seconds on a CPU; ``None``: the config's defaults.
+        :param preflight: called (without heavy imports) when a run file names the
+            plugin, before any stage runs; returns why the plugin cannot run in this
+            environment (e.g. a missing package, naming the command that installs
+            it), or ``None``.
         """
 
 

@@ -60,6 +60,18 @@ class PluginSpec:
     version: str
     #: the conformance kit's quick settings (``register(..., check_settings=...)``)
     check_settings: Mapping[str, Any] | None = None
+    #: a cheap check that the plugin can run here (``register(..., preflight=...)``)
+    preflight: Callable[[], str | None] | None = None
+
+    def unavailable(self) -> str | None:
+        """Why the plugin cannot run in this environment (its preflight's answer), or
+        ``None``; a preflight that itself fails is reported, not raised."""
+        if self.preflight is None:
+            return None
+        try:
+            return self.preflight()
+        except Exception as exc:
+            return f"its preflight check failed: {type(exc).__name__}: {exc}"
 
     @property
     def bundled(self) -> bool:
@@ -283,6 +295,7 @@ def _make_register(
         capabilities: Iterable[str] = (),
         description: str = "",
         check_settings: Mapping[str, Any] | None = None,
+        preflight: Callable[[], str | None] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"{where}: {role} name must be a non-empty string, got {name!r}")
@@ -297,6 +310,8 @@ def _make_register(
                 f"{where}: check_settings for {role} '{name}' must be a table (a mapping), "
                 f"got {check_settings!r}"
             )
+        if preflight is not None and not callable(preflight):
+            raise PluginError(f"{where}: preflight for {role} '{name}' is not callable")
         caps = frozenset(capabilities)
         unknown = caps - ALL_CAPABILITIES
         if unknown:
@@ -318,6 +333,7 @@ def _make_register(
             distribution=origin.distribution,
             version=origin.version,
             check_settings=check_settings,
+            preflight=preflight,
         )
         registry.add(spec)
         if trace:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from caikit_core.errors import PluginError
 from caikit_core.hookspecs import Register, hookimpl
-from caikit_core.interfaces import CAN_SCORE, SEEDED
+from caikit_core.interfaces import CAN_SCORE, ROLLOUTS, SEEDED
 from caikit_vllm.config import DTYPES, TRUNCATION_POLICIES, VLLMGeneratorConfig
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ __all__ = [
     "VLLMGeneratorConfig",
     "build_generator",
     "register_generators",
+    "vllm_missing",
 ]
 
 #: The error of ``plugin = "vllm"`` where vLLM is not installed.
@@ -39,6 +40,13 @@ MISSING_VLLM = (
     "`make setup-vllm` (it creates .venv-vllm) and run caikit from there "
     "(.venv-vllm/bin/caikit)"
 )
+
+
+def vllm_missing() -> str | None:
+    """The preflight: why vLLM cannot run here (not installed), or ``None``."""
+    if importlib.util.find_spec("vllm") is None:
+        return MISSING_VLLM.removeprefix("vllm generator: ")
+    return None
 
 
 def build_generator(config: VLLMGeneratorConfig, *, model: str) -> VLLMGenerator:
@@ -62,7 +70,8 @@ def register_generators(register: Register) -> None:
         "vllm",
         build_generator,
         config=VLLMGeneratorConfig,
-        capabilities={CAN_SCORE, SEEDED},
+        capabilities={CAN_SCORE, ROLLOUTS, SEEDED},
+        preflight=vllm_missing,
         description="vLLM offline engine (local folder or hub id), in-process; needs .venv-vllm",
         # Small enough for the kit on a CPU: fp32 like the hf generator's checks, no
         # CUDA graphs or compilation (a start in under a minute), a small KV cache.

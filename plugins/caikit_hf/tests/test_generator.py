@@ -508,5 +508,5 @@ def test_load_weights_makes_the_generator_follow_new_weights(
     with pytest.raises(PluginError, match=r"no \*\.safetensors weights in .*empty"):
         g.load_weights(tmp_path / "empty")
     other = build_tiny_llama(tmp_path / "wider", hidden_size=64)
-    with pytest.raises(PluginError, match="cannot load the weights in .*wider"):
+    with pytest.raises(PluginError, match=r"cannot load the weights in .*wider"):
         g.load_weights(other)

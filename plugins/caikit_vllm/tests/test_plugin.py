@@ -19,11 +19,11 @@ from caikit_vllm.plugin import MISSING_VLLM, build_generator
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_vllm_is_a_bundled_generator_with_score_and_seeded() -> None:
+def test_vllm_is_a_bundled_generator_with_score_seeded_and_rollouts() -> None:
     spec = plugins.get_registry().get("generator", "vllm")
     assert spec.bundled
     assert spec.config_cls is VLLMGeneratorConfig
-    assert spec.capabilities == frozenset({"score", "seeded"})
+    assert spec.capabilities == frozenset({"score", "seeded", "rollouts"})
     assert spec.check_settings == {
         "dtype": "float32",
         "enforce_eager": True,
@@ -118,8 +118,11 @@ def test_caikit_run_with_plugin_vllm_without_vllm_exits_2_naming_the_command(
         text=True,
         timeout=120,
     )
+    # refused when the run file loads (the registration's preflight), before any stage
     assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, done.stderr
-    assert MISSING_VLLM in errors[0]
-    assert "`make setup-vllm`" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {run}: 1 config problem:"), done.stderr
+    assert (
+        "generator.plugin: 'vllm' cannot run here: " + MISSING_VLLM.removeprefix("vllm generator: ")
+    ) in done.stderr
+    assert not (tmp_path / "out").exists()
