@@ -92,7 +92,9 @@ class CheckContext:
         """The checkpoint folder model-backed checks start from (the tiny model by default).
 
         It is the ``model`` a generator or preference model is built on, and the
-        policy the optimiser checks fine-tune.
+        policy the optimiser checks fine-tune. A registered generator gets the tiny
+        model with head size 32 (:func:`~caikit_core.testing.fixtures.tiny_generator_model`),
+        which vLLM's CPU build can run.
         """
         if "base_model" not in self.cache:
             if self.model_factory is not None:
@@ -100,7 +102,11 @@ class CheckContext:
             else:
                 from caikit_core.testing import fixtures
 
-                self.cache["base_model"] = fixtures.tiny_model()
+                self.cache["base_model"] = (
+                    fixtures.tiny_generator_model()
+                    if self.role == "generator" and self.spec is not None
+                    else fixtures.tiny_model()
+                )
         path: Path = self.cache["base_model"]
         return path
 

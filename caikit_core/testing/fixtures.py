@@ -34,6 +34,30 @@ def tiny_model() -> Path:
     return path
 
 
+def tiny_generator_model() -> Path:
+    """The model the generator checks build a registered generator on: the tiny Llama
+    with attention heads of size 32 (hidden 64, 2 heads), which vLLM's CPU kernels
+    support (they lack the default's size 8), so ``caikit check generator vllm`` runs
+    on a CPU."""
+    path = _cache.get("tiny_generator_model")
+    if path is None:
+        from caikit_core.testing.tiny_models import build_tiny_llama
+
+        folder = Path(tempfile.mkdtemp(prefix="caikit-kit-")) / "tiny-llama-h32"
+        path = build_tiny_llama(
+            folder,
+            seed=0,
+            hidden_size=64,
+            heads=2,
+            kv_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=2048,
+        )
+        _cache["tiny_generator_model"] = path
+    assert isinstance(path, Path)
+    return path
+
+
 def hf_generator(model: Path | None = None) -> Any:
     """The bundled ``hf`` generator on ``model`` (the tiny model by default), on CPU."""
     folder = str(model if model is not None else tiny_model())

@@ -126,3 +126,19 @@ def test_caikit_run_with_plugin_vllm_without_vllm_exits_2_naming_the_command(
         "generator.plugin: 'vllm' cannot run here: " + MISSING_VLLM.removeprefix("vllm generator: ")
     ) in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")
+def test_caikit_check_generator_vllm_passes_on_the_kits_own_model() -> None:
+    """The kit's generator model has heads of size 32, which vLLM's CPU kernels run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "caikit_core.cli", "check", "generator", "vllm"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    passed = [line.split()[1] for line in done.stdout.splitlines() if "PASSED" in line]
+    assert "check_generator_rollouts_follow_loaded_weights" in passed
+    assert "check_generator_score_chain_rule" in passed
+    assert done.stdout.rstrip().endswith(f"{len(passed)} passed")
