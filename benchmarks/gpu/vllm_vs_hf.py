@@ -11,9 +11,12 @@ Both generators are built through caikit's registry exactly as a run builds them
 the same requests (the prompts of examples/prompts.jsonl, repeated to ``--prompts``,
 sampled at temperature 0.7 with per-request seeds), and run alternately
 (``--rounds``, after one warm-up call each, which includes vLLM's compilation). Then the
-``direct`` labeller labels the same pairs on each generator. PPO with rollouts from a
-generator plugin is not measured: the torch optimiser still generates its rollouts
-in-process (issue 11, item 6). Prints one table of medians and the vllm/hf ratios.
+``direct`` labeller labels the same pairs on each generator. Last, the torch PPO loop
+runs ``--ppo-steps`` steps twice from the same model, with its rollouts sampled
+in-process (HF ``generate``, the default ``rl.rollouts = "optimiser"``) and from the
+vllm engine (``rl.rollouts = "generator"``, the updated weights pushed into it after
+every step), rewarded by response length (the reward model's cost is the same both
+ways and is not what is measured). Prints one table of medians and the vllm/hf ratios.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ppo-steps", type=int, default=4)
+    parser.add_argument("--ppo-batch", type=int, default=64, help="PPO rollout batch size")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -127,8 +132,51 @@ def main() -> None:
         f"| labels stage, {len(pairs)} pairs (s) | {lab['hf']:.2f} | {lab['vllm']:.2f} | "
         f"{lab['hf'] / lab['vllm']:.2f}x |"
     )
-    print("| PPO steps/s, hf vs vllm rollouts | n/a | n/a | not built (issue 11 item 6) |")
+    ppo = {
+        name: ppo_seconds(args, model, rollouts)
+        for name, rollouts in (("hf", None), ("vllm", generators["vllm"]))
+    }
+    print(
+        f"| PPO step, {args.ppo_batch} rollouts x {args.new_tokens} tokens (s, median; "
+        f"generation share) | {ppo['hf'][0]:.2f} ({ppo['hf'][1]:.0%}) | "
+        f"{ppo['vllm'][0]:.2f} ({ppo['vllm'][1]:.0%}) | {ppo['hf'][0] / ppo['vllm'][0]:.2f}x |"
+    )
     generators["vllm"].close()
+
+
+def ppo_seconds(args: argparse.Namespace, model: str, rollouts: Any) -> tuple[float, float]:
+    """The median seconds of a PPO step after the first, and the share spent sampling
+    (with weight pushes, for a rollout generator)."""
+    import tempfile
+
+    from caikit_torch.ppo import PPOOptions, train_ppo
+
+    from caikit_core.records import conversation
+    from caikit_core.training.settings import PPOSettings
+
+    settings = PPOSettings(
+        steps=args.ppo_steps,
+        rollout_batch_size=args.ppo_batch,
+        mini_batch_size=min(args.ppo_batch, 16),
+        epochs=1,
+        max_new_tokens=args.new_tokens,
+    )
+    convs = [conversation(("user", q)) for q in prompts(24)]
+    with tempfile.TemporaryDirectory() as out:
+        history = train_ppo(
+            model,
+            model,
+            lambda _convs, texts: [len(t) / 100 for t in texts],
+            convs,
+            settings,
+            Path(out),
+            options=PPOOptions(device=args.device),
+            rollouts=rollouts,
+        )
+    steps = history[1:] or history
+    totals = [sum(v for k, v in h.items() if k.startswith("time/")) for h in steps]
+    sampling = [h["time/generate"] + h["time/push"] for h in steps]
+    return statistics.median(totals), sum(sampling) / sum(totals)
 
 
 if __name__ == "__main__":
