@@ -109,6 +109,10 @@ _WHO = "ppo"
 
 #: The file in a saved checkpoint that records how it was trained.
 PPO_RECORD = "caikit_ppo.json"
+#: The file beside it with every sampled response, one JSON line each:
+#: ``{"step": int, "prompt": the last user turn, "response": text}`` (what the
+#: ``goodhart`` instrument reads to find phrases that spread over training).
+ROLLOUTS_FILE = "rollouts.jsonl"
 
 #: The keys of every step's metrics (all floats; means over processes, except timings).
 #:
@@ -682,6 +686,7 @@ class _Trainer:
         generated = time.perf_counter()
 
         rollout = self._score(indices, prompt_ids, prompt_mask, responses)
+        self._write_rollouts(step, indices, rollout.texts)
         mask_f = rollout.mask.to(torch.float32)
         kl_tokens = (rollout.logprobs - rollout.ref_logprobs) * mask_f
         non_score = -beta * kl_tokens
@@ -812,6 +817,18 @@ class _Trainer:
         for i, tokens in enumerate(sampled):
             out[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return out.to(self.device)
+
+    def _write_rollouts(self, step: int, indices: list[int], texts: list[str]) -> None:
+        """Append this step's responses to :data:`ROLLOUTS_FILE` (a new run starts it)."""
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        lines = [
+            json.dumps({"step": step, "prompt": self.prompts[i][-1].content, "response": text})
+            for i, text in zip(indices, texts, strict=True)
+        ]
+        with (self.out / ROLLOUTS_FILE).open("w" if step == 0 else "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
 
     def _push(self) -> None:
         """Save the updated policy's weights and load them into the rollout generator."""

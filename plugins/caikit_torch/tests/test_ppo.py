@@ -31,6 +31,7 @@ from caikit_core.training.settings import PPOSettings  # noqa: E402
 from caikit_torch.ppo import (  # noqa: E402
     METRIC_KEYS,
     PPO_RECORD,
+    ROLLOUTS_FILE,
     KLController,
     PPOOptions,
     clipped_policy_loss,
@@ -243,6 +244,11 @@ def test_run_metrics_kl_and_checkpoint(tiny_llama: Path, tmp_path: Path) -> None
     record = json.loads((out / PPO_RECORD).read_text())
     assert record["steps_completed"] == 3 and record["stopped"] is None
     assert record["metrics"] == history
+    # every sampled response, by step, beside the checkpoint
+    rows = [json.loads(line) for line in (out / ROLLOUTS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0] * 8 + [1] * 8 + [2] * 8
+    assert {r["prompt"] for r in rows} <= {p[-1].content for p in PROMPTS}
+    assert all(isinstance(r["response"], str) for r in rows)
 
 
 def test_score_increases_with_a_simple_reward(tiny_llama: Path, tmp_path: Path) -> None:
