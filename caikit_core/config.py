@@ -26,10 +26,9 @@ from typing import Any, Literal
 
 import attrs
 import yaml
-
-from caikit_core import validators
 from cattrs.gen import make_dict_structure_fn
 
+from caikit_core import validators
 from caikit_core.converter import InvalidValue, converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT

@@ -43,7 +43,7 @@ GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 
 def test_every_stage_has_a_docs_row() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `([a-z_]+)` \| (?:data|SL|RL) \|", text, flags=re.M)
+    rows = re.findall(r"^\| `([a-z_]+)` \| (?:data|SL|RL|eval) \|", text, flags=re.M)
     assert rows == list(STAGES), "docs/architecture.md's stage table must list every stage"
 
 
