@@ -29,7 +29,8 @@ artifact folder ``stages/eval/<fingerprint>/artifact/<NAME>/``, and those
      "rows": 438, "notes": ["..."]}
 
 This module imports only the standard library, attrs and (when reading or writing
-rows) pyarrow.
+rows) pyarrow; :func:`find_results` also the run directory's layout
+(:mod:`caikit_core.store`).
 """
 
 from __future__ import annotations
@@ -266,7 +267,9 @@ def find_results(run_dir: Path) -> dict[str, Path]:
     fp = stages.get(EVAL_STAGE) if isinstance(stages, dict) else None
     folders = []
     if isinstance(fp, str):
-        folders.append(run_dir / "stages" / EVAL_STAGE / fp / "artifact")
+        from caikit_core.store import RunStore  # the run directory's layout
+
+        folders.append(RunStore(run_dir).artifact_dir(EVAL_STAGE, fp))
     folders.append(run_dir / STANDALONE_FOLDER)
     for folder in folders:
         if folder.is_dir():
