@@ -196,9 +196,7 @@ def check_instrument_estimates_are_intervals(ctx: CheckContext) -> None:
         if not e.low <= e.value <= e.high:
             raise CheckFailed(f"metric {key!r}: expected low <= value <= high, found {e}")
         if e.n <= 0:
-            raise CheckFailed(
-                f"metric {key!r}: n (its items) must be > 0, found {e.n}"
-            )
+            raise CheckFailed(f"metric {key!r}: n (its items) must be > 0, found {e.n}")
 
 
 @role_check(INSTRUMENT)
