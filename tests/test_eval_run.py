@@ -1,0 +1,80 @@
+"""``[eval]`` in a run file and ``caikit eval NAME --run RUN_DIR`` on the echo fixture
+plugins (no model): resolved at load, refused before anything runs, results found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from caikit_core import cli, plugins
+from caikit_core.config import load_run
+from caikit_core.errors import ConfigError
+from caikit_core.evaluation import find_results, read_result
+from tests.shared import ensure_bundled
+
+
+@pytest.fixture
+def echo_eval(with_echo: Path) -> None:
+    ensure_bundled("eval")
+
+
+def test_eval_table_is_resolved_at_load_with_every_problem(echo_run: Path, echo_eval: None) -> None:
+    text = echo_run.read_text()
+    echo_run.write_text(
+        text + '\n[eval]\ninstruments = ["hhh", "hhhh"]\n\n[eval.hhh]\nlimt = 3\n'
+        "\n[eval.position-bias]\nbins = 0\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_run(echo_run, plugins.get_registry())
+    problems = caught.value.problems
+    assert "eval.hhh.limt: unknown key; did you mean 'limit'?" in problems
+    assert any(p.startswith("eval.instruments: unknown instrument plugin 'hhhh'") for p in problems)
+    assert any(p.startswith("eval.position-bias.bins: ") for p in problems)
+
+
+def test_config_show_writes_eval_as_a_run_file_does(
+    echo_run: Path, echo_eval: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    echo_run.write_text(
+        echo_run.read_text() + '\n[eval]\ninstruments = ["hhh"]\n\n[eval.hhh]\nlimit = 3\n',
+        encoding="utf-8",
+    )
+    assert cli.main(["config", "show", str(echo_run), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["eval"]
+    assert shown["instruments"] == ["hhh"] and shown["hhh"]["limit"] == 3
+    assert shown["hhh"]["rounds"] == 1000  # defaults filled in
+    echo_run.write_text(echo_run.read_text().split("\n[eval]")[0], encoding="utf-8")
+    assert cli.main(["config", "show", str(echo_run), "--json"]) == 0
+    assert "eval" not in json.loads(capsys.readouterr().out)
+
+
+def test_eval_on_a_run_directory_uses_its_preference_model_and_is_found(
+    echo_run: Path, echo_eval: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = echo_run.parent / "out"
+    argv = ["eval", "hhh", "--run", str(run_dir), "--set", "preference_model=true"]
+    assert cli.main([*argv, "-q"]) == 2  # no run yet
+    assert "no run.json" in capsys.readouterr().err
+    assert cli.main(["run", str(echo_run), "-q"]) == 0
+    capsys.readouterr()
+    code = cli.main([*argv, "--set", "limit=3", "--set", "rounds=20", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"hhh: {run_dir / 'eval' / 'hhh' / 'result.json'}" in out
+    assert "  preference_model/accuracy: " in out and "(90% bootstrap, n=3)" in out
+    found = find_results(run_dir)
+    assert found == {"hhh": run_dir / "eval" / "hhh"}
+    assert read_result(found["hhh"]).rows[0]["labeller"] == "length"
+
+
+def test_eval_refuses_a_preference_model_the_run_does_not_have(
+    echo_run: Path, echo_eval: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["eval", "hhh", "--config", str(echo_run), "--set", "preference_model=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: instrument 'hhh' needs preference model, which this run lacks")
+    assert "--preference-model PATH" in err
