@@ -12,7 +12,7 @@ each instrument's ``requires`` with what the run has and raises one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import attrs
 from caikit_core.errors import CaikitError, PluginError
 from caikit_core.evaluation import (
     REQUIREMENTS,
+    EvalContext,
     EvalResult,
     Instrument,
     write_result,
@@ -66,6 +67,9 @@ class RunEvalContext:
     :param artifacts: complete fit stages' folders by stage name (``sft``, ``policy``,
         ``preference_model``), e.g. from :func:`run_artifacts`.
     :param preference_model: a trained preference model folder that replaces the run's.
+    :param planned: the stages that run before the instruments (the ``eval`` stage's
+        check before a run starts): a ``preference_model`` stage among them counts as
+        a trained preference model.
     """
 
     def __init__(
@@ -75,11 +79,14 @@ class RunEvalContext:
         run_dir: Path | None = None,
         artifacts: Mapping[str, Path] | None = None,
         preference_model: Path | None = None,
+        planned: Sequence[str] = (),
     ) -> None:
         from caikit_core.stages.base import resolve_model
 
         self.run = run
         self.run_dir = run_dir
+        #: stages that will run before the instruments: what they produce counts as had
+        self.planned = frozenset(planned)
         self.seed = run.config.seed
         self.artifacts = dict(artifacts or {})
         eval_cfg = run.config.eval
@@ -109,6 +116,8 @@ class RunEvalContext:
         if requirement == "preference_model":
             if "preference_model" not in roles:
                 return "a [preference_model] table naming the preference model plugin"
+            if self.preference_model_path is None and "preference_model" in self.planned:
+                return None
             if self.preference_model_path is None:
                 return (
                     "a trained preference model (a run directory whose preference_model "
@@ -120,6 +129,8 @@ class RunEvalContext:
         if requirement == "checkpoints":
             return None if self.checkpoints else "a checkpoint to evaluate"
         if requirement == "run":
+            if self.run_dir is not None and self.planned:
+                return None
             if self.run_dir is None or not self.run_dir.is_dir():
                 return "a run directory (--run RUN_DIR, or a run file whose run has started)"
             return None
@@ -247,3 +258,10 @@ def run_instrument(
         result = attrs.evolve(result, settings=resolved.options())
     write_result(result, out)
     return result
+
+
+if TYPE_CHECKING:
+
+    def _conforms(ctx: RunEvalContext) -> EvalContext:
+        """mypy checks that the core's context satisfies the protocol."""
+        return ctx

@@ -81,6 +81,9 @@ class Runner:
     def execute(self) -> RunSummary:
         if {"critic", "labeller"} & set(self.run.roles):
             _ = self.ctx.constitution  # a bad constitution fails before any stage runs
+        planned = stage_names(self.run.config)
+        for name in planned:
+            STAGES[name]().precheck(self.ctx, planned)
         with self.store.lock():
             results = []
             try:

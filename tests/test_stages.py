@@ -423,7 +423,7 @@ def test_stage_eval_runs_last_resumes_per_instrument_and_is_found(
     assert [s.status for s in changed.stages[:-1]] == ["skipped"] * (len(changed.stages) - 1)
 
 
-def test_stage_eval_refuses_an_instrument_the_run_cannot_serve_before_it_runs(
+def test_stage_eval_refuses_an_instrument_the_run_cannot_serve_before_any_stage_runs(
     echo_run: Path, with_echo: Path
 ) -> None:
     from caikit_core.errors import CaikitError
@@ -435,3 +435,4 @@ def test_stage_eval_refuses_an_instrument_the_run_cannot_serve_before_it_runs(
     run = load_run(echo_run, plugins.get_registry())
     with pytest.raises(CaikitError, match="instrument 'hhh' needs preference model"):
         Runner(run).execute()
+    assert not (run.output_path() / "stages").exists()  # refused before any stage ran

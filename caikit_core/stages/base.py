@@ -379,6 +379,10 @@ class Stage:
         """Whether a run with ``config`` runs this stage (default: its phase is on)."""
         return cls.phase == "data" or cls.phase in config.phases
 
+    def precheck(self, ctx: Context, planned: Sequence[str]) -> None:
+        """Refuse, before any stage runs, what would make this stage fail later
+        (``planned``: the names of the stages this run executes); default: nothing."""
+
     def input_fingerprint(self, ctx: Context) -> str:
         """What this stage's input is; default: its one input stage's fingerprint."""
         (single,) = self.inputs

@@ -16,6 +16,7 @@ is written, so a stage interrupted after some instruments resumes with the rest.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ class Eval(Stage):
 
     def models(self, ctx: Context) -> dict[str, str]:
         return dict(self._context(ctx).checkpoints)
+
+    def precheck(self, ctx: Context, planned: Sequence[str]) -> None:
+        """Every instrument's ``requires`` against what the run will have once its
+        stages have run (a preference model when it trains one), before any runs."""
+        cfg = ctx.config.eval
+        assert cfg is not None
+        instruments = {n: build_instrument(ctx.run.instruments[n]) for n in cfg.instruments}
+        ectx = RunEvalContext(
+            ctx.run, run_dir=ctx.store.root, artifacts=ctx.artifacts, planned=planned
+        )
+        check_requirements(instruments, ectx)
 
     def _context(self, ctx: Context) -> RunEvalContext:
         return RunEvalContext(ctx.run, run_dir=ctx.store.root, artifacts=ctx.artifacts)
