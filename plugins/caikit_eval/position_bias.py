@@ -127,6 +127,10 @@ class PositionBias:
                 consistency, cfg, ctx.seed
             )
             table.extend(_histogram(variant, consistency, cfg.bins))
+            own = [r["labeller_swap_consistency"] for r in mine]
+            if all(isinstance(v, float) for v in own):  # the labeller asked both orders itself
+                key = f"labeller-swap-consistency/debias-{variant}"
+                metrics[key] = share_estimate(own, cfg, ctx.seed)
             a_share = mean([1.0 if r["position"] == "A" else 0.0 for r in mine])
             notes.append(f"debias {variant}: position A won both orders in {a_share:.1%} of pairs")
         notes.append(

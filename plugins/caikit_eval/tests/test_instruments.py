@@ -191,6 +191,9 @@ def test_position_bias_debiasing_makes_the_labeller_order_symmetric(
     # the labeller's own swap-consistency (debias on) is what the off rows measure
     for a, b in zip(off, on, strict=True):
         assert b["labeller_swap_consistency"] == pytest.approx(a["swap_consistency"], abs=1e-4)
+    own = result.metrics["labeller-swap-consistency/debias-on"]
+    assert own.value == pytest.approx(mean([r["swap_consistency"] for r in off]), abs=1e-4)
+    assert "labeller-swap-consistency/debias-off" not in result.metrics
     table = result.tables["swap-consistency"]
     for variant in ("off", "on"):
         bins = [t for t in table if t["debias"] == variant]
