@@ -78,3 +78,54 @@ def test_eval_refuses_a_preference_model_the_run_does_not_have(
     assert code == 2 and "Traceback" not in err
     assert err.startswith("error: instrument 'hhh' needs preference model, which this run lacks")
     assert "--preference-model PATH" in err
+
+
+def test_the_context_builds_the_runs_roles_on_its_checkpoints(
+    echo_run: Path, echo_eval: None
+) -> None:
+    from caikit_core.eval_context import RunEvalContext, run_artifacts
+    from caikit_core.runner import Runner
+    from caikit_core.store import RunStore
+
+    echo_run.write_text(
+        echo_run.read_text() + '\n[eval]\ncheckpoints = { other = "elsewhere" }\n',
+        encoding="utf-8",
+    )
+    run = load_run(echo_run, plugins.get_registry())
+    Runner(run).execute()
+    artifacts = run_artifacts(RunStore(run.output_path()))
+    assert sorted(artifacts) == ["policy", "preference_model", "sft"]
+    ctx = RunEvalContext(run, run_dir=run.output_path(), artifacts=artifacts)
+    assert dict(ctx.checkpoints) == {
+        "base": "echo-policy",
+        "sl": str(artifacts["sft"]),
+        "rl": str(artifacts["policy"]),
+        "other": "elsewhere",
+    }
+    assert ctx.generator("sl").model == str(artifacts["sft"])  # a checkpoint by name
+    assert ctx.generator("base").model == "echo-policy"
+    assert type(ctx.labeller()).__name__ == "LengthLabeller"
+    assert ctx.preference_model().weight in (1.0, -1.0)  # loaded from the trained folder
+    assert ctx.missing("run") is None and ctx.missing("preference_model") is None
+
+
+def test_a_preference_model_folder_given_on_the_command_line_is_used(
+    echo_run: Path, echo_eval: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from caikit_core.eval_context import run_artifacts
+    from caikit_core.store import RunStore
+
+    assert cli.main(["run", str(echo_run), "-q"]) == 0
+    pm = tmp_path / "pm"
+    shutil.copytree(run_artifacts(RunStore(echo_run.parent / "out"))["preference_model"], pm)
+    fresh = echo_run.with_name("fresh.toml")
+    fresh.write_text(echo_run.read_text().replace('"out"', '"never-ran"'), encoding="utf-8")
+    argv = ["eval", "hhh", "--config", str(fresh), "--set", "preference_model=true"]
+    assert cli.main([*argv, "-q"]) == 2  # no run directory, no trained preference model
+    capsys.readouterr()
+    out = tmp_path / "res"
+    code = cli.main([*argv, "--preference-model", str(pm), "--out", str(out), "--set", "limit=2"])
+    assert code == 0, capsys.readouterr().err
+    assert "preference_model/accuracy" in read_result(out / "hhh").metrics
