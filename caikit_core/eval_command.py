@@ -107,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {key}: {format_estimate(estimate)}")
     for alarm in result.alarms:
         print(f"  alarm {alarm.name}: {alarm.message}")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0
 
 
