@@ -14,6 +14,7 @@ import pytest
 from caikit_core import hookimpl, plugins
 from caikit_core.evaluation import Estimate, EvalResult
 from caikit_core.records import PreferenceLabel
+from caikit_core.testing.base import BaseInstrumentTests
 from caikit_core.testing.kit import check_plugin, make_context, select_checks
 
 
@@ -179,3 +180,31 @@ def test_a_misspelt_evaluation_hook_suggests_the_right_one() -> None:
     module.register_evaluation = register_evaluation  # type: ignore[attr-defined]
     with pytest.raises(PluginError, match="did you mean 'register_evaluations'"):
         plugins.get_plugin_manager().register(module, "misspelt")
+
+
+class TestGoodInstrumentThroughTheBaseClass(BaseInstrumentTests):
+    """A third party's one-class test file: every instrument check as its own test."""
+
+    @pytest.fixture
+    def plugin(self) -> Any:
+        return Good()
+
+    @pytest.fixture
+    def eval_context(self) -> Any:
+        return FakeContext()
+
+
+class TestBrokenInstrumentThroughTheBaseClass(BaseInstrumentTests):
+    """A known failure is a strict xfail carrying its reason."""
+
+    expected_failed_checks = {
+        "check_instrument_calls_only_what_it_requires": "reads checkpoints undeclared"
+    }
+
+    @pytest.fixture
+    def plugin(self) -> Any:
+        return BROKEN["check_instrument_calls_only_what_it_requires"][0]()
+
+    @pytest.fixture
+    def eval_context(self) -> Any:
+        return FakeContext()
