@@ -118,7 +118,12 @@ def add_eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "eval",
         parents=[common],
         help="run one evaluation instrument",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=(
+            "Run one evaluation instrument on a run file's roles (--config) or a run "
+            "directory's (--run), write NAME/result.json and rows.parquet, and print its "
+            "metrics with intervals. Settings: the run file's [eval.NAME] table, then "
+            "each --set KEY=VALUE (VALUE read as TOML). See docs/evaluation.md."
+        ),
     )
     p.add_argument("name", metavar="NAME", help="the instrument (caikit plugins --all lists them)")
     p.add_argument("--config", metavar="RUN_FILE", help="the run file naming the roles")
