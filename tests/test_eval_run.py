@@ -129,3 +129,20 @@ def test_a_preference_model_folder_given_on_the_command_line_is_used(
     code = cli.main([*argv, "--preference-model", str(pm), "--out", str(out), "--set", "limit=2"])
     assert code == 0, capsys.readouterr().err
     assert "preference_model/accuracy" in read_result(out / "hhh").metrics
+
+
+def test_set_values_are_read_as_toml_and_dotted_keys_nest() -> None:
+    from caikit_core.errors import CaikitError
+    from caikit_core.eval_command import parse_set
+
+    got = parse_set(["limit=5", "debias=true", 'data="hhh"', "name=plain", "a.b=[1, 2]"])
+    assert got == {"limit": 5, "debias": True, "data": "hhh", "name": "plain", "a": {"b": [1, 2]}}
+    with pytest.raises(CaikitError, match="expected KEY=VALUE"):
+        parse_set(["limit"])
+
+
+def test_estimates_print_with_their_interval() -> None:
+    from caikit_core.evaluation import Estimate, format_estimate
+
+    assert format_estimate(Estimate(0.5, 0.25, 0.75, 8)) == "0.5 [0.25, 0.75] (90% bootstrap, n=8)"
+    assert format_estimate(Estimate.exact(3.0, 3)) == "3 (exact, n=3)"
