@@ -5,6 +5,7 @@ docs/architecture.md's stage table (the first two tests fail otherwise)."""
 from __future__ import annotations
 
 import ast
+import json
 import pickle
 import re
 from pathlib import Path
@@ -411,6 +412,9 @@ def test_stage_eval_runs_last_resumes_per_instrument_and_is_found(
     flaky = read_result(found["flaky"])
     assert [r["name"] for r in flaky.rows] == ["base", "rl", "sl"]  # the run's checkpoints
     assert summary.stage("eval").metrics["flaky/checkpoints"] == 3.0
+    manifest = json.loads((summary.stage("eval").path / "manifest.json").read_text())
+    assert manifest["plugins"]["instrument:hhh"]["distribution"] == "caikit"
+    assert manifest["plugins"]["instrument:flaky"]["plugin"] == "flaky"
     lines = STAGES["eval"]().summary(summary.context, summary.stage("eval"))
     assert any(line.startswith("  hhh labeller/accuracy: ") for line in lines)
 

@@ -397,6 +397,11 @@ class Stage:
         """The models it uses, by role, for the manifest."""
         return {}
 
+    def other_plugins(self, ctx: Context) -> dict[str, Any]:
+        """Plugins it uses besides its roles' (``PluginSpec`` by a key of its choice),
+        whose provenance the manifest records beside the roles'; default: none."""
+        return {}
+
     # map and source stages
     def items(self, ctx: Context) -> Sequence[Any]:
         """What it maps over (map) or the records it writes (source); default: the

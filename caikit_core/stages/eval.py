@@ -98,6 +98,12 @@ class Eval(Stage):
         )
         check_requirements(instruments, ectx)
 
+    def other_plugins(self, ctx: Context) -> dict[str, Any]:
+        """Each instrument's registration, under ``instrument:NAME``."""
+        cfg = ctx.config.eval
+        assert cfg is not None
+        return {f"instrument:{n}": ctx.run.instruments[n].spec for n in cfg.instruments}
+
     def _context(self, ctx: Context) -> RunEvalContext:
         return RunEvalContext(ctx.run, run_dir=ctx.store.root, artifacts=ctx.artifacts)
 
