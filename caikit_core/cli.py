@@ -386,12 +386,20 @@ def _add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
     add_check_command(sub, common)
 
 
+def _add_eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``caikit eval`` (imported only here)."""
+    from caikit_core.eval_command import add_eval_command
+
+    add_eval_command(sub, common)
+
+
 #: functions that add the built-in commands besides plugins, config and run (a plugin adds
 #: its commands through the register_commands hook instead)
 _EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_constitution_commands,
     _add_export_command,
     _add_check_command,
+    _add_eval_command,
 ]
 
 

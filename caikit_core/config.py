@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 import attrs
 import yaml
+from cattrs.gen import make_dict_structure_fn
 
 from caikit_core import validators
-from caikit_core.converter import converter, describe_error, show
+from caikit_core.converter import InvalidValue, converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.interfaces import (
     GENERATOR_ROLLOUTS,
@@ -37,7 +38,7 @@ from caikit_core.interfaces import (
     SUPPORTS_PREFERENCE_LOSS,
     SUPPORTS_SFT,
 )
-from caikit_core.plugins import ROLES, PluginSpec, Registry, unknown_plugin_message
+from caikit_core.plugins import INSTRUMENT, ROLES, PluginSpec, Registry, unknown_plugin_message
 
 Phase = Literal["sl", "rl"]
 
@@ -113,6 +114,24 @@ class RLConfig:
     rollouts: Literal["optimiser", "generator"] = "optimiser"
 
 
+#: the keys of ``[eval]`` itself; every other key is an instrument's settings table
+EVAL_KEYS = ("instruments", "checkpoints", "preference_model")
+
+
+@attrs.frozen
+class EvalConfig:
+    """The ``[eval]`` table: the instruments the ``eval`` stage runs, the checkpoints
+    they compare, and each instrument's settings as an ``[eval.NAME]`` table (kept in
+    ``settings``, by instrument name; see ``docs/evaluation.md``)."""
+
+    instruments: tuple[str, ...] = ()
+    #: more checkpoints to evaluate, by name (``base``, ``sl`` and ``rl`` come from the run)
+    checkpoints: Mapping[str, str] = attrs.field(factory=dict)
+    #: a trained preference model folder to use instead of the run's own
+    preference_model: str | None = None
+    settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+
 @attrs.frozen
 class RunConfig:
     """A whole run file (see ``docs/config.md``)."""
@@ -133,6 +152,7 @@ class RunConfig:
     preference_model: RoleConfig | None = None
     policy_optimiser: RoleConfig | None = None
     executor: RoleConfig = RoleConfig("local")
+    eval: EvalConfig | None = None
 
 
 def _role_hook(value: Any, _type: Any) -> RoleConfig:
@@ -149,6 +169,56 @@ def _role_hook(value: Any, _type: Any) -> RoleConfig:
 
 
 converter.register_structure_hook(RoleConfig, _role_hook)
+
+_eval_structure = make_dict_structure_fn(
+    EvalConfig, converter, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+)
+
+
+def _eval_hook(value: Any, _type: Any) -> EvalConfig:
+    """``[eval]``: its own keys, and one settings table per instrument."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a table, found {show(value)}")
+    core = {k: v for k, v in value.items() if k in EVAL_KEYS}
+    tables: dict[str, Any] = {}
+    errors: list[Exception] = []
+    for key, table in value.items():
+        if key in EVAL_KEYS:
+            continue
+        if not isinstance(table, Mapping):
+            errors.append(
+                InvalidValue(
+                    key,
+                    f"expected [eval.{key}], a table of the instrument's settings, or one of "
+                    f"the keys {', '.join(EVAL_KEYS)}; found {show(table)}",
+                )
+            )
+        else:
+            tables[key] = dict(table)
+    try:
+        config = _eval_structure({**core, "settings": tables}, EvalConfig)
+    except Exception as exc:
+        errors.insert(0, exc)
+    if errors:
+        raise ExceptionGroup("bad [eval] keys", errors)
+    assert isinstance(config, EvalConfig)
+    return config
+
+
+def _eval_unstructure(config: EvalConfig) -> dict[str, Any]:
+    """``[eval]`` as a run file writes it: the settings tables beside its own keys."""
+    data: dict[str, Any] = {
+        "instruments": list(config.instruments),
+        "checkpoints": dict(config.checkpoints),
+    }
+    if config.preference_model is not None:
+        data["preference_model"] = config.preference_model
+    data.update({k: dict(v) for k, v in config.settings.items()})
+    return data
+
+
+converter.register_structure_hook(EvalConfig, _eval_hook)
+converter.register_unstructure_hook(EvalConfig, _eval_unstructure)
 
 #: which roles each phase needs (policy_optimiser in SL only when ``sl.sft``)
 PHASE_ROLES: dict[str, tuple[str, ...]] = {
@@ -209,6 +279,9 @@ class ResolvedRun:
     base_dir: Path
     config: RunConfig
     roles: dict[str, ResolvedRole]
+    #: the instruments of ``[eval]`` (listed in ``instruments`` or given a settings
+    #: table), resolved like roles (``role`` is ``"instrument"``), by name
+    instruments: dict[str, ResolvedRole] = attrs.field(factory=dict)
 
     def output_path(self) -> Path:
         return resolve_path(self.base_dir, self.config.output_dir)
@@ -221,6 +294,10 @@ class ResolvedRun:
             data.pop(role, None)
         for role, resolved in self.roles.items():
             data[role] = {"plugin": resolved.spec.name, **resolved.options()}
+        if data.get("eval") is None:
+            data.pop("eval", None)
+        else:
+            data["eval"].update({n: r.options() for n, r in self.instruments.items()})
         return data
 
 
@@ -312,9 +389,63 @@ def resolve(config: RunConfig, registry: Registry, *, source: str, base_dir: Pat
         if resolved is not None:
             roles[role] = resolved
     problems.extend(_capability_problems(config, roles))
+    instruments = _resolve_instruments(config.eval, registry, problems)
     if problems:
         raise ConfigError(source, problems)
-    return ResolvedRun(source=source, base_dir=base_dir, config=config, roles=roles)
+    return ResolvedRun(
+        source=source, base_dir=base_dir, config=config, roles=roles, instruments=instruments
+    )
+
+
+def _resolve_instruments(
+    cfg: EvalConfig | None, registry: Registry, problems: list[str]
+) -> dict[str, ResolvedRole]:
+    """The instruments ``[eval]`` lists or gives settings to; problems are appended."""
+    if cfg is None:
+        return {}
+    out: dict[str, ResolvedRole] = {}
+    if len(set(cfg.instruments)) != len(cfg.instruments):
+        problems.append(
+            f"eval.instruments: each instrument may appear once, found {list(cfg.instruments)}"
+        )
+    names = list(dict.fromkeys([*cfg.instruments, *cfg.settings]))
+    for name in names:
+        where = "eval.instruments" if name in cfg.instruments else f"eval.{name}"
+        resolved = resolve_instrument(
+            name, cfg.settings.get(name, {}), registry, problems, where=where
+        )
+        if resolved is not None:
+            out[name] = resolved
+    return out
+
+
+def resolve_instrument(
+    name: str,
+    settings: Mapping[str, Any],
+    registry: Registry,
+    problems: list[str],
+    *,
+    where: str = "eval.instruments",
+) -> ResolvedRole | None:
+    """Look an instrument up and structure its settings (``[eval.NAME]``) into its
+    config class; problems (prefixed ``where`` or ``eval.NAME``) are appended."""
+    available = registry.names(INSTRUMENT)
+    if name not in available:
+        problems.append(f"{where}: " + unknown_plugin_message(INSTRUMENT, name, available))
+        return None
+    spec = registry.get(INSTRUMENT, name)
+    if spec.config_cls is None:
+        if settings:
+            keys = ", ".join(sorted(settings))
+            problems.append(f"eval.{name}: instrument '{name}' takes no settings, found {keys}")
+            return None
+        return ResolvedRole(role=INSTRUMENT, spec=spec, config=None)
+    try:
+        value: Any = converter.structure(dict(settings), spec.config_cls)
+    except Exception as exc:
+        problems.extend(describe_error(exc, prefix=f"eval.{name}"))
+        return None
+    return ResolvedRole(role=INSTRUMENT, spec=spec, config=value)
 
 
 def _capability_problems(config: RunConfig, roles: Mapping[str, ResolvedRole]) -> list[str]:

@@ -13,6 +13,10 @@ to the items it was computed from. :func:`write_result` stores a result in a fol
 as ``result.json`` and ``rows.parquet``; :func:`read_result` reads it back. The
 report (``caikit report``) reads only these files.
 
+:func:`find_results` finds a run directory's results: the ``eval`` stage's, in its
+artifact folder ``stages/eval/<fingerprint>/artifact/<NAME>/``, and those
+``caikit eval NAME --run RUN_DIR`` wrote to ``RUN_DIR/eval/<NAME>/``.
+
 ``result.json`` (``format`` 1)::
 
     {"format": 1, "instrument": "hhh", "settings": {...},
@@ -25,7 +29,8 @@ report (``caikit report``) reads only these files.
      "rows": 438, "notes": ["..."]}
 
 This module imports only the standard library, attrs and (when reading or writing
-rows) pyarrow.
+rows) pyarrow; :func:`find_results` also the run directory's layout
+(:mod:`caikit_core.store`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ __all__ = [
     "EvalResult",
     "Instrument",
     "bootstrap",
+    "find_results",
+    "format_estimate",
     "read_result",
     "write_result",
 ]
@@ -232,4 +239,51 @@ def read_result(folder: Path) -> EvalResult:
         rows=rows,
         settings=data.get("settings", {}),
         notes=data.get("notes", []),
+    )
+
+
+#: where ``caikit eval NAME --run RUN_DIR`` writes by default, under the run directory
+STANDALONE_FOLDER = "eval"
+#: the stage that runs a run file's ``[eval]`` instruments
+EVAL_STAGE = "eval"
+
+
+def find_results(run_dir: Path) -> dict[str, Path]:
+    """The evaluation results of a run directory: instrument name -> the folder
+    holding its ``result.json`` (read it with :func:`read_result`).
+
+    First the ``eval`` stage's results (the stage fingerprint ``run.json`` records,
+    one subfolder per instrument of its artifact folder), then those
+    ``caikit eval NAME --run RUN_DIR`` wrote under ``RUN_DIR/eval/``, which replace a
+    stage result of the same name (they are newer, or were asked for on their own).
+    An empty dict when there are none.
+    """
+    found: dict[str, Path] = {}
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    stages = info.get("stages") if isinstance(info, dict) else None
+    fp = stages.get(EVAL_STAGE) if isinstance(stages, dict) else None
+    folders = []
+    if isinstance(fp, str):
+        from caikit_core.store import RunStore  # the run directory's layout
+
+        folders.append(RunStore(run_dir).artifact_dir(EVAL_STAGE, fp))
+    folders.append(run_dir / STANDALONE_FOLDER)
+    for folder in folders:
+        if folder.is_dir():
+            for sub in sorted(folder.iterdir()):
+                if (sub / RESULT_FILE).is_file():
+                    found[sub.name] = sub
+    return found
+
+
+def format_estimate(estimate: Estimate) -> str:
+    """``0.512 [0.470, 0.553] (90% bootstrap, n=438)``; ``0.5 (exact, n=4)``."""
+    if estimate.method == "exact":
+        return f"{estimate.value:.4g} (exact, n={estimate.n})"
+    return (
+        f"{estimate.value:.4g} [{estimate.low:.4g}, {estimate.high:.4g}] "
+        f"({estimate.level:.0%} {estimate.method}, n={estimate.n})"
     )

@@ -15,7 +15,10 @@ validated config instance as its first argument and role-specific keyword
 arguments (see ``docs/plugin-hooks.md``). Heavy frameworks (torch, jax, vllm,
 ray) must be imported inside the factory, never at module level.
 
-One more hook, :func:`register_commands`, adds sub-commands to the ``caikit``
+:func:`register_evaluations` registers evaluation instruments the same way (their
+factory is called as ``factory(config)``); instruments are not roles of a run, so a
+run file has no table naming one plugin for them. One more hook,
+:func:`register_commands`, adds sub-commands to the ``caikit``
 command line in the same style: its ``register`` adds one command per call.
 """
 
@@ -138,6 +141,23 @@ def register_executors(register: Register) -> None:
     :param register: call ``register(name, factory, config=..., capabilities=...)``.
         The factory is called as ``factory(config)`` and returns a
         :class:`caikit_core.interfaces.Executor`.
+    """
+
+
+# --- evaluation ---------------------------------------------------------------------
+
+
+@hookspec
+def register_evaluations(register: Register) -> None:
+    """Register evaluation instruments: measurements of the run's models, generators,
+    labellers or preference models (``caikit eval NAME``, a run's ``[eval]`` table).
+
+    :param register: call ``register(name, factory, config=...)``. The factory is
+        called as ``factory(config)`` and returns a
+        :class:`caikit_core.evaluation.Instrument`: ``requires`` names what it asks
+        the run for, checked before anything runs, and ``evaluate(ctx)`` returns an
+        :class:`caikit_core.evaluation.EvalResult`. The factory must not load models;
+        ``evaluate`` builds them through ``ctx``.
     """
 
 

@@ -41,15 +41,23 @@ ROLE_HOOKS: dict[str, str] = {
     "executor": "register_executors",
 }
 ROLES = tuple(ROLE_HOOKS)
-#: every hook a plugin may implement: the role hooks and ``register_commands``
-HOOKS = (*ROLE_HOOKS.values(), "register_commands")
+#: the registry's kind for evaluation instruments: registered and listed like a role,
+#: but not a role of a run (a run file has no ``[instrument]`` table)
+INSTRUMENT = "instrument"
+#: kinds of registered things that are not run roles -> the hook that registers them
+OTHER_KIND_HOOKS: dict[str, str] = {INSTRUMENT: "register_evaluations"}
+#: every kind the registry holds -> its hook: the roles, then the other kinds
+KIND_HOOKS: dict[str, str] = {**ROLE_HOOKS, **OTHER_KIND_HOOKS}
+KINDS = tuple(KIND_HOOKS)
+#: every hook a plugin may implement: the registration hooks and ``register_commands``
+HOOKS = (*KIND_HOOKS.values(), "register_commands")
 
 
 @attrs.frozen
 class PluginSpec:
-    """One registered implementation of a role."""
+    """One registered implementation of a role (or of another kind: ``instrument``)."""
 
-    role: str
+    role: str  # a role of :data:`ROLES`, or a kind of :data:`OTHER_KIND_HOOKS`
     name: str
     factory: Callable[..., Any]
     config_cls: type | None
@@ -95,10 +103,10 @@ class PluginSpec:
 
 
 class Registry:
-    """Everything registered through the role hooks, by role and name."""
+    """Everything registered through the registration hooks, by kind (role) and name."""
 
     def __init__(self) -> None:
-        self._specs: dict[str, dict[str, PluginSpec]] = {role: {} for role in ROLES}
+        self._specs: dict[str, dict[str, PluginSpec]] = {kind: {} for kind in KINDS}
 
     def add(self, spec: PluginSpec) -> None:
         existing = self._specs[spec.role].get(spec.name)
@@ -124,7 +132,7 @@ class Registry:
         return name in self._specs.get(role, {})
 
     def all(self) -> list[PluginSpec]:
-        return [self._specs[role][name] for role in ROLES for name in sorted(self._specs[role])]
+        return [self._specs[kind][name] for kind in KINDS for name in sorted(self._specs[kind])]
 
 
 def unknown_plugin_message(role: str, name: str, available: list[str]) -> str:
@@ -238,7 +246,7 @@ class PluginManager:
     def _collect(self) -> Registry:
         registry = Registry()
         trace = self._undo_trace is not None
-        for role, hook_name in ROLE_HOOKS.items():
+        for role, hook_name in KIND_HOOKS.items():
             self._call_each(
                 hook_name, functools.partial(_make_register, registry, role, trace=trace)
             )

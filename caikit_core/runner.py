@@ -81,6 +81,9 @@ class Runner:
     def execute(self) -> RunSummary:
         if {"critic", "labeller"} & set(self.run.roles):
             _ = self.ctx.constitution  # a bad constitution fails before any stage runs
+        planned = stage_names(self.run.config)
+        for name in planned:
+            STAGES[name]().precheck(self.ctx, planned)
         with self.store.lock():
             results = []
             try:
@@ -132,8 +135,8 @@ class Runner:
 
     def _manifest(self, stage: Stage, fp: str, input_fp: str, config_fp: str) -> StageManifest:
         plugins = {}
-        for role in (*stage.roles, "executor"):
-            spec = self.run.roles[role].spec
+        specs = {role: self.run.roles[role].spec for role in (*stage.roles, "executor")}
+        for role, spec in {**specs, **stage.other_plugins(self.ctx)}.items():
             plugins[role] = {
                 "name": spec.name,
                 "plugin": spec.plugin,

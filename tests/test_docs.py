@@ -57,7 +57,7 @@ def test_hook_example_runs_and_registers(hook: str, capsys: pytest.CaptureFixtur
     if hook == "register_commands":
         _check_commands_example(manager, capsys)
         return
-    role = next(r for r, h in plugins.ROLE_HOOKS.items() if h == hook)
+    role = next(r for r, h in plugins.KIND_HOOKS.items() if h == hook)
     names = manager.registry.names(role)
     assert len(names) == 1
     spec = manager.registry.get(role, names[0])

@@ -5,6 +5,7 @@ docs/architecture.md's stage table (the first two tests fail otherwise)."""
 from __future__ import annotations
 
 import ast
+import json
 import pickle
 import re
 from pathlib import Path
@@ -43,7 +44,7 @@ GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 
 def test_every_stage_has_a_docs_row() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `([a-z_]+)` \| (?:data|SL|RL) \|", text, flags=re.M)
+    rows = re.findall(r"^\| `([a-z_]+)` \| (?:data|SL|RL|eval) \|", text, flags=re.M)
     assert rows == list(STAGES), "docs/architecture.md's stage table must list every stage"
 
 
@@ -386,3 +387,118 @@ def test_a_worker_spec_builds_and_maps_in_another_process(
     )
     assert done.returncode == 0, done.stderr
     assert pickle.loads((tmp_path / "out.pkl").read_bytes()) == here
+
+
+# --- eval -----------------------------------------------------------------------------
+
+FLAKY = {"fail": True, "runs": 0}
+
+
+class FlakyInstrument:
+    """Fails on its first evaluation (an interrupted eval stage), then counts checkpoints."""
+
+    requires = frozenset({"checkpoints"})
+
+    def evaluate(self, ctx: Any) -> Any:
+        from caikit_core.evaluation import Estimate, EvalResult
+
+        FLAKY["runs"] += 1
+        if FLAKY["fail"]:
+            FLAKY["fail"] = False
+            raise RuntimeError("interrupted on purpose")
+        names = sorted(ctx.checkpoints)
+        return EvalResult(
+            "flaky",
+            metrics={"checkpoints": Estimate.exact(float(len(names)), len(names))},
+            rows=[{"name": n} for n in names],
+        )
+
+
+def _register_flaky() -> None:
+    import types
+
+    @hookimpl
+    def register_evaluations(register: Any) -> None:
+        register("flaky", lambda config: FlakyInstrument())
+
+    module = types.ModuleType("flaky")
+    module.register_evaluations = register_evaluations  # type: ignore[attr-defined]
+    plugins.get_plugin_manager().register(module, "flaky")
+
+
+EVAL_TABLE = """
+[eval]
+instruments = ["hhh", "flaky"]
+
+[eval.hhh]
+limit = 3
+rounds = 50
+preference_model = true
+"""
+
+
+def test_stage_eval_runs_last_resumes_per_instrument_and_is_found(
+    echo_run: Path, with_echo: Path
+) -> None:
+    from caikit_core.evaluation import find_results, read_result
+    from tests.shared import ensure_bundled
+
+    ensure_bundled("eval")
+    _register_flaky()
+    registry = plugins.get_registry()
+    before = Runner(load_run(echo_run, registry)).execute()
+    assert "eval" not in stage_names(load_run(echo_run, registry).config)
+    echo_run.write_text(echo_run.read_text() + EVAL_TABLE, encoding="utf-8")
+    run = load_run(echo_run, registry)
+    assert stage_names(run.config)[-1] == "eval"
+    FLAKY.update(fail=True, runs=0)
+    with pytest.raises(RuntimeError, match="interrupted on purpose"):
+        Runner(run).execute()
+    (kept,) = (run.output_path() / "stages" / "eval").glob("*/partial/hhh/result.json")
+    assert not list((run.output_path() / "stages" / "eval").glob("*/partial/flaky"))
+    stamp = kept.stat().st_mtime_ns
+
+    summary = Runner(load_run(echo_run, registry)).execute()
+    for s in before.stages:  # an [eval] table changes no other stage's fingerprint
+        assert summary.stage(s.name).fingerprint == s.fingerprint and s.name != "eval"
+        assert summary.stage(s.name).status == "skipped"
+    assert summary.stage("eval").status == "ran" and kept.stat().st_mtime_ns == stamp
+    found = find_results(run.output_path())
+    assert sorted(found) == ["flaky", "hhh"]
+    assert found["hhh"] == summary.stage("eval").artifact / "hhh"
+    hhh = read_result(found["hhh"])
+    assert len(hhh.rows) == 3 and hhh.settings["limit"] == 3
+    rows = hhh.rows
+    assert hhh.metrics["labeller/accuracy"].value == sum(r["accuracy"] for r in rows) / 3
+    assert hhh.metrics["preference_model/accuracy"].value == sum(r["pm_correct"] for r in rows) / 3
+    flaky = read_result(found["flaky"])
+    assert [r["name"] for r in flaky.rows] == ["base", "rl", "sl"]  # the run's checkpoints
+    assert summary.stage("eval").metrics["flaky/checkpoints"] == 3.0
+    manifest = json.loads((summary.stage("eval").path / "manifest.json").read_text())
+    assert manifest["plugins"]["instrument:hhh"]["distribution"] == "caikit"
+    assert manifest["plugins"]["instrument:flaky"]["plugin"] == "flaky"
+    lines = STAGES["eval"]().summary(summary.context, summary.stage("eval"))
+    assert any(line.startswith("  hhh labeller/accuracy: ") for line in lines)
+
+    again = Runner(load_run(echo_run, registry)).execute()
+    assert again.stage("eval").status == "skipped" and FLAKY["runs"] == 2
+    echo_run.write_text(echo_run.read_text().replace("limit = 3", "limit = 2"), encoding="utf-8")
+    changed = Runner(load_run(echo_run, registry)).execute()
+    assert changed.stage("eval").status == "ran"
+    assert changed.stage("eval").fingerprint != summary.stage("eval").fingerprint
+    assert [s.status for s in changed.stages[:-1]] == ["skipped"] * (len(changed.stages) - 1)
+
+
+def test_stage_eval_refuses_an_instrument_the_run_cannot_serve_before_any_stage_runs(
+    echo_run: Path, with_echo: Path
+) -> None:
+    from caikit_core.errors import CaikitError
+    from tests.shared import ensure_bundled
+
+    ensure_bundled("eval")
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text + EVAL_TABLE.replace(', "flaky"', ""), encoding="utf-8")
+    run = load_run(echo_run, plugins.get_registry())
+    with pytest.raises(CaikitError, match="instrument 'hhh' needs preference model"):
+        Runner(run).execute()
+    assert not (run.output_path() / "stages").exists()  # refused before any stage ran

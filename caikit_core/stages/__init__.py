@@ -5,6 +5,7 @@
              +---------------------------------------------- pairs -- labels -- preference_model
                                                                                         |
                                                                                       policy
+    (every stage that ran) -- eval                         (only with an [eval] table)
 
 A run file's ``phases`` (and ``sl.sft``, ``sl.helpfulness_prompts``,
 ``rl.train_policy``) pick which run; :func:`stage_names` says which.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from caikit_core.config import RunConfig
 from caikit_core.stages.base import Context, Stage, StageResult, WorkerSpec
+from caikit_core.stages.eval import Eval
 from caikit_core.stages.helpfulness import Helpfulness
 from caikit_core.stages.labels import Labels
 from caikit_core.stages.pairs import Pairs
@@ -42,6 +44,7 @@ STAGES: dict[str, type[Stage]] = {
         Labels,
         PreferenceModelStage,
         Policy,
+        Eval,
     )
 }
 

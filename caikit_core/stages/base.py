@@ -379,6 +379,10 @@ class Stage:
         """Whether a run with ``config`` runs this stage (default: its phase is on)."""
         return cls.phase == "data" or cls.phase in config.phases
 
+    def precheck(self, ctx: Context, planned: Sequence[str]) -> None:
+        """Refuse, before any stage runs, what would make this stage fail later
+        (``planned``: the names of the stages this run executes); default: nothing."""
+
     def input_fingerprint(self, ctx: Context) -> str:
         """What this stage's input is; default: its one input stage's fingerprint."""
         (single,) = self.inputs
@@ -391,6 +395,11 @@ class Stage:
 
     def models(self, ctx: Context) -> dict[str, str]:
         """The models it uses, by role, for the manifest."""
+        return {}
+
+    def other_plugins(self, ctx: Context) -> dict[str, Any]:
+        """Plugins it uses besides its roles' (``PluginSpec`` by a key of its choice),
+        whose provenance the manifest records beside the roles'; default: none."""
         return {}
 
     # map and source stages

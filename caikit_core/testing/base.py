@@ -40,6 +40,7 @@ __all__ = [
     "BaseCriticTests",
     "BaseExecutorTests",
     "BaseGeneratorTests",
+    "BaseInstrumentTests",
     "BaseLabellerTests",
     "BasePolicyOptimiserTests",
     "BasePreferenceModelTests",
@@ -57,6 +58,7 @@ _INSTANCE_CONTRACT = {
     "policy_optimiser": "sft(policy, examples, out) -> FitReport and/or "
     "optimise(policy, reference, reward, prompts, labelled, out) -> FitReport",
     "executor": "map(worker_spec, keyed_batches, *, total, describe) -> Iterator[(key, list)]",
+    "instrument": "requires (a frozenset) and evaluate(ctx) -> EvalResult",
 }
 
 
@@ -284,3 +286,23 @@ class BaseExecutorTests(BaseRoleTests):
     """The executor checks. Override ``plugin``; optionally ``plugin_config``."""
 
     role = "executor"
+
+
+class BaseInstrumentTests(BaseRoleTests):
+    """The instrument checks. Override ``plugin``; optionally ``plugin_config`` and
+    ``eval_context`` (the context the instrument is evaluated against, once per class)."""
+
+    role = "instrument"
+
+    @pytest.fixture
+    def eval_context(self, tmp_path_factory: pytest.TempPathFactory) -> Any:
+        """The :class:`caikit_core.evaluation.EvalContext` to evaluate against: by
+        default the kit's (:class:`caikit_core.testing.instrument_checks.KitEvalContext`:
+        the ``hf`` generator and ``direct`` labeller on the tiny model, a word-count
+        preference model, one checkpoint ``base``)."""
+        from caikit_core.testing.instrument_checks import KitEvalContext
+
+        return KitEvalContext(tmp_path_factory.mktemp("caikit-check-eval"))
+
+    def _bind(self, ctx: CheckContext, request: pytest.FixtureRequest) -> None:
+        ctx.eval_context_factory = self._fixture(request, "eval_context")

@@ -87,6 +87,9 @@ class CheckContext:
     role_kwargs_factory: Callable[[], dict[str, Any]] | None = None
     model_factory: Callable[[], Path] | None = None
     constitution_factory: Callable[[], Any] | None = None
+    #: instruments: builds the EvalContext the checks evaluate against (default: the
+    #: kit's, :class:`caikit_core.testing.instrument_checks.KitEvalContext`)
+    eval_context_factory: Callable[[], Any] | None = None
 
     def base_model(self) -> Path:
         """The checkpoint folder model-backed checks start from (the tiny model by default).
@@ -199,6 +202,12 @@ def _check(role: str, *requires: str) -> Callable[[CheckFn], CheckFn]:
         return fn
 
     return register
+
+
+def role_check(role: str, *requires: str) -> Callable[[CheckFn], CheckFn]:
+    """Add the decorated function to :data:`CHECKS` as a check of ``role`` (or of
+    another registry kind, such as ``instrument``)."""
+    return _check(role, *requires)
 
 
 def _expect(ok: bool, message: str) -> None:

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from caikit_core.errors import PluginError
-from caikit_core.plugins import ROLES, PluginSpec
+from caikit_core.plugins import KINDS, PluginSpec
+from caikit_core.testing import instrument_checks
 from caikit_core.testing.checks import CHECKS, Check, CheckContext, CheckFailed, CheckSkipped
+
+#: the instrument checks register themselves in CHECKS when imported
+_ = instrument_checks
 
 if TYPE_CHECKING:  # pytest is needed only by parametrize_with_checks
     import pytest
@@ -49,8 +53,8 @@ class CheckResult:
 
 
 def _spec(role: str, name: str) -> PluginSpec:
-    if role not in ROLES:
-        raise PluginError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
+    if role not in KINDS:
+        raise PluginError(f"unknown role '{role}' (roles: {', '.join(KINDS)})")
     from caikit_core.plugins import get_registry
 
     return get_registry().get(role, name)
@@ -85,21 +89,24 @@ def make_context(
     role_kwargs_factory: Callable[[], dict[str, Any]] | None = None,
     model_factory: Callable[[], Path] | None = None,
     constitution_factory: Callable[[], Any] | None = None,
+    eval_context_factory: Callable[[], Any] | None = None,
 ) -> CheckContext:
     """The context the checks run in, for a plugin name, a spec or an instance.
 
     ``config`` is a config object, or a dict of settings layered over the plugin's
     registered ``check_settings``; ``None`` uses those (or ``config_cls()``). The factories
     replace the kit's defaults for the factory's keyword arguments, the base model
-    and the constitution (see :class:`~caikit_core.testing.checks.CheckContext`).
+    and the constitution, and (instruments) the EvalContext they are evaluated against
+    (see :class:`~caikit_core.testing.checks.CheckContext`).
     """
     factories: dict[str, Any] = {
         "role_kwargs_factory": role_kwargs_factory,
         "model_factory": model_factory,
         "constitution_factory": constitution_factory,
+        "eval_context_factory": eval_context_factory,
     }
-    if role not in ROLES:
-        raise PluginError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
+    if role not in KINDS:
+        raise PluginError(f"unknown role '{role}' (roles: {', '.join(KINDS)})")
     folder = workdir or Path(tempfile.mkdtemp(prefix=f"caikit-check-{role}-"))
     if isinstance(target, str):
         target = _spec(role, target)
@@ -275,7 +282,7 @@ def add_check_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "check", parents=[common], help="run the conformance checks against a plugin"
     )
-    p.add_argument("role", help=f"the plugin's role ({', '.join(ROLES)})")
+    p.add_argument("role", help=f"the plugin's role ({', '.join(KINDS)})")
     p.add_argument("name", help="the plugin's registered name")
     p.add_argument("--config", metavar="JSON", help="config settings as a JSON object")
     p.add_argument("-k", metavar="PATTERN", help="only checks whose name matches PATTERN")
