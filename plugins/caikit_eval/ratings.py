@@ -141,7 +141,7 @@ def elo_ratings(
 
 def expected_score(rating_a: float, rating_b: float, *, scale: float = ELO_SCALE) -> float:
     """``P(a beats b)`` for two Elo ratings: ``1 / (1 + 10 ** ((r_b - r_a) / scale))``."""
-    return 1.0 / (1.0 + 10.0 ** ((rating_b - rating_a) / scale))
+    return 1.0 / (1.0 + math.pow(10.0, (rating_b - rating_a) / scale))
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
