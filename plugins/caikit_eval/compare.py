@@ -92,6 +92,7 @@ __all__ = [
     "CompareConfig",
     "CompareInstrument",
     "answers",
+    "check_names",
     "data_path",
     "first_shown_probability",
     "judge_under",
@@ -163,7 +164,8 @@ def _texts(instance: Any, attribute: attrs.Attribute[Any], value: object) -> Non
         raise InvalidValue(attribute.name, f"expected a non-empty list of texts, found {value!r}")
 
 
-def _names(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_names(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    """A list of distinct, non-blank names (an attrs validator)."""
     if not isinstance(value, tuple) or not all(isinstance(v, str) and v.strip() for v in value):
         raise InvalidValue(attribute.name, f"expected a list of names, found {value!r}")
     if len(set(value)) != len(value):
@@ -182,7 +184,7 @@ class CompareConfig:
     """Settings of the ``compare`` instrument."""
 
     #: the checkpoints to compare, by the run's names; empty: all the run names
-    checkpoints: tuple[str, ...] = attrs.field(default=(), validator=_names)
+    checkpoints: tuple[str, ...] = attrs.field(default=(), validator=check_names)
     #: the axes to rate: "harmless" (red-team prompts) and/or "helpful"
     axes: tuple[str, ...] = attrs.field(default=AXES, validator=_axes)
     #: red-team prompts (any format caikit reads: hh-rlhf transcripts, JSONL, text)
