@@ -197,7 +197,7 @@ def test_ngram_shares_count_responses_not_occurrences() -> None:
 
 
 def test_judge_true_asks_the_tiny_direct_labeller(
-    three_checkpoints: dict[str, str],
+    three_checkpoints: dict[str, str],  # noqa: F811
     tmp_path: Path,
 ) -> None:
     by_step = {s: [f"Sure, step {s} answer.", "I cannot help."] for s in range(4)}
