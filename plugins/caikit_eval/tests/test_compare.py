@@ -267,3 +267,58 @@ def test_judge_under_asks_the_direct_labeller_only_the_given_principle(
     (label,) = judge.label([comparison], seed=0)
     assert {e.principle_id for e in label.evidence} == {"eval-x"}
     assert {e.order for e in label.evidence} == {"AB", "BA"}
+
+
+def test_the_runs_own_prompts_are_left_out(red_team: Path, tmp_path: Path) -> None:
+    from caikit_core.io.prompts import make_prompt
+    from caikit_core.records import Prompt, to_arrow
+    from caikit_core.store import RunStore, ShardInfo, StageManifest
+
+    store = RunStore(tmp_path / "run")
+    fp = "b" * 64
+    trained = make_prompt(RED_TEAM[0])
+    name = store.write_shard("prompts", fp, 0, to_arrow([trained], Prompt))
+    store.write_manifest(
+        StageManifest(
+            stage="prompts",
+            kind="source",
+            fingerprint=fp,
+            input_fingerprint="i",
+            config_fingerprint="c",
+            plugins={},
+            constitution_hash=None,
+            models={},
+            seed=0,
+            record_type="Prompt",
+            shards=[ShardInfo(0, name, 1, 1, 0.0)],
+            complete=True,
+            rows=1,
+        )
+    )
+    store.write_run({"stages": {"prompts": fp}})
+    ctx = CannedContext({"base": "1", "rl": "2"}, labeller=ScriptedJudge(), run_dir=store.root)
+    config = CompareConfig(red_team=str(red_team), axes=("harmless",), rounds=5)
+    result = CompareInstrument(config).evaluate(ctx)
+    asked = {r["prompt_id"] for r in result.rows}
+    assert trained.id not in asked and len(asked) == 2
+    assert any("left out the run's own prompts" in n for n in result.notes)
+
+
+def test_every_module_registers_its_instrument_with_its_config() -> None:
+    from caikit_core.converter import structure
+    from caikit_core.evaluation import REQUIREMENTS
+    from caikit_eval import compare, evasiveness, goodhart, revision_curve
+
+    registered: dict[str, tuple[Any, type]] = {}
+
+    def register(name: str, factory: Any, *, config: type, description: str = "", **_: Any) -> None:
+        assert description
+        registered[name] = (factory, config)
+
+    for module in (compare, evasiveness, revision_curve, goodhart):
+        module.register(register)
+    assert sorted(registered) == ["compare", "evasiveness", "goodhart", "revision-curve"]
+    for factory, config in registered.values():
+        instrument = factory(structure({}, config))
+        assert isinstance(instrument, Instrument)
+        assert instrument.requires <= REQUIREMENTS
