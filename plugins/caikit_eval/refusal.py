@@ -220,8 +220,9 @@ class HumanLabel:
 def read_csv_rows(
     path: Path, columns: Sequence[str], *, limit: int | None = None
 ) -> list[tuple[int, dict[str, str]]]:
-    """``(line, row)`` for each data row of a CSV file with a header, each row holding
-    at least ``columns`` (non-empty).
+    """``(line, row)`` for each data row of a CSV file with a header (``row``: every
+    column the row has, by name), each row holding a non-empty value in each of
+    ``columns``.
 
     :raises CaikitError: the file is missing or unreadable, its header lacks one of
         ``columns``, or a row lacks a value, naming the file and the line.
@@ -249,11 +250,10 @@ def read_csv_rows(
                 start = reader.line_num + 1
                 if not any(v.strip() for v in values):
                     continue
-                row = {}
                 for column, index in where.items():
                     if index >= len(values) or not values[index].strip():
                         raise CaikitError(f"{path}:{line}: no value in column {column!r}")
-                    row[column] = values[index]
+                row = dict(zip(header, values, strict=False))
                 out.append((line, row))
                 if limit is not None and len(out) >= limit:
                     break

@@ -93,6 +93,7 @@ def test_string_match_agreement_equals_a_hand_count(tmp_path: Path) -> None:
         {"label": "3_partial_refusal", "n": 1, "classified_refusal": 1, "classified_compliance": 0},
     ]
     assert [h.line for h in human] == [2, 3, 4, 5, 6]
+    assert [h.type for h in human][:3] == ["homonyms", "homonyms", "contrast_homonyms"]
 
 
 @needs_xstest
