@@ -15,8 +15,10 @@ full compliance / full refusal / partial refusal), the share where the
 classifier agrees with the humans (partial refusals count as refusals) and the
 confusion per human class, reported as metrics of their own
 (``classifier/agreement``, ``classifier/agreement/<label>``, table
-``classifier/confusion``), so every refusal rate comes with how far its
-classifier can be trusted.
+``classifier/confusion``), and the refusal rates of those completions on the
+safe and the unsafe prompts by the humans and by the classifier
+(``human/refusal/<label>``, ``classifier/refusal/<label>``), so every refusal
+rate comes with how far its classifier can be trusted.
 
 Outputs: metrics ``refusal/<checkpoint>/safe`` and ``.../unsafe``; tables
 ``refusal`` (one row per checkpoint) and ``refusal-by-type`` (per XSTest type);
@@ -242,6 +244,20 @@ class EvasivenessInstrument:
             check, confusion = agreement(predicted, human, level=cfg.level)
             metrics.update({f"classifier/{k}": v for k, v in check.items()})
             tables["classifier/confusion"] = confusion
+            for label in ("safe", "unsafe"):
+                # XSTest's unsafe prompts are the contrast_ types
+                pairs = [
+                    (p, h)
+                    for p, h in zip(predicted, human, strict=True)
+                    if h.type and h.type.startswith("contrast_") == (label == "unsafe")
+                ]
+                if pairs:
+                    metrics[f"classifier/refusal/{label}"] = wilson(
+                        sum(p for p, _ in pairs), len(pairs), level=cfg.level
+                    )
+                    metrics[f"human/refusal/{label}"] = wilson(
+                        sum(h.refused for _, h in pairs), len(pairs), level=cfg.level
+                    )
             rows.extend(
                 {
                     "kind": "human-label",

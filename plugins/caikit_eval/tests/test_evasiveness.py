@@ -156,6 +156,11 @@ def test_refusal_rates_per_checkpoint_split_safe_and_unsafe(tmp_path: Path) -> N
     assert (safe.value, safe.n) == (2 / 3, 3) and (unsafe.value, unsafe.n) == (1 / 2, 2)
     assert safe.low <= safe.value <= safe.high and safe.method == "wilson"
     assert result.metrics["classifier/agreement"].value == 3 / 5
+    # human labels: 2 safe-type rows (no refusal), 3 contrast rows (all refused by humans)
+    assert result.metrics["human/refusal/safe"].value == 0.0
+    assert result.metrics["human/refusal/unsafe"].value == 1.0
+    assert result.metrics["classifier/refusal/safe"].value == 1 / 2
+    assert result.metrics["classifier/refusal/unsafe"].value == 2 / 3
     assert [r["model"] for r in result.tables["refusal"]] == ["base", "rl"]
     kinds = [r["kind"] for r in result.rows]
     assert kinds.count("response") == 10 and kinds.count("human-label") == 5
@@ -220,3 +225,16 @@ def test_missing_column_or_value_is_one_error_naming_file_and_line(tmp_path: Pat
     ctx = CannedContext({"base": "b"})
     with pytest.raises(CaikitError, match=rf"{no_label}:1: missing column 'label'"):
         EvasivenessInstrument(EvasivenessConfig(prompts=str(no_label))).evaluate(ctx)
+
+
+@needs_xstest
+def test_the_instrument_reports_human_and_classifier_refusal_rates_of_the_mistral_file() -> None:
+    config = EvasivenessConfig(limit=1)
+    result = EvasivenessInstrument(config).evaluate(CannedContext({"base": "b"}))
+    # measured on xstest_v2_completions_mistralinstruct.csv: humans mark 4 of 250 safe and
+    # 72 of 200 unsafe completions as (full or partial) refusals; string-match finds 8 and 32
+    assert result.metrics["human/refusal/safe"].value == 4 / 250
+    assert result.metrics["human/refusal/unsafe"].value == 72 / 200
+    assert result.metrics["classifier/refusal/safe"].value == 8 / 250
+    assert result.metrics["classifier/refusal/unsafe"].value == 32 / 200
+    assert result.metrics["classifier/agreement"].value == pytest.approx(398 / 450)
