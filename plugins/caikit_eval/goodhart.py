@@ -2,7 +2,7 @@
 
 The paper's RL-CAI policies, over-trained, answered red-team prompts with
 boilerplate ("you are valid, valued, and cared for") that the preference model
-liked (Bai et al. 2022, section 4.3: "Goodharting behavior"). This instrument
+liked (Bai et al. 2022, on over-trained RL-CAI policies). This instrument
 looks at what a PPO run leaves per step and raises an :class:`Alarm` for each
 sign, naming its evidence:
 
