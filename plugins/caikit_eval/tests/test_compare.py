@@ -322,3 +322,21 @@ def test_every_module_registers_its_instrument_with_its_config() -> None:
         instrument = factory(structure({}, config))
         assert isinstance(instrument, Instrument)
         assert instrument.requires <= REQUIREMENTS
+
+
+def test_data_path_finds_shared_data_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caikit_eval.compare import data_path
+
+    monkeypatch.chdir(tmp_path)
+    found = data_path("../shared/data/xstest/xstest_prompts.csv")
+    if not found.is_file():  # pragma: no cover
+        pytest.skip("no shared data")
+    assert found.is_absolute() and found.name == "xstest_prompts.csv"
+    (tmp_path / "mine.csv").write_text("x")
+    assert data_path("mine.csv") == Path("mine.csv")
+    with pytest.raises(CaikitError, match=r"nowhere\.csv: file not found"):
+        data_path("nowhere.csv")
+    with pytest.raises(CaikitError, match="file not found"):
+        data_path(str(tmp_path / "absent.csv"))

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from caikit_core.errors import CaikitError
+from caikit_core.evaluation import read_result, write_result
 from caikit_core.store import RunStore, StageManifest
 from caikit_eval.goodhart import (
     GoodhartConfig,
@@ -161,6 +162,8 @@ def test_instrument_reads_the_policy_history_and_a_rollouts_file(tmp_path: Path)
     assert sorted(a.name for a in result.alarms) == ["kl-rising", "ngram-growth"]
     assert "ngram/you are valid valued and cared for" in result.series
     assert result.rows[3]["responses"] == 20
+    back = read_result(write_result(result, tmp_path / "out").parent)
+    assert back.alarms == result.alarms and back.rows == result.rows
     assert GoodhartInstrument().requires == {"run"}
     assert GoodhartInstrument(GoodhartConfig(rollouts="x", judge=True)).requires == {"labeller"}
 
