@@ -340,3 +340,29 @@ def test_data_path_finds_shared_data_from_any_working_directory(
         data_path("nowhere.csv")
     with pytest.raises(CaikitError, match="file not found"):
         data_path(str(tmp_path / "absent.csv"))
+
+
+@pytest.mark.slow
+def test_compare_the_demo_model_with_a_random_one(
+    three_checkpoints: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SmolLM2-135M-Instruct against a tiny random Llama, judged by SmolLM2 with the
+    ``direct`` labeller, on the bundled helpfulness prompts (skipped without the model)."""
+    from caikit_core.models import cache_dir, resolve_alias
+
+    model = Path(resolve_alias("smollm2-135m-instruct"))
+    if not (model / "config.json").is_file():
+        pytest.skip(f"the demo model is not in {cache_dir()}")
+    ctx = EvalTestContext(
+        {"random": three_checkpoints["base"], "smollm2": str(model)}, feedback_model=str(model)
+    )
+    config = CompareConfig(axes=("helpful",), helpful_count=12, max_new_tokens=48, anchor="random")
+    result = CompareInstrument(config).evaluate(ctx)
+    elo = result.metrics["elo/helpful/smollm2"]
+    ties = result.metrics["ties/helpful"]
+    with capsys.disabled():
+        print(f"\nsmollm2 vs random: Elo {elo}, ties {ties}")
+        print(result.tables["winrate/helpful"])
+    assert elo.low <= elo.value <= elo.high and elo.n == 12
+    # measured: 11 wins, 1 tie, no loss; Elo 1515 (1328-1833) against the random 1000
+    assert elo.low > 1000
