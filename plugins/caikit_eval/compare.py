@@ -383,8 +383,9 @@ class CompareInstrument:
             path = data_path(cfg.red_team)
             found = read_prompts(path, limit=cfg.red_team_count + len(held))
             kept = [p for p in found if p.id not in held][: cfg.red_team_count]
-            if len(found) > len(kept) and held:
-                notes.append(f"left out the run's own prompts found in {path.name}")
+            overlap = sum(p.id in held for p in found)
+            if overlap:
+                notes.append(f"left out {overlap} of the run's own prompts found in {path.name}")
             out["harmless"] = kept
         if "helpful" in cfg.axes:
             if cfg.helpful is None:

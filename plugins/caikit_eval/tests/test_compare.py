@@ -301,7 +301,7 @@ def test_the_runs_own_prompts_are_left_out(red_team: Path, tmp_path: Path) -> No
     result = CompareInstrument(config).evaluate(ctx)
     asked = {r["prompt_id"] for r in result.rows}
     assert trained.id not in asked and len(asked) == 2
-    assert any("left out the run's own prompts" in n for n in result.notes)
+    assert any("left out 1 of the run's own prompts" in n for n in result.notes)
 
 
 def test_every_module_registers_its_instrument_with_its_config() -> None:
