@@ -46,7 +46,12 @@ def build_position_bias(config: PositionBiasConfig) -> PositionBias:
 
 @hookimpl
 def register_evaluations(register: Register) -> None:
-    """Register the ``hhh``, ``hh-alignment`` and ``position-bias`` instruments."""
+    """Register the bundled instruments: ``hhh``, ``hh-alignment``, ``position-bias``,
+    ``compare``, ``evasiveness``, ``revision-curve`` and ``goodhart``."""
+    from caikit_eval import compare, evasiveness, goodhart, revision_curve
+
     register("hhh", build_hhh, config=HHHConfig, check_settings=QUICK)
     register("hh-alignment", build_hh_alignment, config=HHAlignmentConfig, check_settings=QUICK)
     register("position-bias", build_position_bias, config=PositionBiasConfig, check_settings=QUICK)
+    for module in (compare, evasiveness, revision_curve, goodhart):
+        module.register(register)
