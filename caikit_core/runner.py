@@ -142,7 +142,7 @@ class Runner:
             "roles": {
                 role: {
                     "plugin": self.ctx.role(role).plugin,
-                    "options": self.ctx.role(role).options(),
+                    "options": self.ctx.role(role).fingerprint_options(),
                 }
                 for role in stage.roles
             },

@@ -29,6 +29,7 @@ from caikit_core.errors import CaikitError, PluginError
 from caikit_core.interfaces import PreferenceModel
 from caikit_core.records import Conversation, Message, Prompt, Sample
 from caikit_core.training.metrics import checked_scores
+from caikit_core.training.settings import REPORT_PACKAGES
 from caikit_torch.config import TorchOptimiserConfig
 
 __all__ = [
@@ -207,10 +208,16 @@ def trainer_defaults(
     total: int = 100,
     logging_steps: int | None = None,
     checkpointing: bool = False,
+    report_to: Sequence[str] = (),
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     """The TrainingArguments every caikit trainer shares: seeded, offline, nothing saved
-    by the trainer itself (caikit saves the checkpoint), no hub, no reporting, no tqdm;
-    ``checkpointing`` recomputes activations in the backward pass."""
+    by the trainer itself (caikit saves the checkpoint), no hub, no tqdm;
+    ``checkpointing`` recomputes activations in the backward pass. Reporting goes to
+    ``report_to`` only (none by default), TensorBoard's event files into ``logs``."""
+    reporting: dict[str, Any] = {"report_to": report_targets(report_to) or "none"}
+    if "tensorboard" in report_to and logs is not None:
+        reporting["logging_dir"] = str(logs)
     return {
         checkpointing_argument(): checkpointing,
         "bf16": bf16,
@@ -221,11 +228,26 @@ def trainer_defaults(
         "logging_steps": logging_steps if logging_steps is not None else max(1, total // 100),
         "save_strategy": "no",
         "eval_strategy": "no",
-        "report_to": "none",
         "push_to_hub": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        **reporting,
     }
+
+
+def report_targets(targets: Sequence[str]) -> list[str]:
+    """``targets`` (a validated ``report_to``) as TrainingArguments takes them, once
+    each target's package is importable; else a :class:`PluginError` naming it."""
+    import importlib.util
+
+    missing = [
+        f"{t} needs the {REPORT_PACKAGES[t]!r} package (pip install {REPORT_PACKAGES[t]})"
+        for t in targets
+        if importlib.util.find_spec(REPORT_PACKAGES[t]) is None
+    ]
+    if missing:
+        raise PluginError(f"{WHO}: report_to = {list(targets)!r}: " + "; ".join(missing))
+    return list(targets)
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -106,6 +106,8 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
                 device=run.device,
                 bf16=mixed_bf16,
                 total=total,
+                report_to=cfg.report_to,
+                logs=run.out / "logs",
             ),
         )
         trainer = DPOTrainer(

@@ -156,6 +156,8 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
                 device=run.device,
                 bf16=mixed_bf16,
                 logging_steps=1,
+                report_to=cfg.report_to,
+                logs=run.out / "logs",
             ),
         )
         trainer = TrainerClass(

@@ -102,6 +102,8 @@ def fine_tune(
                 device=device,
                 bf16=mixed_bf16,
                 total=total,
+                report_to=cfg.report_to,
+                logs=out / "logs",
             ),
         )
         trainer = SFTTrainer(
