@@ -269,7 +269,9 @@ class TorchPreferenceModel:
             f"{metrics['accuracy']:.3f}" if "accuracy" in metrics else "n/a",
             out,
         )
-        return FitReport(str(out), metrics)
+        # the training loss per logged step: the manifest's history, the report's curve
+        history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
+        return FitReport(str(out), metrics, history=history)
 
     def _train(
         self, folder: Path, labelled: list[LabelledComparison], logs: Path
