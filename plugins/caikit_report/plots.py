@@ -120,6 +120,9 @@ def history_grid(
     name: str, title: str, rows: Sequence[Mapping[str, float]], panels: Sequence[tuple[str, str]]
 ) -> Plot:
     """One small line plot per ``(label, key)`` in ``panels`` against the step."""
+    _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     columns = 2 if len(panels) > 1 else 1
     lines = math.ceil(len(panels) / columns)
     xs = _x(rows)
@@ -131,7 +134,10 @@ def history_grid(
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
             ax.set_title(f"{label} ({key})", fontsize=9)
             ax.tick_params(labelsize=8)
-        fig.subplots_adjust(hspace=0.6, wspace=0.3, top=0.85)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if i >= len(panels) - columns:
+                ax.set_xlabel("step", fontsize=8)
+        fig.subplots_adjust(hspace=0.7, wspace=0.3, top=0.85, bottom=0.12)
 
     return _draw(name, title, draw)
 
