@@ -49,6 +49,7 @@ td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}
 th{background:#eee} code{font-size:90%}
 .alarm{background:#fde2e1;border:2px solid #c00;padding:.5em 1em;margin:1em 0}
 .note{color:#555;font-style:italic}
+.wide{overflow-x:auto} .wide td{font-family:monospace;font-size:75%}
 img{display:block;margin:.5em 0;border:1px solid #ddd}
 """
 
@@ -160,7 +161,7 @@ def _provenance(page: _Page, view: RunView) -> None:
     page.add(_stage_table(view))
     page.add("<h3>Plugins and versions</h3>")
     page.add(_plugins_table(view))
-    page.add("<h3>Fingerprints</h3>")
+    page.add('<h3>Fingerprints</h3><div class="wide">')
     rows = [
         {
             "stage": s.name,
@@ -171,7 +172,7 @@ def _provenance(page: _Page, view: RunView) -> None:
         }
         for s in view.stages
     ]
-    page.add(_table(rows))
+    page.add(_table(rows) + "</div>")
 
 
 def _labels(page: _Page, view: RunView) -> None:

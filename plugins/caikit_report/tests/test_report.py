@@ -188,6 +188,20 @@ def test_a_bad_eval_folder_is_an_error_before_anything_is_written(
     assert not (report_run / "report").exists()
 
 
+def test_a_failure_while_drawing_leaves_no_file(
+    report_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caikit_report import plots
+
+    def broken(*args: object, **kwargs: object) -> plots.Plot:
+        raise CaikitError("drawing failed")
+
+    monkeypatch.setattr(plots, "series_plot", broken)
+    with pytest.raises(CaikitError, match="drawing failed"):
+        build_report(report_run, evals=[report_run.parent / "hhh-result"])
+    assert not (report_run / "report").exists()
+
+
 def test_win_rates_from_pairs_or_a_square_table_else_none() -> None:
     name, models, matrix = win_rates(COMPARE.tables) or ("", [], [])
     assert (name, models) == ("win_rates", ["base", "rl", "sl"])
