@@ -58,33 +58,37 @@ def test_report_to_does_not_enter_fingerprints() -> None:
 
 
 def test_torch_trainers_get_report_to_or_an_error_naming_the_missing_package(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     common = pytest.importorskip("caikit_torch.common")
-    defaults = common.trainer_defaults(seed=0, device="cpu", bf16=False)
-    assert defaults["report_to"] == "none" and "logging_dir" not in defaults
+    assert common.trainer_defaults(seed=0, device="cpu", bf16=False)["report_to"] == "none"
 
     real = importlib.util.find_spec
-    present = {"tensorboard"}
+    present = {"tensorboard", "trackio"}
 
     def find_spec(name: str, *args: Any) -> Any:
-        if name in ("tensorboard", "trackio"):
+        if name in ("tensorboard", "tensorboardX", "trackio"):
             return object() if name in present else None
         return real(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    defaults = common.trainer_defaults(
-        seed=0, device="cpu", bf16=False, report_to=("tensorboard",), logs=tmp_path / "logs"
-    )
-    assert defaults["report_to"] == ["tensorboard"]
-    assert defaults["logging_dir"] == str(tmp_path / "logs")
+
+    def report_to(*targets: str) -> Any:
+        return common.trainer_defaults(seed=0, device="cpu", bf16=False, report_to=targets)[
+            "report_to"
+        ]
+
+    # TensorBoard is added as a callback writing into the checkpoint (add_report_callbacks)
+    assert report_to("tensorboard", "trackio") == ["trackio"]
+    assert report_to("tensorboard") == "none"
+    present.discard("trackio")
     with pytest.raises(PluginError, match=r"trackio needs the 'trackio' package"):
-        common.trainer_defaults(
-            seed=0, device="cpu", bf16=False, report_to=("tensorboard", "trackio")
-        )
-    present.clear()
+        report_to("tensorboard", "trackio")
+    present.discard("tensorboard")
     with pytest.raises(PluginError, match=r"tensorboard needs the 'tensorboard' package"):
-        common.trainer_defaults(seed=0, device="cpu", bf16=False, report_to=("tensorboard",))
+        report_to("tensorboard")
+    present.add("tensorboardX")  # as transformers, tensorboardX serves too
+    assert report_to("tensorboard") == "none"
 
 
 def test_jax_refuses_report_to() -> None:

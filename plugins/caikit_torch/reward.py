@@ -83,6 +83,7 @@ from caikit_core.training.metrics import (
 )
 from caikit_torch.common import (
     LossLog,
+    add_report_callbacks,
     policy_folder,
     precision,
     progress_bars,
@@ -317,7 +318,6 @@ class TorchPreferenceModel:
                     bf16=mixed_bf16,
                     total=total,
                     report_to=cfg.report_to,
-                    logs=logs,
                 ),
             )
             trainer = SoftRewardTrainer(
@@ -330,6 +330,7 @@ class TorchPreferenceModel:
                 comparison_ids=[lc.comparison.id for lc in labelled],
             )
             trainer.remove_callback(transformers.PrinterCallback)
+            add_report_callbacks(trainer, cfg.report_to, logs)
             result = trainer.train()
         self.losses = [
             (int(entry["step"]), float(entry["loss"]))
