@@ -127,6 +127,13 @@ def test_cli_prints_the_page_path_and_takes_out(
     assert len(_images(target.read_text())) == 4  # no --eval: the two eval-stage results
     assert (target.parent / "policy.png").is_file()
     assert not (report_run / "report").exists()
+    hhh = report_run.parent / "hhh-result"
+    assert main(["report", str(report_run), "--eval", str(hhh), "--eval", str(hhh)]) == 0
+    page = (report_run / "report" / "index.html").read_text()
+    assert capsys.readouterr().out.strip() == str(report_run / "report" / "index.html")
+    # the same folder twice: shown twice, its plots' names kept apart
+    assert page.count("<h3>hhh-result: <code>hhh</code></h3>") == 2
+    assert {"hhh-result-metrics", "hhh-result-metrics-2"} <= set(_images(page))
 
 
 def test_report_of_the_old_hf_run_shows_calibration_across_orders(tmp_path: Path) -> None:
