@@ -29,7 +29,7 @@ __all__ = [
     "LabelStats",
     "RunView",
     "StageView",
-    "eval_result_folders",
+    "find_eval_results",
     "read_run",
 ]
 
@@ -83,13 +83,24 @@ class RunView:
         return None
 
 
-def eval_result_folders(run_dir: Path) -> list[Path]:
-    """The folders holding a ``result.json`` under the run's ``eval`` stage.
+def find_eval_results(run_dir: Path) -> dict[str, Path]:
+    """The run's evaluation results: a name -> the folder holding its ``result.json``,
+    for every such folder under the ``eval`` stage (``RUN_DIR/stages/eval/*/**/``) and
+    under ``RUN_DIR/eval/`` (``caikit eval --run``). A result is named by its folder
+    (the instrument), or by its path where two folders share a name.
 
     Kept as one small function so that it can become the core's own lookup
-    (``caikit_core.evaluation.find_results``) when the eval stage lands.
+    (``caikit_core.evaluation.find_results``, the same shape) when the eval stage lands.
     """
-    return sorted(p.parent for p in (run_dir / "stages" / "eval").glob(f"*/**/{RESULT_FILE}"))
+    found: dict[str, Path] = {}
+    folders = [
+        *sorted(p.parent for p in (run_dir / "stages" / "eval").glob(f"*/**/{RESULT_FILE}")),
+        *sorted(p.parent for p in (run_dir / "eval").glob(f"*/{RESULT_FILE}")),
+    ]
+    for folder in folders:
+        name = folder.name if folder.name not in found else str(folder.relative_to(run_dir))
+        found[name] = folder
+    return found
 
 
 def _letter_a(logprob_a: float, logprob_b: float) -> float:
@@ -180,8 +191,7 @@ def read_run(run_dir: Path, extra_evals: Sequence[Path] = ()) -> RunView:
         if s.name == "labels":
             labels = _label_stats(store, s.manifest)
     evals: list[EvalView] = []
-    for folder in eval_result_folders(run_dir):
-        name = str(folder.relative_to(run_dir / "stages" / "eval"))
+    for name, folder in find_eval_results(run_dir).items():
         evals.append(EvalView(name, folder, read_result(folder)))
     for folder in extra_evals:
         evals.append(EvalView(folder.name or str(folder), folder, read_result(folder)))

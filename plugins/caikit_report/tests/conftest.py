@@ -97,8 +97,9 @@ def report_run(echo_run: Path, with_echo: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(echo.CopyOptimiser, "optimise", optimise)
     assert main(["-q", "run", str(echo_run), "--show-traces", "0"]) == 0
     run_dir = echo_run.parent / "out"
-    write_result(COMPARE, run_dir / "stages" / "eval" / "0123456789abcdef" / "compare")
-    write_result(EVASIVENESS, run_dir / "stages" / "eval" / "0123456789abcdef" / "evasiveness")
+    stage = run_dir / "stages" / "eval" / "0123456789abcdef" / "artifact"  # the eval stage's
+    write_result(COMPARE, stage / "compare")
+    write_result(EVASIVENESS, stage / "evasiveness")
     write_result(HHH, echo_run.parent / "hhh-result")
     return run_dir
 

@@ -60,8 +60,8 @@ def test_report_of_a_finished_run(report_run: Path, with_report_plugin: None) ->
         [
             "labels-p_a",
             "policy",
-            "0123456789abcdef-compare-win-rates",
-            "0123456789abcdef-evasiveness-refusals",
+            "compare-win-rates",
+            "evasiveness-refusals",
             "hhh-result-metrics",
             "hhh-result-revision-curve",
         ]
@@ -105,7 +105,7 @@ def test_report_of_a_finished_run(report_run: Path, with_report_plugin: None) ->
 
     # evaluation: the alarm at the top and with its result, metrics with intervals
     top, rest = page.split("<h2>Run</h2>")
-    assert "evasiveness): over-refusal: rl refuses 40% of safe prompts" in top
+    assert "evasiveness (evasiveness): over-refusal: rl refuses 40% of safe prompts" in top
     assert "ALARM over-refusal" in rest
     assert "<td>accuracy/direct</td><td>0.51</td><td>0.47</td><td>0.55</td><td>0.9</td>" in page
     assert "<td>harmless</td><td>0.6</td><td>58</td>" in page
@@ -207,6 +207,26 @@ def test_a_failure_while_drawing_leaves_no_file(
     with pytest.raises(CaikitError, match="drawing failed"):
         build_report(report_run, evals=[report_run.parent / "hhh-result"])
     assert not (report_run / "report").exists()
+
+
+def test_results_are_found_under_the_eval_stage_and_run_dir_eval(report_run: Path) -> None:
+    from caikit_core.evaluation import write_result
+    from caikit_report.rundir import find_eval_results
+
+    stage = report_run / "stages" / "eval" / "0123456789abcdef" / "artifact"
+    assert find_eval_results(report_run) == {
+        "compare": stage / "compare",
+        "evasiveness": stage / "evasiveness",
+    }
+    write_result(EVASIVENESS, report_run / "eval" / "evasiveness")  # caikit eval --run
+    write_result(COMPARE, report_run / "eval" / "other")
+    assert find_eval_results(report_run) == {
+        "compare": stage / "compare",
+        "evasiveness": stage / "evasiveness",
+        "eval/evasiveness": report_run / "eval" / "evasiveness",
+        "other": report_run / "eval" / "other",
+    }
+    assert find_eval_results(report_run / "nowhere") == {}
 
 
 def test_win_rates_from_pairs_or_a_square_table_else_none() -> None:
