@@ -15,6 +15,10 @@ from caikit_core import plugins
 from caikit_core.cli import main
 from caikit_core.evaluation import Alarm, Estimate, EvalResult, write_result
 from caikit_core.interfaces import FitReport
+from caikit_core.store import RunStore
+
+#: the eval stage's fingerprint recorded in the test run's run.json
+EVAL_FP = "0123456789abcdef" * 4
 
 HISTORY = [
     {
@@ -97,7 +101,12 @@ def report_run(echo_run: Path, with_echo: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(echo.CopyOptimiser, "optimise", optimise)
     assert main(["-q", "run", str(echo_run), "--show-traces", "0"]) == 0
     run_dir = echo_run.parent / "out"
-    stage = run_dir / "stages" / "eval" / "0123456789abcdef" / "artifact"  # the eval stage's
+    # as the eval stage leaves them: one folder per instrument in its artifact folder
+    store = RunStore(run_dir)
+    info = store.read_run()
+    info["stages"]["eval"] = EVAL_FP
+    store.write_run(info)
+    stage = store.artifact_dir("eval", EVAL_FP)
     write_result(COMPARE, stage / "compare")
     write_result(EVASIVENESS, stage / "evasiveness")
     write_result(HHH, echo_run.parent / "hhh-result")
