@@ -296,47 +296,54 @@ def _first(row: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 
 def win_rates(
     tables: Mapping[str, Sequence[Mapping[str, Any]]],
-) -> tuple[str, list[str], list[list[float | None]]] | None:
-    """A compare result's win-rate matrix: ``(table name, models, matrix)``, guessed
-    from a table of ``{model, opponent, win_rate}`` rows (several spellings), or from
-    a square table of ``{model, <opponent>: rate, ...}`` rows; ``None`` if none fits."""
+) -> list[tuple[str, list[str], list[list[float | None]]]]:
+    """A compare result's win-rate matrices (one per judged axis): ``(table name,
+    models, matrix)`` for each table of ``{model, opponent, win_rate}`` rows (several
+    spellings) or square table of ``{model, <opponent>: rate, ...}`` rows; ``[]`` if
+    none fits. ``matrix[i][j]``: how often ``models[i]`` beat ``models[j]``."""
+    found = []
     for name, rows in tables.items():
-        if not rows:
-            continue
-        a, b = _first(rows[0], _MODEL_KEYS), _first(rows[0], _OPPONENT_KEYS)
-        rate = _first(rows[0], _RATE_KEYS)
-        if a and b and rate and all(a in r and b in r and rate in r for r in rows):
-            models = sorted({str(r[a]) for r in rows} | {str(r[b]) for r in rows})
-            matrix: list[list[float | None]] = [[None] * len(models) for _ in models]
-            for r in rows:
-                if isinstance(r[rate], (int, float)):
-                    matrix[models.index(str(r[a]))][models.index(str(r[b]))] = float(r[rate])
-            return name, models, matrix
-        if a is not None:
-            models = [str(r.get(a)) for r in rows]
-            if all(all(m in r for m in models if m != str(r.get(a))) for r in rows) and len(
-                models
-            ) == len(set(models)):
-                matrix = [
-                    [
-                        float(r[m]) if m in r and isinstance(r[m], (int, float)) else None
-                        for m in models
-                    ]
-                    for r in rows
-                ]
-                if any(v is not None for row in matrix for v in row) and len(models) > 1:
-                    return name, models, matrix
-    return None
+        matrix = _win_matrix(rows)
+        if matrix is not None:
+            found.append((name, *matrix))
+    return found
 
 
-def _rating_table(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, str] | None:
-    """The ``(table name, rating key)`` of a compare result's Elo/rating table."""
+def _win_matrix(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[str], list[list[float | None]]] | None:
+    if not rows:
+        return None
+    a, b = _first(rows[0], _MODEL_KEYS), _first(rows[0], _OPPONENT_KEYS)
+    rate = _first(rows[0], _RATE_KEYS)
+    if a and b and rate and all(a in r and b in r and rate in r for r in rows):
+        models = sorted({str(r[a]) for r in rows} | {str(r[b]) for r in rows})
+        matrix: list[list[float | None]] = [[None] * len(models) for _ in models]
+        for r in rows:
+            if isinstance(r[rate], (int, float)):
+                matrix[models.index(str(r[a]))][models.index(str(r[b]))] = float(r[rate])
+        return models, matrix
+    if a is None:
+        return None
+    models = [str(r.get(a)) for r in rows]
+    square = len(models) > 1 and len(models) == len(set(models))
+    if not square or not all(m in r for r in rows for m in models if m != str(r.get(a))):
+        return None
+    matrix = [
+        [float(r[m]) if isinstance(r.get(m), (int, float)) else None for m in models] for r in rows
+    ]
+    return (models, matrix) if any(v is not None for row in matrix for v in row) else None
+
+
+def _rating_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """The ``(table name, rating key)`` of each of a compare result's Elo/rating tables."""
+    found = []
     for name, rows in tables.items():
         if rows and all(_first(r, _RATING_KEYS) and _first(r, _MODEL_KEYS) for r in rows):
             key = _first(rows[0], _RATING_KEYS)
             if key and all(isinstance(r.get(key), (int, float)) for r in rows):
-                return name, key
-    return None
+                found.append((name, key))
+    return found
 
 
 _SPLITS = ("safe", "unsafe")
@@ -406,16 +413,13 @@ def _eval(page: _Page, ev: EvalView) -> None:
         page.add(_metrics_table(r.metrics))
     special = False
     if r.instrument == "compare":
-        rating = _rating_table(r.tables)
-        if rating is not None:
-            table, key = rating
+        for table, key in _rating_tables(r.tables):
             ranked = sorted(r.tables[table], key=lambda x: -float(x[key]))
             page.add(f"<h4>Ratings ({_e(table)}), best first</h4>")
             page.add(_table(ranked))
-        wins = win_rates(r.tables)
-        if wins is not None:
-            _, models, matrix = wins
-            page.plot(plots.win_rate_heatmap(f"{slug}-win-rates", "Win rates", models, matrix))
+        for table, models, matrix in win_rates(r.tables):
+            title = f"Win rates ({table})"
+            page.plot(plots.win_rate_heatmap(f"{slug}-{_slug(table)}", title, models, matrix))
             special = True
     if r.instrument == "evasiveness":
         found = evasiveness_bars(r)

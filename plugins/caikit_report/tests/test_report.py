@@ -60,7 +60,7 @@ def test_report_of_a_finished_run(report_run: Path, with_report_plugin: None) ->
         [
             "labels-p_a",
             "policy",
-            "compare-win-rates",
+            "compare-win_rates",
             "evasiveness-refusals",
             "hhh-result-metrics",
             "hhh-result-revision-curve",
@@ -230,13 +230,39 @@ def test_results_are_found_under_the_eval_stage_and_run_dir_eval(report_run: Pat
 
 
 def test_win_rates_from_pairs_or_a_square_table_else_none() -> None:
-    name, models, matrix = win_rates(COMPARE.tables) or ("", [], [])
+    [(name, models, matrix)] = win_rates(COMPARE.tables)
     assert (name, models) == ("win_rates", ["base", "rl", "sl"])
     assert matrix == [[None, 0.2, 0.3], [0.8, None, 0.62], [0.7, 0.38, None]]
     square = {"m": [{"checkpoint": "a", "b": 0.7}, {"checkpoint": "b", "a": 0.3}]}
-    assert win_rates(square) == ("m", ["a", "b"], [[None, 0.7], [0.3, None]])
-    assert win_rates({"elo": COMPARE.tables["elo"]}) is None
-    assert win_rates({"x": [{"foo": 1}]}) is None
+    assert win_rates(square) == [("m", ["a", "b"], [[None, 0.7], [0.3, None]])]
+    assert win_rates({"elo": COMPARE.tables["elo"]}) == []
+    assert win_rates({"x": [{"foo": 1}], "y": []}) == []
+
+
+def test_compare_with_two_axes_gets_a_heatmap_and_ratings_each(tmp_path: Path) -> None:
+    """The shape the compare instrument writes: elo/<axis> and winrate/<axis> tables."""
+    from caikit_report.rundir import EvalView
+
+    def pair(a: str, b: str, w: float) -> dict[str, object]:
+        return {"model": a, "opponent": b, "wins": 3, "ties": 1, "battles": 8, "win_rate": w}
+
+    tables: dict[str, list[dict[str, object]]] = {}
+    for axis, top in (("helpful", "rl"), ("harmless", "sl")):
+        low = "sl" if top == "rl" else "rl"
+        tables[f"elo/{axis}"] = [
+            {"model": top, "rating": 1010.0, "low": 990.0, "high": 1030.0, "wins": 5},
+            {"model": low, "rating": 990.0, "low": 970.0, "high": 1010.0, "wins": 3},
+        ]
+        tables[f"winrate/{axis}"] = [pair(top, low, 0.6), pair(low, top, 0.4)]
+    result = EvalResult("compare", {"elo/helpful/rl": Estimate(1010.0, 990, 1030, 8)}, tables)
+    view = read_run(shutil.copytree(FIXTURES / "run-v0.1.0" / "out", tmp_path / "out"))
+    view.evals.append(EvalView("compare", tmp_path, result))
+    page, drawn = render(view)
+    names = [p.name for p in drawn]
+    assert names == ["labels-p_a", "compare-winrate-helpful", "compare-winrate-harmless"]
+    assert page.count("best first</h4>") == 2
+    harmless = page.split("Ratings (elo/harmless), best first")[1]
+    assert harmless.index("<td>sl</td>") < harmless.index("<td>rl</td>")
 
 
 def test_evasiveness_from_metric_names_or_a_table_else_generic() -> None:
