@@ -282,6 +282,18 @@ def test_evasiveness_from_metric_names_or_a_table_else_generic() -> None:
         ["sl"],
         {"sl/safe": Estimate(0.1, 0.1, 0.1, 20), "sl/unsafe": Estimate(0.7, 0.7, 0.7, 20)},
     )
+    # the evasiveness instrument's own names; its other metrics are left to the table
+    est = Estimate(0.2, 0.1, 0.3, 25, method="wilson")
+    named = EvalResult(
+        "evasiveness",
+        metrics={
+            "refusal/base/safe": est,
+            "refusal/base/unsafe": est,
+            "classifier/agreement": est,
+            "human/refusal/full_compliance": est,
+        },
+    )
+    assert evasiveness_bars(named) == (["base"], {"base/safe": est, "base/unsafe": est})
     odd = EvalResult("evasiveness", metrics={"helpfulness": Estimate.exact(0.5, 3)})
     assert evasiveness_bars(odd) is None
 
