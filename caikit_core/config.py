@@ -263,11 +263,21 @@ class RoleRef:
         return get_registry().get(self.role, self.plugin)
 
     def options(self) -> dict[str, Any]:
-        """The config as plain data (what enters fingerprints)."""
+        """The config as plain data."""
         if self.config is None:
             return {}
         data = converter.unstructure(self.config)
         assert isinstance(data, dict)
+        return data
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """What of the config enters fingerprints: :meth:`options` less the fields
+        whose metadata says ``fingerprint: False`` (``report_to``: where metrics go)."""
+        data = self.options()
+        if attrs.has(type(self.config)):
+            for field in attrs.fields(type(self.config)):
+                if field.metadata.get("fingerprint", True) is False:
+                    data.pop(field.name, None)
         return data
 
 

@@ -90,6 +90,7 @@ class Runner:
                 for name in stage_names(self.run.config):
                     results.append(self._execute(STAGES[name]()))
                     self._write_run_info()
+                    self._log_metrics(results[-1])
             finally:
                 release_instances()
             return RunSummary(self.store.root, results, self.ctx)
@@ -105,6 +106,35 @@ class Runner:
         )
         self.store.write_run(info)
 
+    def _log_metrics(self, result: StageResult) -> None:
+        """Append the stage's lines to ``metrics.jsonl``: one per step of a fit stage's
+        history, then one for the stage; once per stage and fingerprint, so a rerun
+        that skips the stage adds nothing (and one whose lines a killed process never
+        wrote adds them from the manifest)."""
+        if (result.name, result.fingerprint) in self.store.logged_stages():
+            return
+        manifest = self.store.read_manifest(result.name, result.fingerprint)
+        if manifest is None or not manifest.complete:
+            return
+        head = {"stage": manifest.stage, "fingerprint": manifest.fingerprint}
+        lines: list[dict[str, Any]] = [
+            {**head, "type": "step", "step": i, "metrics": row}
+            for i, row in enumerate(manifest.history)
+        ]
+        lines.append(
+            {
+                **head,
+                "type": "stage",
+                "step": None,
+                "kind": manifest.kind,
+                "rows": manifest.rows,
+                "seconds": _numbers(manifest.timings).get("seconds"),
+                "finished_at": manifest.finished_at,
+                "metrics": _numbers(manifest.metrics),
+            }
+        )
+        self.store.append_metrics(lines)
+
     # fingerprints and manifests -----------------------------------------------------------
     def _fingerprints(self, stage: Stage) -> tuple[str, str, str]:
         """The stage's input, config and full fingerprints (the last names its folder)."""
@@ -115,7 +145,7 @@ class Runner:
             "roles": {
                 role: {
                     "plugin": self.ctx.role(role).plugin,
-                    "options": self.ctx.role(role).options(),
+                    "options": self.ctx.role(role).fingerprint_options(),
                 }
                 for role in stage.roles
             },

@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/
       run.json                          the run file as given, and the current stage fingerprints
+      metrics.jsonl                     one line per completed stage and per fit step (append-only)
       .lock                             held (flock) while a caikit process works on the run
       stages/<stage>/<fingerprint>/
         manifest.json                   what produced the stage and which shards are complete
@@ -39,6 +40,9 @@ from caikit_core.converter import converter
 from caikit_core.errors import FingerprintError, StoreError
 
 FINGERPRINT_LENGTH = 16
+
+#: the run directory's metrics log (see :meth:`RunStore.append_metrics`)
+METRICS_FILE = "metrics.jsonl"
 
 
 def fingerprint(payload: Any, *, what: str) -> str:
@@ -166,6 +170,44 @@ class RunStore:
     def write_run(self, data: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_file, data)
+
+    # metrics log -----------------------------------------------------------------
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / METRICS_FILE
+
+    def logged_stages(self) -> set[tuple[str, str]]:
+        """``(stage, fingerprint)`` of every stage line in ``metrics.jsonl`` (a torn
+        last line, from a killed process, is ignored)."""
+        try:
+            text = self.metrics_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return set()
+        logged = set()
+        for line in text.splitlines():
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("type") == "stage":
+                logged.add((str(data.get("stage")), str(data.get("fingerprint"))))
+        return logged
+
+    def append_metrics(self, lines: list[dict[str, Any]]) -> None:
+        """Append ``lines`` to ``metrics.jsonl`` as JSON lines, in one write, fsynced."""
+        data = "".join(
+            json.dumps(line, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+            for line in lines
+        ).encode("utf-8")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.metrics_file.open("ab+") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data  # after a torn line, start on a line of our own
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -316,9 +316,10 @@ def test_each_algorithm_has_its_own_table(tmp_path: Path, with_echo: Path) -> No
     config = role.config
     assert (config.sft.learning_rate, config.ppo.learning_rate) == (1e-4, 3e-6)
     assert config.ppo.steps == 2 and config.dpo.beta == 0.1 and config.ppo.kl_coef == 0.05
-    options = role.options()  # what enters the optimiser stages' fingerprints
+    options = role.ref.fingerprint_options()  # what enters the optimiser stages' fingerprints
     assert options["sft"]["learning_rate"] == 1e-4 and options["ppo"]["steps"] == 2
     assert sorted(options) == ["algorithm", "dpo", "grpo", "ppo", "rloo", "seed", "sft"]
+    assert role.options()["report_to"] == []  # shown (config show), never fingerprinted
     path.write_text(
         ECHO_RUN.replace('plugin = "copy"\n', tables.replace("steps = 2", "steps = 0")),
         encoding="utf-8",

@@ -44,6 +44,9 @@ __all__ = [
     "ALGORITHMS",
     "DPO_LOSSES",
     "MOVED_KEYS",
+    "NOT_FINGERPRINTED",
+    "REPORT_PACKAGES",
+    "REPORT_TARGETS",
     "SFT_TARGETS",
     "SMOOTHED_DPO_LOSSES",
     "DPOSettings",
@@ -63,6 +66,20 @@ ALGORITHMS = ("ppo", "dpo", "rloo", "grpo")
 DPO_LOSSES = ("sigmoid", "robust", "exo_pair", "ipo", "hinge")
 #: The DPO losses that read ``label_smoothing`` (in TRL 1.16 the others ignore it).
 SMOOTHED_DPO_LOSSES = ("robust", "exo_pair")
+
+#: Accepted values of ``report_to``: where TRL trainers also log their metrics
+#: (transformers' reporting integrations), besides the run's metrics.jsonl.
+REPORT_TARGETS = ("tensorboard", "trackio")
+#: The Python package each ``report_to`` target needs.
+REPORT_PACKAGES: Mapping[str, str] = {"tensorboard": "tensorboard", "trackio": "trackio"}
+#: attrs field metadata of a setting that does not change results (where metrics are
+#: reported): :meth:`caikit_core.config.RoleRef.options` leaves it out of fingerprints.
+NOT_FINGERPRINTED: Mapping[str, bool] = {"fingerprint": False}
+
+_report_targets = v.Check(
+    f"a list of distinct names from {', '.join(repr(t) for t in REPORT_TARGETS)}",
+    lambda value: all(t in REPORT_TARGETS for t in value) and len(set(value)) == len(value),
+)
 
 _optional_positive_number = v.optional(v.positive_number)
 _optional_positive_int = v.optional(v.positive_int)
@@ -280,6 +297,9 @@ class PolicyOptimiserSettings:
     :ivar ppo: PPO's settings.
     :ivar rloo: RLOO's settings.
     :ivar grpo: GRPO's settings.
+    :ivar report_to: also log the trainers' metrics to these
+        (:data:`REPORT_TARGETS`; each needs its package, :data:`REPORT_PACKAGES`);
+        not fingerprinted: changing it reruns nothing.
     """
 
     #: Old flat keys refused with where they moved (read by the converter).
@@ -294,6 +314,9 @@ class PolicyOptimiserSettings:
     ppo: PPOSettings = attrs.field(factory=PPOSettings)
     rloo: GroupRLSettings = attrs.field(factory=GroupRLSettings)
     grpo: GroupRLSettings = attrs.field(factory=GroupRLSettings)
+    report_to: tuple[str, ...] = attrs.field(
+        default=(), validator=_report_targets, metadata=NOT_FINGERPRINTED
+    )
 
     def rl_settings(self) -> PPOSettings | DPOSettings | GroupRLSettings:
         """The table of :attr:`algorithm`."""
@@ -314,8 +337,13 @@ class PreferenceModelSettings(OptimisationSettings):
     :ivar seed: seeds the head's initialisation and the data order.
     :ivar eval_fraction: the share of comparisons held out of training (chosen by a
         hash of the comparison id and the seed) to report ``eval_*`` metrics on.
+    :ivar report_to: also log the trainer's metrics to these (as the policy
+        optimiser's ``report_to``); not fingerprinted.
     """
 
     learning_rate: float = attrs.field(default=1e-5, validator=v.positive_number)
     seed: int = attrs.field(default=0, validator=v.integer)
     eval_fraction: float = attrs.field(default=0.0, validator=v.number_in(0, 0.5))
+    report_to: tuple[str, ...] = attrs.field(
+        default=(), validator=_report_targets, metadata=NOT_FINGERPRINTED
+    )

@@ -56,6 +56,15 @@ DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _no_report_to(report_to: tuple[str, ...]) -> None:
+    if report_to:
+        raise InvalidValue(
+            "report_to",
+            "the jax backend has no TRL trainer to report from; remove it (every stage's "
+            "metrics and per-step history are in RUN_DIR/metrics.jsonl)",
+        )
+
+
 @attrs.frozen
 class JaxOptimiserConfig(PolicyOptimiserSettings):
     """Settings of the ``jax`` policy optimiser: the algorithm tables of
@@ -79,6 +88,7 @@ class JaxOptimiserConfig(PolicyOptimiserSettings):
     gradient_checkpointing: bool = attrs.field(default=False, validator=v.boolean)
 
     def __attrs_post_init__(self) -> None:
+        _no_report_to(self.report_to)
         if self.lora:
             raise InvalidValue(
                 "lora", "the jax optimiser trains all weights; LoRA is not implemented"
@@ -115,3 +125,6 @@ class JaxPreferenceConfig(PreferenceModelSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = attrs.field(
         default="auto", validator=v.one_of(DTYPES)
     )
+
+    def __attrs_post_init__(self) -> None:
+        _no_report_to(self.report_to)

@@ -176,7 +176,9 @@ class JaxPreferenceModel:
             metrics.get("loss", float("nan")),
             out,
         )
-        return FitReport(str(out), metrics)
+        # the training loss per logged step: the manifest's history, the report's curve
+        history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
+        return FitReport(str(out), metrics, history=history)
 
     def _train(self, labelled: list[LabelledComparison]) -> dict[str, float]:
         cfg = self.config

@@ -29,6 +29,7 @@ from caikit_core.errors import CaikitError, PluginError
 from caikit_core.interfaces import PreferenceModel, RolloutGenerator
 from caikit_core.records import Conversation, Message, Prompt, Sample
 from caikit_core.training.metrics import checked_scores
+from caikit_core.training.settings import REPORT_PACKAGES
 from caikit_torch.config import TorchOptimiserConfig
 
 __all__ = [
@@ -207,10 +208,16 @@ def trainer_defaults(
     total: int = 100,
     logging_steps: int | None = None,
     checkpointing: bool = False,
+    report_to: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The TrainingArguments every caikit trainer shares: seeded, offline, nothing saved
-    by the trainer itself (caikit saves the checkpoint), no hub, no reporting, no tqdm;
-    ``checkpointing`` recomputes activations in the backward pass."""
+    by the trainer itself (caikit saves the checkpoint), no hub, no tqdm;
+    ``checkpointing`` recomputes activations in the backward pass. Reporting goes to
+    ``report_to`` only (none by default); TensorBoard through
+    :func:`add_report_callbacks`, which picks its folder (the trainer's own default is
+    inside its scratch ``output_dir``, which is deleted)."""
+    others = [t for t in report_targets(report_to) if t != "tensorboard"]
+    reporting: dict[str, Any] = {"report_to": others or "none"}
     return {
         checkpointing_argument(): checkpointing,
         "bf16": bf16,
@@ -221,11 +228,50 @@ def trainer_defaults(
         "logging_steps": logging_steps if logging_steps is not None else max(1, total // 100),
         "save_strategy": "no",
         "eval_strategy": "no",
-        "report_to": "none",
         "push_to_hub": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        **reporting,
     }
+
+
+#: other packages that serve a ``report_to`` target as well (transformers' own rule)
+_ALSO_SERVES = {"tensorboard": ("tensorboardX",)}
+
+
+def report_targets(targets: Sequence[str]) -> list[str]:
+    """``targets`` (a validated ``report_to``), once each target's package is
+    importable; else a :class:`PluginError` naming the missing package."""
+    import importlib.util
+
+    missing = [
+        f"{t} needs the {REPORT_PACKAGES[t]!r} package (pip install {REPORT_PACKAGES[t]})"
+        for t in targets
+        if all(
+            importlib.util.find_spec(name) is None
+            for name in (REPORT_PACKAGES[t], *_ALSO_SERVES.get(t, ()))
+        )
+    ]
+    if missing:
+        raise PluginError(f"{WHO}: report_to = {list(targets)!r}: " + "; ".join(missing))
+    return list(targets)
+
+
+def add_report_callbacks(trainer: Any, report_to: Sequence[str], logs: Path) -> None:
+    """With ``"tensorboard"`` in ``report_to``: log ``trainer``'s metrics as TensorBoard
+    event files in ``logs`` (torch's SummaryWriter, else tensorboardX's)."""
+    if "tensorboard" not in report_targets(report_to):
+        return
+    import importlib
+
+    writer: Any
+    try:  # torch's needs the tensorboard package
+        writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter
+    except ImportError:
+        writer = importlib.import_module("tensorboardX").SummaryWriter
+    callback: Any = importlib.import_module("transformers.integrations").TensorBoardCallback
+    logs.mkdir(parents=True, exist_ok=True)
+    trainer.add_callback(callback(tb_writer=writer(log_dir=str(logs))))
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -31,6 +31,7 @@ from caikit_torch.common import (
     WHO,
     LossLog,
     RLRun,
+    add_report_callbacks,
     load_model,
     load_tokenizer,
     lora_config,
@@ -106,6 +107,7 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
                 device=run.device,
                 bf16=mixed_bf16,
                 total=total,
+                report_to=cfg.report_to,
             ),
         )
         trainer = DPOTrainer(
@@ -118,6 +120,7 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
             callbacks=[LossLog(total, "dpo")],
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        add_report_callbacks(trainer, cfg.report_to, run.out / "logs")
         prepared: Any = trainer.train_dataset  # TRL drops prompts that fill max_length
         kept = len(prepared)
         result = trainer.train()

@@ -40,6 +40,7 @@ from caikit_torch.common import (
     KLGuard,
     LossLog,
     RLRun,
+    add_report_callbacks,
     as_conversation,
     chat_turns,
     load_model,
@@ -217,6 +218,7 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
                 device=run.device,
                 bf16=mixed_bf16,
                 logging_steps=1,
+                report_to=cfg.report_to,
             ),
         )
         trainer = trainer_cls(
@@ -229,6 +231,7 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
             callbacks=[LossLog(total, cfg.algorithm), guard],
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        add_report_callbacks(trainer, cfg.report_to, run.out / "logs")
         result = trainer.train()
     run.history = [dict(entry) for entry in trainer.state.log_history]
     # Every optimiser step logs its loss; rewards come with each rollout only.

@@ -83,6 +83,7 @@ from caikit_core.training.metrics import (
 )
 from caikit_torch.common import (
     LossLog,
+    add_report_callbacks,
     policy_folder,
     precision,
     progress_bars,
@@ -250,7 +251,7 @@ class TorchPreferenceModel:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bars(log.isEnabledFor(logging.INFO)):
-            metrics = self._train(folder, train)
+            metrics = self._train(folder, train, out / "logs")
             self.save(out, base=str(folder))
             # Score with the weights as saved and as a later ``load`` gives them: the
             # trained tensors' memory alignment can change float32 results in the last bit.
@@ -269,10 +270,15 @@ class TorchPreferenceModel:
             f"{metrics['accuracy']:.3f}" if "accuracy" in metrics else "n/a",
             out,
         )
-        return FitReport(str(out), metrics)
+        # the training loss per logged step: the manifest's history, the report's curve
+        history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
+        return FitReport(str(out), metrics, history=history)
 
-    def _train(self, folder: Path, labelled: list[LabelledComparison]) -> dict[str, float]:
-        """Load the trunk, train, keep the model; returns the training metrics."""
+    def _train(
+        self, folder: Path, labelled: list[LabelledComparison], logs: Path
+    ) -> dict[str, float]:
+        """Load the trunk, train, keep the model; returns the training metrics
+        (TensorBoard's event files, with ``report_to``, go into ``logs``)."""
         cfg = self.config
         weights_dtype, mixed_bf16 = precision(cfg.dtype, self._device, _WHO)
         self._autocast = mixed_bf16
@@ -307,7 +313,11 @@ class TorchPreferenceModel:
                 per_device_train_batch_size=cfg.batch_size,
                 max_length=None,  # sequences are truncated above, never dropped
                 **trainer_defaults(
-                    seed=cfg.seed, device=self._device, bf16=mixed_bf16, total=total
+                    seed=cfg.seed,
+                    device=self._device,
+                    bf16=mixed_bf16,
+                    total=total,
+                    report_to=cfg.report_to,
                 ),
             )
             trainer = SoftRewardTrainer(
@@ -320,6 +330,7 @@ class TorchPreferenceModel:
                 comparison_ids=[lc.comparison.id for lc in labelled],
             )
             trainer.remove_callback(transformers.PrinterCallback)
+            add_report_callbacks(trainer, cfg.report_to, logs)
             result = trainer.train()
         self.losses = [
             (int(entry["step"]), float(entry["loss"]))

@@ -40,6 +40,7 @@ from caikit_core.training.data import SFTExamples
 from caikit_torch.common import (
     WHO,
     LossLog,
+    add_report_callbacks,
     load_model,
     load_tokenizer,
     lora_config,
@@ -102,6 +103,7 @@ def fine_tune(
                 device=device,
                 bf16=mixed_bf16,
                 total=total,
+                report_to=cfg.report_to,
             ),
         )
         trainer = SFTTrainer(
@@ -113,6 +115,7 @@ def fine_tune(
             callbacks=[LossLog(total)],
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        add_report_callbacks(trainer, cfg.report_to, out / "logs")
         result = trainer.train()
     losses = [
         (int(entry["step"]), float(entry["loss"]))

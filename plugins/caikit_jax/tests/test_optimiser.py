@@ -223,6 +223,8 @@ def test_pm_scores_agree_across_backends_both_ways(tiny: Path, tmp_path: Path) -
         JaxPreferenceConfig(max_steps=2, batch_size=4, max_length=128), str(tiny)
     )
     report = trained.fit(items, tmp_path / "jax-pm")
+    assert report.history == [{"step": float(s), "loss": x} for s, x in trained.losses]
+    assert [r["step"] for r in report.history] == [1.0, 2.0]  # its loss curve, per step
     assert json.loads((tmp_path / "jax-pm" / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"
     ]

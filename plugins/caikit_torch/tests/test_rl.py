@@ -328,6 +328,26 @@ def test_pm_eval_fraction_holds_out_by_id(base: Path, tmp_path: Path) -> None:
     assert {"eval_loss", "eval_calibration", "eval_brier"} <= set(report.metrics)
 
 
+def test_pm_reports_its_loss_per_step_as_history(base: Path, tmp_path: Path) -> None:
+    pm = TorchPreferenceModel(TorchPreferenceConfig(max_steps=2, **PM_FAST), str(base))
+    report = pm.fit(marker_set(8, 5, "h"), tmp_path / "o")
+    assert [row["step"] for row in report.history] == [1.0, 2.0]
+    assert [(int(r["step"]), r["loss"]) for r in report.history] == pm.losses
+    assert all(math.isfinite(r["loss"]) for r in report.history)
+
+
+def test_pm_report_to_tensorboard_writes_event_files_into_the_checkpoint(
+    base: Path, tmp_path: Path
+) -> None:
+    if not any(importlib.util.find_spec(n) for n in ("tensorboard", "tensorboardX")):
+        pytest.skip("neither tensorboard nor tensorboardX is installed")
+    config = TorchPreferenceConfig(max_steps=2, report_to=("tensorboard",), **PM_FAST)
+    TorchPreferenceModel(config, str(base)).fit(marker_set(8, 6, "t"), tmp_path / "o")
+    events = list((tmp_path / "o" / "logs").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert b"loss" in events[0].read_bytes()  # the logged training loss
+
+
 def test_pm_non_finite_loss_stops_naming_the_batch(base: Path, tmp_path: Path) -> None:
     items = marker_set(4, seed=4, tag="n")
     items[2] = labelled("bad-one", items[2].comparison.messages, "x", "y", float("nan"))

@@ -1,0 +1,1 @@
+"""caikit's bundled run report: ``caikit report RUN_DIR`` (see :mod:`caikit_report.plugin`)."""
