@@ -76,10 +76,12 @@ test-vllm: setup-vllm
 slow: setup
 	$(VENV)/bin/pytest -m slow
 
-# The README's main command: fetch the demo model, then run the quickstart.
+# The README's main command: fetch the demo model, run the quickstart (its last stage
+# evaluates the checkpoints), then write the run's HTML report and print its path.
 quickstart: setup
 	$(VENV)/bin/caikit models fetch smollm2-135m-instruct
 	$(VENV)/bin/caikit run examples/quickstart.toml
+	$(VENV)/bin/caikit report runs/quickstart
 
 # The same quickstart with the preference model and the policy optimiser on JAX: the
 # run file differs only in their two `plugin = "torch"` lines. Its output folder is the
