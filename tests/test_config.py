@@ -358,3 +358,38 @@ def test_rollouts_from_the_generator_need_both_capabilities(
     with pytest.raises(ConfigError) as err:
         load_run(path, manager.registry)  # type: ignore[attr-defined]
     assert any("rl.rollouts" in p and "'optimiser', 'generator'" in p for p in err.value.problems)
+
+
+def test_the_bundled_hf_and_torch_plugins_take_rollouts_from_the_generator(
+    tmp_path: Path,
+) -> None:
+    """The quickstart with rl.rollouts = "generator" loads with hf (and vllm) and torch;
+    the jax optimiser samples its own rollouts and is refused."""
+    from caikit_core.errors import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "quickstart.toml").read_text(encoding="utf-8")
+    text = text.replace('output_dir = "../runs/quickstart"', f'output_dir = "{tmp_path / "out"}"')
+    text = text.replace(
+        'prompts = "prompts.jsonl"', f'prompts = "{root / "examples" / "prompts.jsonl"}"'
+    )
+    path = tmp_path / "rollouts.toml"
+    for generator in ("hf", "vllm"):
+        body = text.replace('[generator]\nplugin = "hf"', f'[generator]\nplugin = "{generator}"')
+        path.write_text(body + '\n[rl]\nrollouts = "generator"\n', encoding="utf-8")
+        try:
+            run = load_run(path, get_registry())
+        except ConfigError as err:  # vllm where it is not installed: only its preflight
+            assert generator == "vllm", err.problems
+            assert [p.split(":")[0] for p in err.problems] == ["generator.plugin"]
+            continue
+        assert run.config.rl.rollouts == "generator"
+    jax = text.replace('[policy_optimiser]\nplugin = "torch"', '[policy_optimiser]\nplugin = "jax"')
+    path.write_text(jax + '\n[rl]\nrollouts = "generator"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_run(path, get_registry())
+    assert err.value.problems == [
+        "rl.rollouts: 'generator' needs a policy optimiser that takes rollouts from a "
+        "generator ('generator-rollouts' capability); 'jax' samples its own: set "
+        'rl.rollouts = "optimiser"'
+    ]

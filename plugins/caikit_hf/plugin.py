@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from caikit_core.hookspecs import Register, RegisterCommand, hookimpl
-from caikit_core.interfaces import CAN_SCORE, SEEDED
+from caikit_core.interfaces import CAN_SCORE, ROLLOUTS, SEEDED
 from caikit_hf.config import DTYPES, TRUNCATION_POLICIES, HFGeneratorConfig
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def register_generators(register: Register) -> None:
         "hf",
         build_generator,
         config=HFGeneratorConfig,
-        capabilities={CAN_SCORE, SEEDED},
+        capabilities={CAN_SCORE, ROLLOUTS, SEEDED},
         description="Hugging Face transformers causal LM (local folder or hub id), in-process",
         check_settings={"device": "cpu"},
     )

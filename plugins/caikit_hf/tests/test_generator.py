@@ -202,8 +202,12 @@ def test_config_defaults() -> None:
 
 
 def test_satisfies_generator_protocol(gen: HFGenerator) -> None:
-    assert isinstance(gen, Generator)
-    assert gen.capabilities == frozenset({"score", "seeded"})
+    from caikit_core.interfaces import RolloutGenerator
+    from caikit_core.plugins import get_registry
+
+    assert isinstance(gen, Generator) and isinstance(gen, RolloutGenerator)
+    assert gen.capabilities == frozenset({"score", "seeded", "rollouts"})
+    assert get_registry().get("generator", "hf").capabilities == gen.capabilities
     assert gen.dtype == torch.float32
 
 
