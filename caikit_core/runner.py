@@ -160,6 +160,8 @@ class Runner:
         input_fp, config_fp, fp = self._fingerprints(stage)
         path = self.store.stage_dir(stage.name, fp)
         existing = self.store.read_manifest(stage.name, fp)
+        if existing is None:
+            self._note_other_results(stage, fp)
         if stage.kind == "fit":
             artifact = self.store.artifact_dir(stage.name, fp)
             if existing is not None and existing.complete and artifact.is_dir():
@@ -175,6 +177,19 @@ class Runner:
             return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
         manifest = existing or self._manifest(stage, fp, input_fp, config_fp)
         return self._run_shards(stage, fp, manifest)
+
+    def _note_other_results(self, stage: Stage, fp: str) -> None:
+        """Say so when a stage computes anew beside results made with other fingerprints."""
+        folder = self.store.stage_dir(stage.name, fp)
+        manifests = folder.parent.glob("*/manifest.json") if folder.parent.is_dir() else []
+        others = sorted(m.parent.name for m in manifests if m.parent != folder)
+        if others:
+            log.info(
+                "%s: computing into %s; the %d other result(s) in %s (%s) are kept but not "
+                "reused: their settings, inputs or models differ (model folders are "
+                "fingerprinted by content, see docs/reliability.md)",
+                stage.name, folder.name, len(others), folder.parent, ", ".join(others[:4]),
+            )  # fmt: skip
 
     def _run_shards(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         """Write a source or map stage's shards, continuing from those already complete."""

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +38,9 @@ import pyarrow.parquet as pq
 
 from caikit_core.converter import converter
 from caikit_core.errors import FingerprintError, StoreError
+from caikit_core.hashing import file_sha256
+
+log = logging.getLogger("caikit.store")
 
 FINGERPRINT_LENGTH = 16
 
@@ -68,17 +72,65 @@ def file_digest(path: Path, *, what: str) -> str:
 
 
 def model_fingerprint(model: str) -> Any:
-    """What identifies a model: a local folder by its file names and sizes, else its id."""
+    """What identifies a model.
+
+    - a local folder: the sha256 of each of its files (weights, config, tokenizer),
+      by relative path; files and folders whose name starts with ``.`` are left out.
+      Hashes are cached by path, size, mtime, ctime and inode
+      (:mod:`caikit_core.hashing`), so a rerun does not read the weights again;
+    - a hub id found in the local Hugging Face cache: the id and the commit its
+      ``refs/main`` names;
+    - any other id: the id alone (logged once), as caikit 0.1.0 did.
+    """
     path = Path(model)
     if not path.is_dir():
-        return {"id": model}
+        revision = hub_revision(model)
+        if revision is None:
+            if model not in _ID_ONLY:
+                _ID_ONLY.add(model)
+                log.info(
+                    "model %r is neither a folder nor in the local Hugging Face cache: "
+                    "fingerprinted by its name alone",
+                    model,
+                )
+            return {"id": model}
+        return {"id": model, "revision": revision}
     try:
         files = sorted(
-            (str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
+        digests = file_sha256(files)
     except OSError as exc:
         raise FingerprintError(f"cannot fingerprint model folder {path}: {exc}") from exc
-    return {"files": files}
+    return {"sha256": {str(p.relative_to(path)): d for p, d in zip(files, digests, strict=True)}}
+
+
+_ID_ONLY: set[str] = set()
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "huggingface"
+    return base / "hub"
+
+
+def hub_revision(model: str) -> str | None:
+    """The commit the local hub cache's ``refs/main`` names for ``model``, if any."""
+    if not model or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return None
+    ref = hub_cache_dir() / f"models--{model.replace('/', '--')}" / "refs" / "main"
+    try:
+        text = ref.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    ok = len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+    return text if ok else None
 
 
 @attrs.frozen
