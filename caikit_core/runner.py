@@ -173,8 +173,15 @@ class Runner:
                 )  # fmt: skip
             return self._run_fit(stage, fp, self._manifest(stage, fp, input_fp, config_fp))
         if existing is not None and existing.complete:
-            log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
-            return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+            damaged = self.store.damaged_shards(existing)
+            if not damaged:
+                log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
+                return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+            for index, why in sorted(damaged.items()):
+                log.warning(
+                    "%s: shard %d of a complete stage is %s: recomputing it", stage.name, index, why
+                )
+            existing.complete = False
         manifest = existing or self._manifest(stage, fp, input_fp, config_fp)
         return self._run_shards(stage, fp, manifest)
 
@@ -396,8 +403,11 @@ class _ShardWriter:
         table = to_arrow(rows, self.stage.record_type)
         file = self.store.write_shard(self.stage.name, self.fp, index, table)
         now = time.perf_counter()
+        digest = self.store.shard_digest(self.stage.name, self.fp, file)
         self.manifest.shards.append(
-            ShardInfo(index, file, table.num_rows, len(self.shards[index]), now - self.started)
+            ShardInfo(
+                index, file, table.num_rows, len(self.shards[index]), now - self.started, digest
+            )
         )
         self.manifest.shards.sort(key=lambda s: s.index)
         self.started = now

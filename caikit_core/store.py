@@ -142,6 +142,8 @@ class ShardInfo:
     rows: int
     input_rows: int
     seconds: float
+    #: the file's sha256 when it was written (``None`` in manifests of caikit 0.1.0)
+    sha256: str | None = None
 
 
 @attrs.define
@@ -261,9 +263,41 @@ class RunStore:
         atomic_write_json(folder / "manifest.json", data)
 
     def complete_shards(self, manifest: StageManifest) -> dict[int, ShardInfo]:
-        """Shards listed in the manifest whose files are present."""
+        """Shards listed in the manifest whose files are present and intact
+        (see :meth:`damaged_shards`)."""
+        bad = self.damaged_shards(manifest)
+        return {s.index: s for s in manifest.shards if s.index not in bad}
+
+    def damaged_shards(self, manifest: StageManifest) -> dict[int, str]:
+        """Why each shard of the manifest cannot be used, by index: its file is missing,
+        its sha256 differs from the one recorded when it was written, or (in manifests
+        without checksums) its row count differs from the manifest's; and, in a complete
+        manifest, shards it does not list at all."""
         folder = self.stage_dir(manifest.stage, manifest.fingerprint)
-        return {s.index: s for s in manifest.shards if (folder / s.file).is_file()}
+        bad: dict[int, str] = {}
+        for shard in manifest.shards:
+            path = folder / shard.file
+            if not path.is_file():
+                bad[shard.index] = f"missing ({path.name})"
+                continue
+            try:
+                if shard.sha256 is not None:
+                    if file_digest(path, what="a shard") != shard.sha256:
+                        bad[shard.index] = f"damaged ({path.name}: its sha256 changed)"
+                elif (rows := pq.read_metadata(path).num_rows) != shard.rows:
+                    bad[shard.index] = f"damaged ({path.name}: {rows} rows, not {shard.rows})"
+            except (OSError, pa.ArrowInvalid, FingerprintError) as exc:
+                bad[shard.index] = f"unreadable ({path.name}: {exc})"
+        if manifest.complete and manifest.total_shards is not None:
+            listed = {s.index for s in manifest.shards}
+            for index in range(manifest.total_shards):
+                if index not in listed:
+                    bad[index] = "not listed in the manifest"
+        return bad
+
+    def shard_digest(self, stage: str, fp: str, file: str) -> str:
+        """The sha256 of a shard file (recorded in its :class:`ShardInfo`)."""
+        return file_digest(self.stage_dir(stage, fp) / file, what="a shard")
 
     def write_shard(self, stage: str, fp: str, index: int, table: pa.Table) -> str:
         """Write one shard atomically; returns its file name."""

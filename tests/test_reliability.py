@@ -4,20 +4,26 @@ each guarantee and the test here that proves it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import save_file
 
 from caikit_core import hashing
+from caikit_core.cli import main
 from caikit_core.config import load_run
 from caikit_core.plugins import get_registry
+from caikit_core.records import from_arrow, to_dict
 from caikit_core.runner import Runner
-from caikit_core.store import model_fingerprint
+from caikit_core.stages import STAGES
+from caikit_core.store import RunStore, model_fingerprint
 
 
 def _run(path: Path) -> object:
@@ -134,3 +140,92 @@ def test_a_hub_id_is_fingerprinted_by_its_cached_revision(
     assert model_fingerprint("org/model") == {"id": "org/model", "revision": "a" * 40}
     ref.write_text("b" * 40)  # a newer revision was downloaded
     assert model_fingerprint("org/model") == {"id": "org/model", "revision": "b" * 40}
+
+
+# --- 2. complete stages' shards are verified on reuse ---------------------------------
+
+
+def _records(run_dir: Path, stage: str) -> list[dict[str, object]]:
+    info = json.loads((run_dir / "run.json").read_text())
+    store = RunStore(run_dir)
+    cls: Any = STAGES[stage].record_type
+    assert cls is not None
+    return [
+        json.loads(json.dumps(to_dict(r)).replace(str(run_dir), "RUN"))
+        for path in store.shard_paths(stage, info["stages"][stage])
+        for r in from_arrow(pq.read_table(path), cls)
+    ]
+
+
+def _files(folder: Path) -> dict[str, tuple[int, str]]:
+    return {
+        p.name: (p.stat().st_ino, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.glob("shard-*.parquet"))
+    }
+
+
+def _revisions_dir(run_dir: Path) -> Path:
+    (folder,) = (run_dir / "stages" / "revisions").iterdir()
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_a_missing_or_damaged_shard_of_a_complete_stage_is_recomputed_on_resume(
+    tmp_path: Path, echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "prompts.txt").write_bytes((echo_run.parent / "prompts.txt").read_bytes())
+    (reference / "run.toml").write_bytes(echo_run.read_bytes())
+    assert main(["run", str(reference / "run.toml"), "--quiet"]) == 0
+    out = echo_run.parent / "out"
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    folder = _revisions_dir(out)
+    before = _files(folder)
+    assert len(before) == 3
+    shard = folder / "shard-00001.parquet"
+    if damage == "delete":
+        shard.unlink()
+    else:  # same size, other bytes: only a checksum notices
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    # export and resume agree: the stage is incomplete, and resume repairs it
+    export = ["export", str(out), "--out", str(tmp_path / "cai.jsonl"), "--format", "jsonl"]
+    assert main(export) == 2
+    err = capsys.readouterr().err
+    assert "stage 'revisions' is incomplete (2 of 3 shards)" in err and "--resume" in err
+    assert main(["run", "--resume", str(out), "--show-traces", "0"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "revisions: shard 1 of a complete stage is " in err
+    assert "revisions: resuming, 2 of 3 shards already complete" in err
+    after = _files(folder)
+    assert after.keys() == before.keys()
+    for name in ("shard-00000.parquet", "shard-00002.parquet"):
+        assert after[name] == before[name], name  # not rewritten
+    assert after["shard-00001.parquet"][1] == before["shard-00001.parquet"][1]  # recomputed
+    for stage in ("revisions", "pairs", "labels"):
+        assert _records(out, stage) == _records(reference / "out", stage), stage
+    assert main(export) == 0
+
+
+def test_a_shard_of_an_old_manifest_without_checksums_is_checked_by_its_row_count(
+    echo_run: Path, with_echo: Path
+) -> None:
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    folder = _revisions_dir(echo_run.parent / "out")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["sha256"]  # as caikit 0.1.0 wrote them
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    store = RunStore(echo_run.parent / "out")
+    old = store.read_manifest("revisions", manifest["fingerprint"])
+    assert old is not None and store.damaged_shards(old) == {}
+    # shard 2 (3 rows) copied over shard 1 (4 rows)
+    (folder / "shard-00001.parquet").write_bytes((folder / "shard-00002.parquet").read_bytes())
+    assert store.damaged_shards(old) == {1: "damaged (shard-00001.parquet: 3 rows, not 4)"}
+    summary = Runner(load_run(echo_run, get_registry())).execute()
+    assert _status(summary)["revisions"] == "resumed"
+    assert pq.read_metadata(folder / "shard-00001.parquet").num_rows == 4
