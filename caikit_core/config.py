@@ -1,4 +1,5 @@
-"""Run files: TOML (tomllib) or YAML (``yaml.safe_load`` only), validated strictly.
+"""Run files: TOML (tomllib) or YAML (:func:`caikit_core.safe_yaml.load`: the safe
+loader, with alias-expanded documents bounded), validated strictly.
 
 A run file names one plugin per role, in a table whose ``plugin`` key is the
 registered name and whose other keys are that plugin's own settings::
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 
-from caikit_core import validators
+from caikit_core import safe_yaml, validators
 from caikit_core.converter import converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.interfaces import (
@@ -244,7 +245,7 @@ def read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     elif suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = safe_yaml.load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(source, [f"invalid YAML: {_yaml_message(exc)}"]) from None
         if data is None:

@@ -229,3 +229,89 @@ def test_a_shard_of_an_old_manifest_without_checksums_is_checked_by_its_row_coun
     summary = Runner(load_run(echo_run, get_registry())).execute()
     assert _status(summary)["revisions"] == "resumed"
     assert pq.read_metadata(folder / "shard-00001.parquet").num_rows == 4
+
+
+# --- 3. YAML alias bombs -----------------------------------------------------------------
+
+
+def _alias_bomb(key: str = "output_dir") -> str:
+    """Nine levels of nine aliases: 9**9 (387 million) strings once expanded."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 9):
+        refs = ",".join([f"*a{level - 1}"] * 9)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    lines.append(f"{key}: *a8")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(), encoding="utf-8")
+    assert len(path.read_bytes()) < 600
+    started = time.perf_counter()
+    assert main(["run", str(path)]) == 2
+    assert time.perf_counter() - started < 5
+    err = capsys.readouterr().err
+    assert f"error: {path}: 1 config problem:" in err
+    assert "invalid YAML: aliases expand the document to more than 100000 values" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_constitution_alias_bomb_is_refused(tmp_path: Path) -> None:
+    from caikit_core.constitutions import load_constitution
+    from caikit_core.errors import ConstitutionError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(_alias_bomb("critique_revision"), encoding="utf-8")
+    started = time.perf_counter()
+    with pytest.raises(ConstitutionError, match="aliases expand the document") as info:
+        load_constitution(str(path), "caikit")
+    assert time.perf_counter() - started < 5
+    assert str(path) in str(info.value)
+
+
+def test_a_recursive_yaml_alias_is_refused(tmp_path: Path) -> None:
+    from caikit_core.config import read_file
+    from caikit_core.errors import ConfigError
+
+    path = tmp_path / "loop.yaml"
+    path.write_text("output_dir: &x [*x]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="an alias refers to the value it is inside"):
+        read_file(path)
+
+
+def test_error_messages_render_huge_values_in_bounded_time() -> None:
+    from caikit_core.converter import show
+
+    row = ["lol"] * 9
+    value: Any = row
+    for _ in range(8):
+        value = [value] * 9  # shared, as an alias bomb's lists are: 9**9 strings
+    started = time.perf_counter()
+    text = show(value)
+    assert time.perf_counter() - started < 0.5
+    assert text.endswith("(list)") and len(text) < 80
+    assert len(show({"k": "v" * 10_000, "j": list(range(10_000))})) < 80
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("output_dir: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        ("seed: " + "9" * 5000 + "\n", "a value cannot be read"),
+    ],
+)
+def test_yaml_that_python_cannot_build_is_a_config_error(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    from caikit_core.config import read_file
+    from caikit_core.errors import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=problem) as info:
+        read_file(path)
+    assert info.value.source == str(path)
