@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import save_file
 
-from caikit_core import hashing
+from caikit_core import hashing, validators
 from caikit_core.cli import main
 from caikit_core.config import load_run
+from caikit_core.converter import InvalidValue
 from caikit_core.plugins import get_registry
 from caikit_core.records import from_arrow, to_dict
 from caikit_core.runner import Runner
@@ -315,3 +318,70 @@ def test_yaml_that_python_cannot_build_is_a_config_error(
     with pytest.raises(ConfigError, match=problem) as info:
         read_file(path)
     assert info.value.source == str(path)
+
+
+# --- 4. NaN and infinities are refused by every numeric validator -----------------------
+
+NUMERIC_VALIDATORS: dict[str, Any] = {
+    "positive_number": validators.positive_number,
+    "non_negative_number": validators.non_negative_number,
+    "number_in(0, 1)": validators.number_in(0, 1),
+    "number_in(0, 1, low_open)": validators.number_in(0, 1, low_open=True),
+    "number_in(0, inf)": validators.number_in(0, math.inf),
+    "number_in(-inf, inf, open)": validators.number_in(
+        -math.inf, math.inf, low_open=True, high_open=True
+    ),
+    "optional(positive_number)": validators.optional(validators.positive_number),
+    "optional(non_negative_number)": validators.optional(validators.non_negative_number),
+    "positive_int": validators.positive_int,
+    "non_negative_int": validators.non_negative_int,
+    "int_at_least(2)": validators.int_at_least(2),
+    "integer": validators.integer,
+}
+
+
+def test_every_numeric_validator_is_tested() -> None:
+    numeric = {
+        name
+        for name in validators.__all__
+        if name not in {"NOT_FINITE", "Check", "boolean", "non_empty_string", "one_of", "optional"}
+    }
+    covered = {name.split("(")[0] for name in NUMERIC_VALIDATORS}
+    assert numeric <= covered, numeric - covered
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", list(NUMERIC_VALIDATORS))
+def test_numeric_validators_refuse_non_finite_values(name: str, value: float) -> None:
+    check = NUMERIC_VALIDATORS[name]
+    cls = attrs.make_class("C", {"rate": attrs.field(validator=check)})
+    with pytest.raises(InvalidValue) as info:
+        cls(value)
+    assert info.value.field == "rate"
+    assert str(info.value) == f"expected {check.what}, found {value!r}{validators.NOT_FINITE}"
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "key"),
+    [
+        ("sl.sampling", "temperature = nan", "sl.sampling.temperature"),
+        ("sl.sampling", "temperature = inf", "sl.sampling.temperature"),
+        ("rl.sampling", "top_p = nan", "rl.sampling.top_p"),
+    ],
+)
+def test_a_non_finite_number_in_a_run_file_is_refused_naming_its_key(
+    echo_run: Path,
+    with_echo: Path,
+    capsys: pytest.CaptureFixture[str],
+    table: str,
+    line: str,
+    key: str,
+) -> None:
+    echo_run.write_text(echo_run.read_text() + f"\n[{table}]\n{line}\n")
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    value = line.split(" = ")[1]
+    assert f"error: {echo_run}: 1 config problem:\n  {key}: expected " in err
+    assert f", found {value} (NaN and infinities are refused)\n" in err
+    assert "Traceback" not in err
+    assert not (echo_run.parent / "out").exists()
