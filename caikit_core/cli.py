@@ -20,7 +20,9 @@ from caikit_core.errors import CaikitError, PluginError, StoreError
 from caikit_core.hookspecs import CommandHandler, RegisterCommand
 
 if TYPE_CHECKING:
+    from caikit_core.config import ResolvedRun
     from caikit_core.plugins import PluginManager
+    from caikit_core.store import RunStore
 
 EXIT_BAD_INPUT = 2
 
@@ -116,7 +118,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from caikit_core.config import check_run_data, read_file
     from caikit_core.plugins import get_registry
-    from caikit_core.runner import Runner
     from caikit_core.store import RunStore
 
     registry = get_registry()
@@ -124,35 +125,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config is not None:
             raise CaikitError("caikit run: give a run file or --resume RUN_DIR, not both")
         store = RunStore(Path(args.resume).resolve())
-        info = store.read_run()
-        if not isinstance(info.get("config"), dict) or not isinstance(info.get("base_dir"), str):
-            raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
-        source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
-        run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
-        if run.output_path() != store.root:
-            # the run directory was moved: keep working where it is now
-            log.info("run directory moved from %s to %s", run.output_path(), store.root)
-    else:
-        if args.config is None:
-            raise CaikitError("caikit run: give a run file, or --resume RUN_DIR")
-        path = Path(args.config)
-        raw = read_file(path)
-        run = check_run_data(raw, str(path), registry, path.resolve().parent)
-        store = RunStore(run.output_path())
-        try:
-            recorded = json.loads(json.dumps(raw, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
-        with store.lock():
-            info = store.read_run() if store.exists() else {}
-            info.update(
-                {
-                    "config": recorded,
-                    "config_source": str(path.resolve()),
-                    "base_dir": str(run.base_dir),
-                }
-            )
-            store.write_run(info)
+        store.read_run()  # not a run directory: say so before creating a lock file in it
+        with store.lock():  # one lock from reading the recorded run file to the end
+            info = store.read_run()
+            if not isinstance(info.get("config"), dict) or not isinstance(
+                info.get("base_dir"), str
+            ):
+                raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
+            source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
+            run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+            if run.output_path() != store.root:
+                # the run directory was moved: keep working where it is now
+                log.info("run directory moved from %s to %s", run.output_path(), store.root)
+            return _execute(run, store, args)
+    if args.config is None:
+        raise CaikitError("caikit run: give a run file, or --resume RUN_DIR")
+    path = Path(args.config)
+    raw = read_file(path)
+    run = check_run_data(raw, str(path), registry, path.resolve().parent)
+    store = RunStore(run.output_path())
+    try:
+        recorded = json.loads(json.dumps(raw, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
+    with store.lock():  # one lock from recording the run file to the end of the run
+        info = store.read_run() if store.exists() else {}
+        info.update(
+            {
+                "config": recorded,
+                "config_source": str(path.resolve()),
+                "base_dir": str(run.base_dir),
+            }
+        )
+        store.write_run(info)
+        return _execute(run, store, args)
+
+
+def _execute(run: ResolvedRun, store: RunStore, args: argparse.Namespace) -> int:
+    """Run the stages (the caller holds the run directory's lock) and print the summary."""
+    from caikit_core.runner import Runner
+
     log.info("run directory: %s", store.root)
     summary = Runner(run, store=store).execute()
     _print_summary(summary, args.show_traces)

@@ -197,6 +197,7 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._held = 0
 
     # whole run -------------------------------------------------------------------
     @property
@@ -223,7 +224,20 @@ class RunStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the run directory (released if the process dies)."""
+        """Hold an exclusive lock on the run directory (released if the process dies).
+
+        Re-entrant within one :class:`RunStore`: ``caikit run`` takes it before it
+        records the run file and the runner takes it again inside, so the directory
+        is never unlocked between the two. Another ``RunStore`` (another process) is
+        refused while it is held.
+        """
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fh = (self.root / ".lock").open("a+")
         try:
@@ -233,7 +247,11 @@ class RunStore:
                 raise StoreError(
                     f"{self.root}: another caikit process is working on this run"
                 ) from None
-            yield
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
         finally:
             fh.close()
 

@@ -27,6 +27,7 @@ from caikit_core.records import from_arrow, to_dict
 from caikit_core.runner import Runner
 from caikit_core.stages import STAGES
 from caikit_core.store import RunStore, model_fingerprint
+from tests.conftest import run_cli
 
 
 def _run(path: Path) -> object:
@@ -385,3 +386,55 @@ def test_a_non_finite_number_in_a_run_file_is_refused_naming_its_key(
     assert f", found {value} (NaN and infinities are refused)\n" in err
     assert "Traceback" not in err
     assert not (echo_run.parent / "out").exists()
+
+
+# --- 5. one lock from recording the run file to the end of the run ----------------------
+
+
+def test_a_second_run_is_refused_between_recording_and_running(
+    echo_run: Path, with_echo: Path, echo_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first ``caikit run`` has recorded its run file in run.json and is about to run
+    the stages; a second ``caikit run`` of another run file with the same output_dir,
+    a real process started at exactly that moment, is refused and changes nothing."""
+    other = echo_run.parent / "other.toml"
+    other.write_text(echo_run.read_text().replace("seed = 3", "seed = 4"), encoding="utf-8")
+    run_json = echo_run.parent / "out" / "run.json"
+    seen: dict[str, Any] = {}
+    execute = Runner.execute
+
+    def second_run_first(self: Runner) -> Any:
+        seen["recorded"] = run_json.read_bytes()
+        seen["second"] = run_cli("run", str(other), pythonpath=[echo_site])
+        seen["after"] = run_json.read_bytes()
+        return execute(self)
+
+    monkeypatch.setattr(Runner, "execute", second_run_first)
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    second = seen["second"]
+    assert second.returncode == 2, second.stderr
+    assert "another caikit process is working on this run" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert seen["after"] == seen["recorded"]  # the second run wrote nothing
+    info = json.loads(run_json.read_text())
+    assert info["config"]["seed"] == 3 and info["config_source"] == str(echo_run)
+    assert len(list((run_json.parent / "stages" / "responses").iterdir())) == 1  # seed 3 only
+
+
+def test_resume_holds_the_lock_while_it_reads_the_recorded_run_file(
+    echo_run: Path, with_echo: Path
+) -> None:
+    from caikit_core.errors import StoreError
+
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    store = RunStore(echo_run.parent / "out")
+    with store.lock():
+        assert main(["run", "--resume", str(store.root), "--quiet"]) == 2
+    with store.lock(), store.lock():  # re-entrant within one RunStore
+        pass
+    with (
+        RunStore(store.root).lock(),
+        pytest.raises(StoreError, match="another caikit"),
+        RunStore(store.root).lock(),
+    ):
+        pass
