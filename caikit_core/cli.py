@@ -150,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
     with store.lock():  # one lock from recording the run file to the end of the run
         info = store.read_run() if store.exists() else {}
+        if info and not args.new_run:
+            _check_same_run_file(info, path, store)
         info.update(
             {
                 "config": recorded,
@@ -159,6 +161,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         store.write_run(info)
         return _execute(run, store, args)
+
+
+def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:
+    """Refuse a run directory whose run.json records another run file.
+
+    The same run file is the same path (its settings may have changed), or one at the
+    same place relative to the run directory as the recorded one (a folder moved or
+    copied together with its run file).
+    """
+    import os
+
+    from caikit_core.config import resolve_path
+
+    source = info.get("config_source")
+    here = path.resolve()
+    if not isinstance(source, str) or Path(source) == here:
+        return
+    config, base = info.get("config"), info.get("base_dir")
+    if isinstance(config, dict) and isinstance(base, str):
+        recorded_dir = resolve_path(Path(base), str(config.get("output_dir", "")))
+        if os.path.relpath(source, recorded_dir) == os.path.relpath(here, store.root):
+            return
+    raise CaikitError(
+        f"{store.root} holds the run of {source}, not of {here}; give --new-run to "
+        f"record {path} there instead (results already there are kept, and reused where "
+        "fingerprints match), or choose another output_dir"
+    )
 
 
 def _execute(run: ResolvedRun, store: RunStore, args: argparse.Namespace) -> int:
@@ -336,6 +365,11 @@ def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParse
     p = sub.add_parser("run", parents=[common], help="run the stages of a run file")
     p.add_argument("config", nargs="?", help="run file (.toml, .yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="record this run file in an output_dir whose run.json names another one",
+    )
     p.add_argument(
         "--show-traces", type=int, default=2, metavar="N", help="print N revision traces at the end"
     )

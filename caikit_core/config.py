@@ -118,7 +118,10 @@ class RLConfig:
 class RunConfig:
     """A whole run file (see ``docs/config.md``)."""
 
-    output_dir: str
+    output_dir: str = attrs.field(validator=validators.Check(
+        'a folder (an empty path would put the run into the run file\'s own folder; '
+        'write "." to mean that)', lambda v: isinstance(v, str) and bool(v.strip())
+    ))  # fmt: skip
     models: ModelsConfig
     data: DataConfig
     phases: tuple[Phase, ...] = ("sl",)

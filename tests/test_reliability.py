@@ -438,3 +438,47 @@ def test_resume_holds_the_lock_while_it_reads_the_recorded_run_file(
         RunStore(store.root).lock(),
     ):
         pass
+
+
+# --- 6. where a run is written ----------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_empty_output_dir_is_refused(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    echo_run.write_text(echo_run.read_text().replace('output_dir = "out"', 'output_dir = ""'))
+    before = _snapshot(echo_run.parent)
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {echo_run}: 1 config problem:\n  output_dir: expected a folder" in err
+    assert "Traceback" not in err
+    assert _snapshot(echo_run.parent) == before  # no run.json, .lock or stages/ beside it
+
+
+def test_a_run_directory_of_another_run_file_is_refused_unless_new_run(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = echo_run.parent / "other.toml"
+    other.write_text(echo_run.read_text().replace("seed = 3", "seed = 4"), encoding="utf-8")
+    out = echo_run.parent / "out"
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    assert main(["run", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out} holds the run of {echo_run}, not of {other}" in err
+    assert "--new-run" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+    # the same run file, edited: still its run
+    echo_run.write_text(echo_run.read_text().replace("revisions = 2", "revisions = 1"))
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+
+    assert main(["run", str(other), "--new-run", "--quiet"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["config_source"] == str(other) and info["config"]["seed"] == 4
