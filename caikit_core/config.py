@@ -20,6 +20,7 @@ file's problems are reported together in one :class:`ConfigError`.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -411,7 +412,31 @@ def check_run_data(
             if isinstance(raw, Mapping) and isinstance(raw.get("plugin"), str):
                 _resolve_role(role, _role_hook(raw, RoleConfig), registry, problems)
         raise ConfigError(source, problems) from None
-    return resolve(config, registry, source=source, base_dir=base_dir)
+    resolved = resolve(config, registry, source=source, base_dir=base_dir)
+    non_finite = [
+        f"{key}: found {value!r}; a run file cannot hold NaN or infinities (they cannot be "
+        "recorded in run.json or fingerprinted)"
+        for key, value in non_finite_values(data)
+    ]
+    if non_finite:
+        raise ConfigError(source, non_finite)
+    return resolved
+
+
+def non_finite_values(data: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every NaN or infinity in plain data, with its key path (``generator.delay``)."""
+    found: list[tuple[str, float]] = []
+    stack: list[tuple[str, Any]] = [(path, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((where or "(top level)", value))
+        elif isinstance(value, Mapping):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+            stack.extend(reversed(items))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+    return found
 
 
 def load_run(path: str | Path, registry: Registry) -> ResolvedRun:

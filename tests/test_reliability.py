@@ -482,3 +482,21 @@ def test_a_run_directory_of_another_run_file_is_refused_unless_new_run(
     assert main(["run", str(other), "--new-run", "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["config_source"] == str(other) and info["config"]["seed"] == 4
+
+
+# --- 7. recording, temporary files, run.json after a failure ----------------------------
+
+
+def test_a_non_finite_plugin_setting_is_refused_naming_its_key(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The echo generator's ``delay`` has no validator: the run file is still refused,
+    at the key, before anything is written (it cannot be recorded or fingerprinted)."""
+    echo_run.write_text(
+        echo_run.read_text().replace('plugin = "echo"', 'plugin = "echo"\ndelay = nan')
+    )
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {echo_run}: 1 config problem:\n  generator.delay: found nan; a run file" in err
+    assert "Traceback" not in err
+    assert not (echo_run.parent / "out").exists()
