@@ -260,6 +260,7 @@ class Runner:
 
     def _run_fit(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         release_instances()  # free the generators' models before training
+        self.store.clean_temp_files(stage.name, fp)  # what a killed fit left (we hold the lock)
         started = time.perf_counter()
         with self.store.artifact_writer(stage.name, fp) as tmp:
             try:

@@ -500,3 +500,17 @@ def test_a_non_finite_plugin_setting_is_refused_naming_its_key(
     assert f"error: {echo_run}: 1 config problem:\n  generator.delay: found nan; a run file" in err
     assert "Traceback" not in err
     assert not (echo_run.parent / "out").exists()
+
+
+def test_stale_temporary_files_of_a_fit_stage_are_removed(echo_run: Path, with_echo: Path) -> None:
+    """A kill between a fit stage's artifact rename and its manifest rename leaves the
+    manifest's temporary file; the next run removes it (as it does for map stages)."""
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    (sft,) = (echo_run.parent / "out" / "stages" / "sft").iterdir()
+    manifest = (sft / "manifest.json").read_bytes()
+    (sft / "manifest.json").unlink()
+    (sft / ".manifest.json.tmp-999999").write_bytes(manifest)
+    (sft / ".artifact.tmp-999998").mkdir()
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    assert sorted(p.name for p in sft.iterdir() if p.name.startswith(".")) == []
+    assert (sft / "manifest.json").is_file()
