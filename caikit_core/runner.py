@@ -84,19 +84,26 @@ class Runner:
         with self.store.lock():
             results = []
             try:
-                for name in stage_names(self.run.config):
+                names = stage_names(self.run.config)
+                for name in names:
                     results.append(self._execute(STAGES[name]()))
-                    self._write_run_info()
+                    self._write_run_info(final=name == names[-1])
             finally:
                 release_instances()
             return RunSummary(self.store.root, results, self.ctx)
 
-    def _write_run_info(self) -> None:
+    def _write_run_info(self, *, final: bool) -> None:
+        """Record the stages' fingerprints: until the last stage is done, those reached
+        are updated and the others kept (a failed run leaves the last complete results
+        named); at the end, exactly this run's stages."""
         info = self.store.read_run() if self.store.exists() else {}
+        before = info.get("stages")
+        stages = dict(before) if isinstance(before, dict) and not final else {}
+        stages.update(self.ctx.fingerprints)
         info.update(
             {
                 "caikit_version": __version__,
-                "stages": dict(self.ctx.fingerprints),
+                "stages": stages,
                 "updated_at": time.time(),
             }
         )

@@ -514,3 +514,26 @@ def test_stale_temporary_files_of_a_fit_stage_are_removed(echo_run: Path, with_e
     assert main(["run", str(echo_run), "--quiet"]) == 0
     assert sorted(p.name for p in sft.iterdir() if p.name.startswith(".")) == []
     assert (sft / "manifest.json").is_file()
+
+
+def test_a_failed_resume_keeps_the_stage_map_of_run_json(
+    echo_run: Path, with_echo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    out = echo_run.parent / "out"
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    (sft,) = (out / "stages" / "sft").iterdir()
+    (sft / "manifest.json").unlink()
+    monkeypatch.setenv("CAIKIT_ECHO_FAIL_SFT", "1")
+    with pytest.raises(RuntimeError, match="sft failed on purpose"):
+        main(["run", "--resume", str(out), "--quiet"])
+    assert json.loads((out / "run.json").read_text())["stages"] == stages
+    assert (
+        main(["export", str(out), "--out", str(tmp_path / "cai.jsonl"), "--format", "jsonl"]) == 0
+    )
+    # a successful run records exactly its own stages
+    monkeypatch.delenv("CAIKIT_ECHO_FAIL_SFT")
+    echo_run.write_text(echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]'))
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    now = json.loads((out / "run.json").read_text())["stages"]
+    assert sorted(now) == ["prompts", "responses", "revisions", "sft"]
