@@ -133,6 +133,32 @@ def test_a_corrupt_hash_cache_is_ignored_and_rewritten(
     assert len(entries) == 3
 
 
+def test_concurrent_writers_leave_a_valid_hash_cache(tmp_path: Path, hash_cache: Path) -> None:
+    """Eight writers storing at once: the file is always whole JSON (each replaces it
+    atomically), no temporary file is left, and at worst an entry is lost (a rehash)."""
+    import threading
+
+    file = hashing.cache_file()
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(25):
+                hashing._store(file, {f"k{n}-{i}": {"sha256": "0" * 64, "at": float(i)}})
+                json.loads(file.read_text())  # never half a file
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert 25 <= len(hashing._load(file)) <= 200
+    assert [p.name for p in hash_cache.iterdir()] == ["hashes.json"]
+
+
 def test_a_hub_id_is_fingerprinted_by_its_cached_revision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
