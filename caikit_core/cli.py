@@ -20,7 +20,9 @@ from caikit_core.errors import CaikitError, PluginError, StoreError
 from caikit_core.hookspecs import CommandHandler, RegisterCommand
 
 if TYPE_CHECKING:
+    from caikit_core.config import ResolvedRun
     from caikit_core.plugins import PluginManager
+    from caikit_core.store import RunStore
 
 EXIT_BAD_INPUT = 2
 
@@ -116,7 +118,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from caikit_core.config import check_run_data, read_file
     from caikit_core.plugins import get_registry
-    from caikit_core.runner import Runner
     from caikit_core.store import RunStore
 
     registry = get_registry()
@@ -124,35 +125,75 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config is not None:
             raise CaikitError("caikit run: give a run file or --resume RUN_DIR, not both")
         store = RunStore(Path(args.resume).resolve())
-        info = store.read_run()
-        if not isinstance(info.get("config"), dict) or not isinstance(info.get("base_dir"), str):
-            raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
-        source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
-        run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
-        if run.output_path() != store.root:
-            # the run directory was moved: keep working where it is now
-            log.info("run directory moved from %s to %s", run.output_path(), store.root)
-    else:
-        if args.config is None:
-            raise CaikitError("caikit run: give a run file, or --resume RUN_DIR")
-        path = Path(args.config)
-        raw = read_file(path)
-        run = check_run_data(raw, str(path), registry, path.resolve().parent)
-        store = RunStore(run.output_path())
-        try:
-            recorded = json.loads(json.dumps(raw, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
-        with store.lock():
-            info = store.read_run() if store.exists() else {}
-            info.update(
-                {
-                    "config": recorded,
-                    "config_source": str(path.resolve()),
-                    "base_dir": str(run.base_dir),
-                }
-            )
-            store.write_run(info)
+        store.read_run()  # not a run directory: say so before creating a lock file in it
+        with store.lock():  # one lock from reading the recorded run file to the end
+            info = store.read_run()
+            if not isinstance(info.get("config"), dict) or not isinstance(
+                info.get("base_dir"), str
+            ):
+                raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
+            source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
+            run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+            if run.output_path() != store.root:
+                # the run directory was moved: keep working where it is now
+                log.info("run directory moved from %s to %s", run.output_path(), store.root)
+            return _execute(run, store, args)
+    if args.config is None:
+        raise CaikitError("caikit run: give a run file, or --resume RUN_DIR")
+    path = Path(args.config)
+    raw = read_file(path)
+    run = check_run_data(raw, str(path), registry, path.resolve().parent)
+    store = RunStore(run.output_path())
+    try:
+        recorded = json.loads(json.dumps(raw, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
+    with store.lock():  # one lock from recording the run file to the end of the run
+        info = store.read_run() if store.exists() else {}
+        if info and not args.new_run:
+            _check_same_run_file(info, path, store)
+        info.update(
+            {
+                "config": recorded,
+                "config_source": str(path.resolve()),
+                "base_dir": str(run.base_dir),
+            }
+        )
+        store.write_run(info)
+        return _execute(run, store, args)
+
+
+def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:
+    """Refuse a run directory whose run.json records another run file.
+
+    The same run file is the same path (its settings may have changed), or one at the
+    same place relative to the run directory as the recorded one (a folder moved or
+    copied together with its run file).
+    """
+    import os
+
+    from caikit_core.config import resolve_path
+
+    source = info.get("config_source")
+    here = path.resolve()
+    if not isinstance(source, str) or Path(source) == here:
+        return
+    config, base = info.get("config"), info.get("base_dir")
+    if isinstance(config, dict) and isinstance(base, str):
+        recorded_dir = resolve_path(Path(base), str(config.get("output_dir", "")))
+        if os.path.relpath(source, recorded_dir) == os.path.relpath(here, store.root):
+            return
+    raise CaikitError(
+        f"{store.root} holds the run of {source}, not of {here}; give --new-run to "
+        f"record {path} there instead (results already there are kept, and reused where "
+        "fingerprints match), or choose another output_dir"
+    )
+
+
+def _execute(run: ResolvedRun, store: RunStore, args: argparse.Namespace) -> int:
+    """Run the stages (the caller holds the run directory's lock) and print the summary."""
+    from caikit_core.runner import Runner
+
     log.info("run directory: %s", store.root)
     summary = Runner(run, store=store).execute()
     _print_summary(summary, args.show_traces)
@@ -324,6 +365,11 @@ def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParse
     p = sub.add_parser("run", parents=[common], help="run the stages of a run file")
     p.add_argument("config", nargs="?", help="run file (.toml, .yaml)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="record this run file in an output_dir whose run.json names another one",
+    )
     p.add_argument(
         "--show-traces", type=int, default=2, metavar="N", help="print N revision traces at the end"
     )

@@ -1,4 +1,5 @@
-"""Run files: TOML (tomllib) or YAML (``yaml.safe_load`` only), validated strictly.
+"""Run files: TOML (tomllib) or YAML (:func:`caikit_core.safe_yaml.load`: the safe
+loader, with alias-expanded documents bounded), validated strictly.
 
 A run file names one plugin per role, in a table whose ``plugin`` key is the
 registered name and whose other keys are that plugin's own settings::
@@ -19,6 +20,7 @@ file's problems are reported together in one :class:`ConfigError`.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +30,7 @@ import attrs
 import yaml
 from cattrs.gen import make_dict_structure_fn
 
-from caikit_core import validators
+from caikit_core import safe_yaml, validators
 from caikit_core.converter import InvalidValue, converter, describe_error, show
 from caikit_core.errors import ConfigError
 from caikit_core.interfaces import (
@@ -136,7 +138,10 @@ class EvalConfig:
 class RunConfig:
     """A whole run file (see ``docs/config.md``)."""
 
-    output_dir: str
+    output_dir: str = attrs.field(validator=validators.Check(
+        'a folder (an empty path would put the run into the run file\'s own folder; '
+        'write "." to mean that)', lambda v: isinstance(v, str) and bool(v.strip())
+    ))  # fmt: skip
     models: ModelsConfig
     data: DataConfig
     phases: tuple[Phase, ...] = ("sl",)
@@ -331,7 +336,7 @@ def read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     elif suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = safe_yaml.load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(source, [f"invalid YAML: {_yaml_message(exc)}"]) from None
         if data is None:
@@ -548,7 +553,31 @@ def check_run_data(
             if isinstance(raw, Mapping) and isinstance(raw.get("plugin"), str):
                 _resolve_role(role, _role_hook(raw, RoleConfig), registry, problems)
         raise ConfigError(source, problems) from None
-    return resolve(config, registry, source=source, base_dir=base_dir)
+    resolved = resolve(config, registry, source=source, base_dir=base_dir)
+    non_finite = [
+        f"{key}: found {value!r}; a run file cannot hold NaN or infinities (they cannot be "
+        "recorded in run.json or fingerprinted)"
+        for key, value in non_finite_values(data)
+    ]
+    if non_finite:
+        raise ConfigError(source, non_finite)
+    return resolved
+
+
+def non_finite_values(data: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every NaN or infinity in plain data, with its key path (``generator.delay``)."""
+    found: list[tuple[str, float]] = []
+    stack: list[tuple[str, Any]] = [(path, data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((where or "(top level)", value))
+        elif isinstance(value, Mapping):
+            items = [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+            stack.extend(reversed(items))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+    return found
 
 
 def load_run(path: str | Path, registry: Registry) -> ResolvedRun:

@@ -11,6 +11,7 @@ failure into lines of ``key.path: expected ..., found ...``.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -36,11 +37,30 @@ class InvalidValue(ValueError):
         super().__init__(message)
 
 
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 60
+    return r
+
+
+_REPR = _bounded_repr()
+
+
 def show(value: Any) -> str:
-    """How a found value is quoted in error messages."""
+    """How a found value is quoted in error messages: at most about 60 characters,
+    built in bounded time however large the value (a few items of a few levels)."""
     kinds: dict[type, str] = {dict: "table", list: "list", tuple: "list"}
     kind = kinds.get(type(value), type(value).__name__)
-    text = repr(value)
+    if isinstance(value, str):
+        text = repr(value[:61])
+    elif isinstance(value, (dict, list, tuple, set, frozenset)):
+        text = _REPR.repr(value)
+    else:
+        try:
+            text = repr(value)
+        except ValueError:  # an int of more digits than Python converts
+            text = f"<a {kind} too large to show>"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({kind})"

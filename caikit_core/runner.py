@@ -87,20 +87,27 @@ class Runner:
         with self.store.lock():
             results = []
             try:
-                for name in stage_names(self.run.config):
+                names = stage_names(self.run.config)
+                for name in names:
                     results.append(self._execute(STAGES[name]()))
-                    self._write_run_info()
+                    self._write_run_info(final=name == names[-1])
                     self._log_metrics(results[-1])
             finally:
                 release_instances()
             return RunSummary(self.store.root, results, self.ctx)
 
-    def _write_run_info(self) -> None:
+    def _write_run_info(self, *, final: bool) -> None:
+        """Record the stages' fingerprints: until the last stage is done, those reached
+        are updated and the others kept (a failed run leaves the last complete results
+        named); at the end, exactly this run's stages."""
         info = self.store.read_run() if self.store.exists() else {}
+        before = info.get("stages")
+        stages = dict(before) if isinstance(before, dict) and not final else {}
+        stages.update(self.ctx.fingerprints)
         info.update(
             {
                 "caikit_version": __version__,
-                "stages": dict(self.ctx.fingerprints),
+                "stages": stages,
                 "updated_at": time.time(),
             }
         )
@@ -193,6 +200,8 @@ class Runner:
         input_fp, config_fp, fp = self._fingerprints(stage)
         path = self.store.stage_dir(stage.name, fp)
         existing = self.store.read_manifest(stage.name, fp)
+        if existing is None:
+            self._note_other_results(stage, fp)
         if stage.kind == "fit":
             artifact = self.store.artifact_dir(stage.name, fp)
             if existing is not None and existing.complete and artifact.is_dir():
@@ -204,10 +213,30 @@ class Runner:
                 )  # fmt: skip
             return self._run_fit(stage, fp, self._manifest(stage, fp, input_fp, config_fp))
         if existing is not None and existing.complete:
-            log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
-            return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+            damaged = self.store.damaged_shards(existing)
+            if not damaged:
+                log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
+                return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+            for index, why in sorted(damaged.items()):
+                log.warning(
+                    "%s: shard %d of a complete stage is %s: recomputing it", stage.name, index, why
+                )
+            existing.complete = False
         manifest = existing or self._manifest(stage, fp, input_fp, config_fp)
         return self._run_shards(stage, fp, manifest)
+
+    def _note_other_results(self, stage: Stage, fp: str) -> None:
+        """Say so when a stage computes anew beside results made with other fingerprints."""
+        folder = self.store.stage_dir(stage.name, fp)
+        manifests = folder.parent.glob("*/manifest.json") if folder.parent.is_dir() else []
+        others = sorted(m.parent.name for m in manifests if m.parent != folder)
+        if others:
+            log.info(
+                "%s: computing into %s; the %d other result(s) in %s (%s) are kept but not "
+                "reused: their settings, inputs or models differ (model folders are "
+                "fingerprinted by content, see docs/reliability.md)",
+                stage.name, folder.name, len(others), folder.parent, ", ".join(others[:4]),
+            )  # fmt: skip
 
     def _run_shards(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         """Write a source or map stage's shards, continuing from those already complete."""
@@ -271,6 +300,7 @@ class Runner:
 
     def _run_fit(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         release_instances()  # free the generators' models before training
+        self.store.clean_temp_files(stage.name, fp)  # what a killed fit left (we hold the lock)
         started = time.perf_counter()
         with self.store.artifact_writer(stage.name, fp) as tmp:
             try:
@@ -414,8 +444,11 @@ class _ShardWriter:
         table = to_arrow(rows, self.stage.record_type)
         file = self.store.write_shard(self.stage.name, self.fp, index, table)
         now = time.perf_counter()
+        digest = self.store.shard_digest(self.stage.name, self.fp, file)
         self.manifest.shards.append(
-            ShardInfo(index, file, table.num_rows, len(self.shards[index]), now - self.started)
+            ShardInfo(
+                index, file, table.num_rows, len(self.shards[index]), now - self.started, digest
+            )
         )
         self.manifest.shards.sort(key=lambda s: s.index)
         self.started = now

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,9 @@ import pyarrow.parquet as pq
 
 from caikit_core.converter import converter
 from caikit_core.errors import FingerprintError, StoreError
+from caikit_core.hashing import file_sha256
+
+log = logging.getLogger("caikit.store")
 
 FINGERPRINT_LENGTH = 16
 
@@ -72,17 +76,65 @@ def file_digest(path: Path, *, what: str) -> str:
 
 
 def model_fingerprint(model: str) -> Any:
-    """What identifies a model: a local folder by its file names and sizes, else its id."""
+    """What identifies a model.
+
+    - a local folder: the sha256 of each of its files (weights, config, tokenizer),
+      by relative path; files and folders whose name starts with ``.`` are left out.
+      Hashes are cached by path, size, mtime, ctime and inode
+      (:mod:`caikit_core.hashing`), so a rerun does not read the weights again;
+    - a hub id found in the local Hugging Face cache: the id and the commit its
+      ``refs/main`` names;
+    - any other id: the id alone (logged once), as caikit 0.1.0 did.
+    """
     path = Path(model)
     if not path.is_dir():
-        return {"id": model}
+        revision = hub_revision(model)
+        if revision is None:
+            if model not in _ID_ONLY:
+                _ID_ONLY.add(model)
+                log.info(
+                    "model %r is neither a folder nor in the local Hugging Face cache: "
+                    "fingerprinted by its name alone",
+                    model,
+                )
+            return {"id": model}
+        return {"id": model, "revision": revision}
     try:
         files = sorted(
-            (str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file()
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
+        digests = file_sha256(files)
     except OSError as exc:
         raise FingerprintError(f"cannot fingerprint model folder {path}: {exc}") from exc
-    return {"files": files}
+    return {"sha256": {str(p.relative_to(path)): d for p, d in zip(files, digests, strict=True)}}
+
+
+_ID_ONLY: set[str] = set()
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "huggingface"
+    return base / "hub"
+
+
+def hub_revision(model: str) -> str | None:
+    """The commit the local hub cache's ``refs/main`` names for ``model``, if any."""
+    if not model or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return None
+    ref = hub_cache_dir() / f"models--{model.replace('/', '--')}" / "refs" / "main"
+    try:
+        text = ref.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    ok = len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+    return text if ok else None
 
 
 @attrs.frozen
@@ -94,6 +146,8 @@ class ShardInfo:
     rows: int
     input_rows: int
     seconds: float
+    #: the file's sha256 when it was written (``None`` in manifests of caikit 0.1.0)
+    sha256: str | None = None
 
 
 @attrs.define
@@ -147,6 +201,7 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._held = 0
 
     # whole run -------------------------------------------------------------------
     @property
@@ -211,7 +266,20 @@ class RunStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the run directory (released if the process dies)."""
+        """Hold an exclusive lock on the run directory (released if the process dies).
+
+        Re-entrant within one :class:`RunStore`: ``caikit run`` takes it before it
+        records the run file and the runner takes it again inside, so the directory
+        is never unlocked between the two. Another ``RunStore`` (another process) is
+        refused while it is held.
+        """
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fh = (self.root / ".lock").open("a+")
         try:
@@ -221,7 +289,11 @@ class RunStore:
                 raise StoreError(
                     f"{self.root}: another caikit process is working on this run"
                 ) from None
-            yield
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
         finally:
             fh.close()
 
@@ -251,9 +323,41 @@ class RunStore:
         atomic_write_json(folder / "manifest.json", data)
 
     def complete_shards(self, manifest: StageManifest) -> dict[int, ShardInfo]:
-        """Shards listed in the manifest whose files are present."""
+        """Shards listed in the manifest whose files are present and intact
+        (see :meth:`damaged_shards`)."""
+        bad = self.damaged_shards(manifest)
+        return {s.index: s for s in manifest.shards if s.index not in bad}
+
+    def damaged_shards(self, manifest: StageManifest) -> dict[int, str]:
+        """Why each shard of the manifest cannot be used, by index: its file is missing,
+        its sha256 differs from the one recorded when it was written, or (in manifests
+        without checksums) its row count differs from the manifest's; and, in a complete
+        manifest, shards it does not list at all."""
         folder = self.stage_dir(manifest.stage, manifest.fingerprint)
-        return {s.index: s for s in manifest.shards if (folder / s.file).is_file()}
+        bad: dict[int, str] = {}
+        for shard in manifest.shards:
+            path = folder / shard.file
+            if not path.is_file():
+                bad[shard.index] = f"missing ({path.name})"
+                continue
+            try:
+                if shard.sha256 is not None:
+                    if file_digest(path, what="a shard") != shard.sha256:
+                        bad[shard.index] = f"damaged ({path.name}: its sha256 changed)"
+                elif (rows := pq.read_metadata(path).num_rows) != shard.rows:
+                    bad[shard.index] = f"damaged ({path.name}: {rows} rows, not {shard.rows})"
+            except (OSError, pa.ArrowInvalid, FingerprintError) as exc:
+                bad[shard.index] = f"unreadable ({path.name}: {exc})"
+        if manifest.complete and manifest.total_shards is not None:
+            listed = {s.index for s in manifest.shards}
+            for index in range(manifest.total_shards):
+                if index not in listed:
+                    bad[index] = "not listed in the manifest"
+        return bad
+
+    def shard_digest(self, stage: str, fp: str, file: str) -> str:
+        """The sha256 of a shard file (recorded in its :class:`ShardInfo`)."""
+        return file_digest(self.stage_dir(stage, fp) / file, what="a shard")
 
     def write_shard(self, stage: str, fp: str, index: int, table: pa.Table) -> str:
         """Write one shard atomically; returns its file name."""

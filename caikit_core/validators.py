@@ -17,7 +17,9 @@ number > 0, found -1.0``::
 
 The converter has already checked the type by the time a validator runs (``"3"``
 is not an int), so these check values; they also refuse ``True`` where a number
-is expected, for classes built directly in Python.
+is expected, for classes built directly in Python. Every numeric validator refuses
+NaN and infinities (``nan < 0`` is false, so a bare comparison would let NaN
+through), e.g. ``expected a number >= 0, found nan (NaN and infinities are refused)``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import attrs
 from caikit_core.converter import InvalidValue
 
 __all__ = [
+    "NOT_FINITE",
     "Check",
     "boolean",
     "int_at_least",
@@ -59,7 +62,8 @@ class Check:
 
     def __call__(self, instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not self.ok(value):
-            raise InvalidValue(attribute.name, f"expected {self.what}, found {value!r}")
+            why = NOT_FINITE if isinstance(value, float) and not math.isfinite(value) else ""
+            raise InvalidValue(attribute.name, f"expected {self.what}, found {value!r}{why}")
 
     def __repr__(self) -> str:
         return f"<validator: {self.what}>"
@@ -69,8 +73,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: what a message adds after a NaN or infinity
+NOT_FINITE = " (NaN and infinities are refused)"
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and infinities are never valid settings."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def optional(check: Check) -> Check:
@@ -87,7 +96,7 @@ def number_in(low: float, high: float, *, low_open: bool = False, high_open: boo
     """A number in an interval: ``number_in(0, 1, high_open=True)`` says ``[0, 1)``."""
 
     def ok(v: Any) -> bool:
-        if not _is_number(v) or math.isnan(v):
+        if not _is_number(v):
             return False
         above = bool(v > low) if low_open else bool(v >= low)
         below = bool(v < high) if high_open else bool(v <= high)
@@ -104,8 +113,8 @@ def one_of(choices: tuple[Any, ...]) -> Check:
 
 
 #: A finite number > 0.
-positive_number = Check("a number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0)
-#: A number >= 0 (not NaN).
+positive_number = Check("a number > 0", lambda v: _is_number(v) and v > 0)
+#: A finite number >= 0.
 non_negative_number = Check("a number >= 0", lambda v: _is_number(v) and v >= 0)
 #: An integer >= 1.
 positive_int = Check("a positive integer", lambda v: _is_int(v) and v >= 1)

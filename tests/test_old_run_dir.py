@@ -90,9 +90,14 @@ OLD_HF_RUN = FIXTURES / "run-v0.1.0-hf"
 HF_MAP_STAGES = ["prompts", "responses", "revisions", "pairs", "labels"]
 
 
-def test_old_run_directory_of_the_bundled_plugins_is_reused(tmp_path: Path) -> None:
-    """The hf generator's, constitutional critic's and direct labeller's settings keep
-    their fingerprints: a 0.1.0 run of them is reused, its shards untouched."""
+def test_old_run_directory_of_the_bundled_plugins_recomputes_its_model_stages_once(
+    tmp_path: Path,
+) -> None:
+    """caikit 0.1.0 fingerprinted a local model folder by its file names and sizes; it is
+    now fingerprinted by content (docs/reliability.md), which 0.1.0's manifests do not
+    record. So the stages that read the local tiny model (all but prompts) compute once
+    into new folders, with a note saying why; the old results are kept untouched, and
+    the run after that reuses everything."""
     from caikit_core.testing.tiny_models import build_tiny_llama
 
     folder = tmp_path / "old-hf"
@@ -102,7 +107,17 @@ def test_old_run_directory_of_the_bundled_plugins_is_reused(tmp_path: Path) -> N
 
     done = run_cli("run", str(folder / "run.toml"), "--show-traces", "0")
     assert done.returncode == 0, done.stderr
-    # the [preference_model] table kept its flat keys, so even the fit stage is reused
+    assert "prompts: complete, skipped" in done.stderr
+    err = " ".join(done.stderr.split())  # rich wraps long lines
+    for stage in [*HF_MAP_STAGES[1:], "preference_model"]:
+        assert f"{stage}: complete, skipped" not in done.stderr, stage
+        assert f"{stage}: computing into " in err, stage
+    assert "model folders are fingerprinted by content" in err
+    after = _stage_files(folder / "out")
+    assert {k: after[k] for k in before} == before  # the old results are all still there
+
+    again = run_cli("run", str(folder / "run.toml"), "--show-traces", "0")
+    assert again.returncode == 0, again.stderr
     for stage in [*HF_MAP_STAGES, "preference_model"]:
-        assert f"{stage}: complete, skipped" in done.stderr, stage
-    assert _stage_files(folder / "out") == before
+        assert f"{stage}: complete, skipped" in again.stderr, stage
+    assert _stage_files(folder / "out") == after

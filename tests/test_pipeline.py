@@ -230,8 +230,9 @@ def test_failing_fit_leaves_no_partial_artifact(
 def test_second_process_is_refused_while_locked(echo_run: Path, with_echo: Path) -> None:
     run = load_run(echo_run, get_registry())
     store = RunStore(run.output_path())
+    other = RunStore(run.output_path())  # as another process's (the lock is re-entrant)
     with store.lock(), pytest.raises(StoreError, match="another caikit process"):
-        Runner(run, store=store).execute()
+        Runner(run, store=other).execute()
 
 
 def test_unfingerprintable_settings_are_an_error() -> None:

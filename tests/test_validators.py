@@ -33,7 +33,10 @@ class Settings:
     [
         ({"rate": 0}, "rate: expected a number > 0, found 0"),
         ({"rate": -1.5}, "rate: expected a number > 0, found -1.5"),
-        ({"rate": math.inf}, "rate: expected a number > 0, found inf"),
+        (
+            {"rate": math.inf},
+            "rate: expected a number > 0, found inf (NaN and infinities are refused)",
+        ),
         ({"rate": True}, "rate: expected a number > 0, found True"),
         ({"floor": -0.1}, "floor: expected a number >= 0, found -0.1"),
         ({"count": 0}, "count: expected a positive integer, found 0"),
@@ -43,7 +46,10 @@ class Settings:
         ({"flag": 1}, "flag: expected true or false, found 1"),
         ({"mode": "c"}, "mode: expected one of 'a', 'b', found 'c'"),
         ({"share": 1.0}, "share: expected a number in [0, 1), found 1.0"),
-        ({"share": math.nan}, "share: expected a number in [0, 1), found nan"),
+        (
+            {"share": math.nan},
+            "share: expected a number in [0, 1), found nan (NaN and infinities are refused)",
+        ),
         ({"top_p": 0.0}, "top_p: expected a number in (0, 1], found 0.0"),
         ({"generations": 1}, "generations: expected an integer >= 2, found 1"),
         ({"limit": 0}, "limit: expected a positive integer or nothing, found 0"),

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import yaml
 
+from caikit_core import safe_yaml
 from caikit_core.constitution import (
     Constitution,
     CritiqueFewShot,
@@ -106,7 +107,7 @@ def read(path: Path) -> Constitution:
         data = read_json(path)
     else:
         try:
-            data = yaml.safe_load(text)
+            data = safe_yaml.load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
