@@ -43,7 +43,6 @@ from caikit_core.converter import InvalidValue
 __all__ = [
     "ALGORITHMS",
     "CHECKPOINT_EVERY_MINUTES",
-    "CheckpointSettings",
     "DPO_LOSSES",
     "MOVED_KEYS",
     "NOT_FINGERPRINTED",
@@ -51,6 +50,7 @@ __all__ = [
     "REPORT_TARGETS",
     "SFT_TARGETS",
     "SMOOTHED_DPO_LOSSES",
+    "CheckpointSettings",
     "DPOSettings",
     "GroupRLSettings",
     "OptimisationSettings",
