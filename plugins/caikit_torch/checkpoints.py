@@ -1,0 +1,225 @@
+"""Resumable checkpoints of the ``torch`` fits: safetensors plus JSON, never pickle.
+
+A fit that runs with ``checkpoint_dir`` (the stage's ``checkpoints/`` folder, see
+:data:`caikit_core.interfaces.RESUMABLE`) saves one folder per checkpoint under it,
+``step-<N>``, written as ``.step-<N>.tmp`` and renamed once complete (its
+:data:`MARKER` is written last), so a kill while saving leaves the previous
+checkpoint in force. Only the newest complete checkpoint is kept.
+
+Tensor state (weights, the optimiser's moments, RNG states) goes to
+``<name>.safetensors``; the structure around it (parameter groups, step counters,
+metrics) to ``<name>.json``, where each tensor is a ``{"__tensor__": key}``
+placeholder (:func:`save_state` / :func:`load_state`). Nothing is read with
+``pickle`` or ``torch.load``: :func:`check_safe_files` refuses a checkpoint folder
+holding anything but ``.safetensors`` and ``.json`` files (and tokenizer text files).
+
+This module imports torch and safetensors at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from caikit_core.errors import PluginError
+
+__all__ = [
+    "MARKER",
+    "SAFE_SUFFIXES",
+    "Schedule",
+    "check_safe_files",
+    "get_rng_state",
+    "latest",
+    "load_state",
+    "save_state",
+    "set_rng_state",
+    "write",
+]
+
+#: Written last into a checkpoint folder: its step and what wrote it.
+MARKER = "caikit_checkpoint.json"
+#: The file suffixes a checkpoint folder may hold (tokenizers add ``.txt``/``.model``-less
+#: text files such as ``merges.txt``; ``.jinja`` chat templates).
+SAFE_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja")
+
+_PREFIX = "step-"
+
+
+class Schedule:
+    """When to save: every ``every_steps`` steps and/or after the first step that ends
+    ``every_minutes`` minutes after the last save (or the start)."""
+
+    def __init__(self, every_steps: int | None, every_minutes: float | None) -> None:
+        self.every_steps = every_steps
+        self.every_minutes = every_minutes
+        self.last = time.monotonic()
+
+    def due(self, steps_done: int) -> bool:
+        """Whether to save now that ``steps_done`` steps are complete."""
+        if self.every_steps is not None and steps_done % self.every_steps == 0:
+            return True
+        if self.every_minutes is not None:
+            return time.monotonic() - self.last >= 60.0 * self.every_minutes
+        return False
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# --- nested state as safetensors + JSON ------------------------------------------------
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = path or "_"
+        tensors[key] = value.detach().to("cpu").clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _encode(v, f"{path}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} at {path!r} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def save_state(folder: Path, name: str, state: Any) -> None:
+    """Write ``state`` (nested dicts, lists, tuples, tensors and JSON scalars; dict keys
+    may be ints) as ``name.safetensors`` and ``name.json`` in ``folder``."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, "", tensors)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(structure), encoding="utf-8")
+
+
+def load_state(folder: Path, name: str) -> Any:
+    """What :func:`save_state` wrote (tensors on the CPU)."""
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    return _decode(json.loads((folder / f"{name}.json").read_text(encoding="utf-8")), tensors)
+
+
+# --- RNG states -------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python's, NumPy's (when installed) and torch's CPU and CUDA RNG states, as
+    tensors and JSON values (for :func:`save_state`)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's extras
+        return state
+    numpy_state: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = numpy_state
+    state["numpy"] = [
+        str(kind),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    ]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned (after a :func:`load_state`)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# --- checkpoint folders -----------------------------------------------------------------
+
+
+def _step(folder: Path) -> int | None:
+    if not folder.name.startswith(_PREFIX) or not (folder / MARKER).is_file():
+        return None
+    try:
+        return int(folder.name[len(_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def latest(root: Path | None) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (``None``: none yet)."""
+    if root is None or not root.is_dir():
+        return None
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step(p)) is not None]
+    if not found:
+        return None
+    folder = max(found)[1]
+    check_safe_files(folder)
+    return folder
+
+
+def write(root: Path, step: int, fill: Callable[[Path], None], marker: dict[str, Any]) -> Path:
+    """Save checkpoint ``step`` under ``root``: ``fill(folder)`` writes its files into a
+    temporary folder, :data:`MARKER` (``marker`` plus the step) goes in last, the
+    folder is renamed to ``step-<step>`` and older checkpoints are removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    fill(tmp)
+    check_safe_files(tmp)
+    (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=2), encoding="utf-8")
+    final = root / f"{_PREFIX}{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for other in root.iterdir():
+        if other != final and (other.name.startswith(_PREFIX) or other.name.startswith(".")):
+            shutil.rmtree(other, ignore_errors=True)
+    return final
+
+
+def check_safe_files(folder: Path) -> None:
+    """Refuse a checkpoint folder holding a file that is not safetensors, JSON or text
+    (a pickle ``.pt``/``.pth``/``.bin`` above all), before anything is read from it."""
+    bad = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(SAFE_SUFFIXES)
+    )
+    if bad:
+        raise PluginError(
+            f"torch: checkpoint {folder} holds files that are not safetensors or JSON "
+            f"({', '.join(bad[:5])}); refusing to resume from it"
+        )
