@@ -33,13 +33,17 @@ from safetensors.torch import load_file, save_file
 from caikit_core.errors import PluginError
 
 __all__ = [
+    "HF_PICKLES",
+    "HF_PREFIX",
     "MARKER",
     "SAFE_SUFFIXES",
     "Schedule",
     "check_safe_files",
     "get_rng_state",
+    "hf_latest",
     "latest",
     "load_state",
+    "make_resumable",
     "save_state",
     "set_rng_state",
     "write",
@@ -223,3 +227,129 @@ def check_safe_files(folder: Path) -> None:
             f"torch: checkpoint {folder} holds files that are not safetensors or JSON "
             f"({', '.join(bad[:5])}); refusing to resume from it"
         )
+
+
+# --- Hugging Face trainers ---------------------------------------------------------------
+
+#: HF Trainer's checkpoint folders: ``checkpoint-<global step>``.
+HF_PREFIX = "checkpoint-"
+#: What transformers writes with ``torch.save`` (pickle) and caikit removes or replaces.
+HF_PICKLES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+
+
+def hf_latest(root: Path | None) -> Path | None:
+    """The newest complete (:data:`MARKER`) HF checkpoint folder under ``root``."""
+    if root is None or not root.is_dir():
+        return None
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(HF_PREFIX) and (p / MARKER).is_file():
+            try:
+                found.append((int(p.name[len(HF_PREFIX) :]), p))
+            except ValueError:
+                continue
+    if not found:
+        return None
+    folder = max(found)[1]
+    check_safe_files(folder)
+    return folder
+
+
+def make_resumable(
+    trainer: Any,
+    root: Path | None,
+    every_steps: int | None,
+    every_minutes: float | None,
+    *,
+    fit: str,
+) -> str | None:
+    """Let an HF ``Trainer`` save resumable checkpoints into ``root`` and resume from the
+    newest; returns what to pass as ``trainer.train(resume_from_checkpoint=...)``.
+
+    transformers' own checkpoint (its ``output_dir`` must be ``root``) is kept for the
+    weights (``model.safetensors`` or a LoRA adapter's ``adapter_model.safetensors``),
+    ``trainer_state.json`` (step, epoch, log history) and the tokenizer; its pickle
+    files are never written or read: the optimiser, the LR scheduler and the RNG
+    states go through :func:`save_state` / :func:`load_state` (this instance's
+    ``_save_*`` / ``_load_*`` methods are replaced) and ``training_args.bin`` is
+    deleted. A callback decides when to save (:class:`Schedule`), writes
+    :data:`MARKER` last and removes older checkpoints. ``root=None``: nothing changes.
+    """
+    if root is None:
+        return None
+    import transformers
+
+    base: Path = root
+    needed = (
+        "_save_optimizer_and_scheduler",
+        "_save_rng_state",
+        "_save_scaler",
+        "_load_optimizer_and_scheduler",
+        "_load_rng_state",
+        "_load_scaler",
+    )
+    missing = [name for name in needed if not callable(getattr(trainer, name, None))]
+    if missing:
+        raise PluginError(
+            f"torch: transformers {transformers.__version__}'s Trainer has no "
+            f"{', '.join(missing)}; resumable checkpoints need caikit's supported release"
+        )
+    if Path(trainer.args.output_dir).resolve() != root.resolve():
+        raise PluginError(f"torch: the trainer's output_dir must be {root} to checkpoint there")
+    schedule = Schedule(every_steps, every_minutes)
+
+    def save_optimizer_and_scheduler(output_dir: str) -> None:
+        folder = Path(output_dir)
+        save_state(folder, "optimizer", trainer.optimizer.state_dict())
+        if trainer.lr_scheduler is not None:
+            save_state(folder, "scheduler", trainer.lr_scheduler.state_dict())
+
+    def load_optimizer_and_scheduler(checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        folder = Path(checkpoint)
+        check_safe_files(folder)
+        trainer.optimizer.load_state_dict(load_state(folder, "optimizer"))
+        if trainer.lr_scheduler is not None and (folder / "scheduler.json").is_file():
+            trainer.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
+
+    def save_rng(output_dir: str) -> None:
+        save_state(Path(output_dir), "rng_state", get_rng_state())
+
+    def load_rng(checkpoint: str | None) -> None:
+        if checkpoint is not None and (Path(checkpoint) / "rng_state.json").is_file():
+            set_rng_state(load_state(Path(checkpoint), "rng_state"))
+
+    def no_scaler(_: str | None) -> None:
+        if getattr(trainer.accelerator, "scaler", None) is not None:
+            raise PluginError("torch: resumable checkpoints do not cover fp16's loss scaler")
+
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
+    trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
+    trainer._save_rng_state = save_rng
+    trainer._load_rng_state = load_rng
+    trainer._save_scaler = no_scaler
+    trainer._load_scaler = no_scaler
+
+    class _Checkpoints(transformers.TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step < state.max_steps and schedule.due(int(state.global_step)):
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not args.should_save:
+                return
+            folder = base / f"{HF_PREFIX}{state.global_step}"
+            for name in HF_PICKLES:
+                (folder / name).unlink(missing_ok=True)
+            check_safe_files(folder)
+            marker = {"fit": fit, "step": int(state.global_step)}
+            (folder / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+            for other in base.iterdir():
+                if other != folder and other.name.startswith(HF_PREFIX):
+                    shutil.rmtree(other, ignore_errors=True)
+            schedule.saved()
+
+    trainer.add_callback(_Checkpoints())
+    found = hf_latest(root)
+    return None if found is None else str(found)

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import math
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -237,6 +238,18 @@ def trainer_defaults(
 
 #: other packages that serve a ``report_to`` target as well (transformers' own rule)
 _ALSO_SERVES = {"tensorboard": ("tensorboardX",)}
+
+
+@contextlib.contextmanager
+def scratch_or(folder: Path | None, prefix: str) -> Iterator[str]:
+    """A trainer's ``output_dir``: ``folder`` (a fit's checkpoint folder, kept) when
+    given, else a temporary folder removed afterwards."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        yield scratch
 
 
 def report_targets(targets: Sequence[str]) -> list[str]:

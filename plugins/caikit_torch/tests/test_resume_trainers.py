@@ -1,0 +1,153 @@
+"""Resumable TRL fits of the ``torch`` plugins (SFT, the preference model): killed
+mid-epoch (an exception from ``Trainer.training_step`` at a chosen step) and resumed
+in a fresh call, with HF Trainer's checkpoints whose pickle files caikit replaces by
+safetensors + JSON (``caikit_torch.checkpoints.make_resumable``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+if importlib.util.find_spec("caikit_torch") is None:  # not installed: use the source tree
+    sys.path.insert(0, str(ROOT / "plugins"))
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from caikit_core.records import RevisionStep, RevisionTrace, conversation  # noqa: E402
+from caikit_core.testing.tiny_models import TINY_CORPUS  # noqa: E402
+from caikit_core.training.settings import SFTSettings  # noqa: E402
+from caikit_torch import checkpoints  # noqa: E402
+from caikit_torch.optimiser import TorchOptimiser  # noqa: E402
+from caikit_torch.plugin import TorchOptimiserConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: Largest per-step loss difference allowed between a resumed and an uninterrupted
+#: run (measured: 0 on CPU, see docs/reliability-training.md).
+LOSS_TOLERANCE = 1e-6
+#: Largest weight difference allowed likewise.
+WEIGHT_TOLERANCE = 1e-6
+
+
+class Killed(Exception):
+    """Stands for a kill."""
+
+
+@pytest.fixture
+def kill_at_step(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``kill_at_step(k)``: the next training raises :class:`Killed` when it starts
+    optimiser step ``k + 1`` (after step ``k``'s checkpoint is saved)."""
+    original = transformers.Trainer.training_step
+
+    def arm(k: int | None) -> None:
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if k is not None and self.state.global_step == k:
+                raise Killed(f"killed after step {k}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(transformers.Trainer, "training_step", step)
+
+    return arm
+
+
+def traces(n: int) -> list[RevisionTrace]:
+    out = []
+    for i in range(n):
+        text = TINY_CORPUS[i % len(TINY_CORPUS)]
+        final = TINY_CORPUS[(i + 3) % len(TINY_CORPUS)]
+        out.append(
+            RevisionTrace(
+                id=f"t{i}",
+                prompt_id=f"p{i}",
+                messages=conversation(("user", text)),
+                initial_response="no.",
+                steps=(RevisionStep(0, "h", "c", "crit", "rev", final),),
+                final_response=final,
+            )
+        )
+    return out
+
+
+def sft_config(**kw: Any) -> TorchOptimiserConfig:
+    return TorchOptimiserConfig(
+        device="cpu",
+        seed=3,
+        sft=SFTSettings(learning_rate=1e-3, epochs=2, batch_size=2, max_length=64),
+        **kw,
+    )
+
+
+def max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("killed_after", "resumed_from"),
+    [pytest.param(5, 4, marks=pytest.mark.slow, id="epoch0"), pytest.param(9, 8, id="epoch1")],
+)
+def test_killed_and_resumed_sft_matches_an_uninterrupted_run(
+    tiny_llama: Path, tmp_path: Path, kill_at_step: Any, killed_after: int, resumed_from: int
+) -> None:
+    """12 examples, batch 2, 2 epochs: 12 steps (6 per epoch); checkpoints every 4;
+    killed after step 5 (resumes at step 4, 4 batches into epoch 0) or 9 (resumes at
+    step 8, 2 batches into epoch 1: the case transformers #39215 is about)."""
+    data = traces(12)
+    straight = TorchOptimiser(sft_config())
+    straight.sft(str(tiny_llama), data, tmp_path / "straight")
+    ckpt = tmp_path / "checkpoints"
+    kill_at_step(killed_after)
+    with pytest.raises(Killed):
+        TorchOptimiser(sft_config(checkpoint_every_steps=4)).sft(
+            str(tiny_llama), data, tmp_path / "a", checkpoint_dir=ckpt
+        )
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == [f"checkpoint-{resumed_from}"]
+    saved = ckpt / f"checkpoint-{resumed_from}"
+    names = sorted(p.name for p in saved.rglob("*") if p.is_file())
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl"))], names
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state.safetensors"} <= set(names)
+    kill_at_step(None)
+    resumed = TorchOptimiser(sft_config(checkpoint_every_steps=4))
+    resumed.sft(str(tiny_llama), data, tmp_path / "b", checkpoint_dir=ckpt)
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses]
+    diffs = [abs(a - b) for (_, a), (_, b) in zip(resumed.losses, straight.losses, strict=True)]
+    print("sft loss differences:", max(diffs))
+    assert max(diffs) <= LOSS_TOLERANCE, diffs
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    print("sft weight difference:", max_diff(a, b))
+    assert max_diff(a, b) <= WEIGHT_TOLERANCE
+    record = json.loads((ckpt / "checkpoint-8" / checkpoints.MARKER).read_text())
+    assert record == {"fit": "sft", "step": 8}  # the newest; none after the last step
+
+
+def test_rng_and_nested_state_round_trip_through_safetensors_and_json(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    checkpoints.save_state(tmp_path, "rng", checkpoints.get_rng_state())
+    first = (random.random(), float(np.random.rand()), torch.rand(3))
+    checkpoints.set_rng_state(checkpoints.load_state(tmp_path, "rng"))
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+    state = {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}, "groups": [{"betas": (0.9, 0.99)}]}
+    checkpoints.save_state(tmp_path, "nested", state)
+    back = checkpoints.load_state(tmp_path, "nested")
+    assert back["groups"] == [{"betas": (0.9, 0.99)}] and torch.equal(back[0]["m"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "nested.json",
+        "nested.safetensors",
+        "rng.json",
+        "rng.safetensors",
+    ]
