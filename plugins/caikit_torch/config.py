@@ -74,8 +74,8 @@ DEVICES = ("auto", "cpu", "cuda")
 CAPABILITIES = frozenset(
     {SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS, RESUMABLE}
 )
-#: What the preference model declares: no optional capability (every PM fits, loads, scores).
-PM_CAPABILITIES: frozenset[str] = frozenset()
+#: What the preference model declares: its fit resumes from checkpoints (``resumable``).
+PM_CAPABILITIES: frozenset[str] = frozenset({RESUMABLE})
 
 
 def module_names(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

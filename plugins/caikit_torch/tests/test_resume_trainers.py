@@ -151,3 +151,55 @@ def test_rng_and_nested_state_round_trip_through_safetensors_and_json(tmp_path: 
         "rng.json",
         "rng.safetensors",
     ]
+
+
+def comparisons(n: int) -> list[Any]:
+    from caikit_core.records import Comparison, LabelledComparison, PreferenceLabel
+
+    out = []
+    for i in range(n):
+        messages = conversation(("user", TINY_CORPUS[i % len(TINY_CORPUS)]))
+        a, b = TINY_CORPUS[(i + 1) % len(TINY_CORPUS)], TINY_CORPUS[(i + 2) % len(TINY_CORPUS)]
+        p_a = 0.9 if i % 2 else 0.2
+        comparison = Comparison(f"c{i}", f"p{i}", messages, a, b)
+        out.append(LabelledComparison(comparison, PreferenceLabel(f"l{i}", f"c{i}", p_a, "t")))
+    return out
+
+
+def test_killed_and_resumed_preference_model_matches_an_uninterrupted_run(
+    tiny_llama: Path, tmp_path: Path, kill_at_step: Any
+) -> None:
+    """10 comparisons, batch 2, 2 epochs: 10 steps (5 per epoch); checkpoints every 3;
+    killed after step 7 (resumes at step 6, 1 batch into epoch 1)."""
+    from caikit_torch.plugin import TorchPreferenceConfig
+    from caikit_torch.reward import TorchPreferenceModel
+
+    def config(**kw: Any) -> Any:
+        return TorchPreferenceConfig(
+            device="cpu", learning_rate=3e-3, epochs=2, batch_size=2, max_length=64, **kw
+        )
+
+    data = comparisons(10)
+    straight = TorchPreferenceModel(config(), str(tiny_llama))
+    first = straight.fit(data, tmp_path / "straight")
+    ckpt = tmp_path / "checkpoints"
+    kill_at_step(7)
+    with pytest.raises(Killed):
+        TorchPreferenceModel(config(checkpoint_every_steps=3), str(tiny_llama)).fit(
+            data, tmp_path / "a", checkpoint_dir=ckpt
+        )
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-6"]
+    names = [p.name for p in (ckpt / "checkpoint-6").rglob("*") if p.is_file()]
+    assert all(n.endswith((".safetensors", ".json", ".txt", ".jinja")) for n in names), names
+    kill_at_step(None)
+    resumed = TorchPreferenceModel(config(checkpoint_every_steps=3), str(tiny_llama))
+    second = resumed.fit(data, tmp_path / "b", checkpoint_dir=ckpt)
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == list(range(1, 11))
+    diffs = [abs(a - b) for (_, a), (_, b) in zip(resumed.losses, straight.losses, strict=True)]
+    print("pm loss differences:", max(diffs))
+    assert max(diffs) <= LOSS_TOLERANCE, diffs
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    print("pm weight difference:", max_diff(a, b))
+    assert max_diff(a, b) <= WEIGHT_TOLERANCE
+    assert abs(first.metrics["loss"] - second.metrics["loss"]) <= LOSS_TOLERANCE
