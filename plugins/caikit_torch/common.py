@@ -395,6 +395,8 @@ class RLRun:
         self.rollouts = rollouts
         #: every logged step (a TRL trainer's ``log_history``, or PPO's per-step metrics).
         self.history: list[dict[str, Any]] = []
+        #: where resumable checkpoints are kept (``resumable``); None: none
+        self.checkpoint_dir: Path | None = None
 
     # records ---------------------------------------------------------------------------
     def write_record(self, metrics: dict[str, float], stopped: str | None = None) -> None:

@@ -142,9 +142,9 @@ class TorchOptimiser:
         :param labelled: the AI-labelled comparisons (``dpo``).
         :param out: the folder to save the optimised checkpoint in (created if missing);
             ``caikit_rl.json`` beside it records the settings and per-step metrics.
-        :param checkpoint_dir: where ``"ppo"`` keeps resumable checkpoints
-            (``checkpoint_every_*``) and resumes from the newest one; ``"dpo"``,
-            ``"rloo"`` and ``"grpo"`` do not checkpoint yet (they restart).
+        :param checkpoint_dir: where ``"ppo"`` and ``"dpo"`` keep resumable checkpoints
+            (``checkpoint_every_*``) and resume from the newest one; ``"rloo"`` and
+            ``"grpo"`` do not checkpoint yet (they restart).
         :returns: ``out`` and the final metrics.
         :raises CaikitError: nothing to train on, or settings that cannot work together.
         :raises PluginError: a model folder is missing or cannot be loaded.
@@ -158,6 +158,7 @@ class TorchOptimiser:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         run = RLRun(cfg, policy_dir, reference_dir, device, out, rollouts)
+        run.checkpoint_dir = checkpoint_dir
         with progress_bars(log.isEnabledFor(logging.INFO)):
             try:
                 if cfg.algorithm == "dpo":

@@ -203,3 +203,44 @@ def test_killed_and_resumed_preference_model_matches_an_uninterrupted_run(
     print("pm weight difference:", max_diff(a, b))
     assert max_diff(a, b) <= WEIGHT_TOLERANCE
     assert abs(first.metrics["loss"] - second.metrics["loss"]) <= LOSS_TOLERANCE
+
+
+def test_killed_and_resumed_dpo_matches_an_uninterrupted_run(
+    tiny_llama: Path, tmp_path: Path, kill_at_step: Any
+) -> None:
+    """10 pairs, batch 2, 2 epochs: 10 steps; checkpoints every 3; killed after step 7
+    (resumes at step 6, one batch into epoch 1)."""
+    from caikit_core.training.settings import DPOSettings
+
+    def config(**kw: Any) -> TorchOptimiserConfig:
+        dpo = DPOSettings(learning_rate=1e-3, epochs=2, batch_size=2, max_length=64)
+        return TorchOptimiserConfig(device="cpu", seed=3, algorithm="dpo", dpo=dpo, **kw)
+
+    def losses(report: Any) -> list[tuple[int, float]]:
+        return [(int(h["step"]), float(h["loss"])) for h in report.history if "loss" in h]
+
+    data = comparisons(10)
+    policy = str(tiny_llama)
+    straight = TorchOptimiser(config()).optimise(
+        policy, policy, None, [], data, tmp_path / "straight"
+    )
+    ckpt = tmp_path / "checkpoints"
+    kill_at_step(7)
+    with pytest.raises(Killed):
+        TorchOptimiser(config(checkpoint_every_steps=3)).optimise(
+            policy, policy, None, [], data, tmp_path / "a", checkpoint_dir=ckpt
+        )
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-6"]
+    kill_at_step(None)
+    resumed = TorchOptimiser(config(checkpoint_every_steps=3)).optimise(
+        policy, policy, None, [], data, tmp_path / "b", checkpoint_dir=ckpt
+    )
+    a_losses, b_losses = losses(straight), losses(resumed)
+    assert [s for s, _ in a_losses] == [s for s, _ in b_losses] == list(range(1, 11))
+    diffs = [abs(x - y) for (_, x), (_, y) in zip(a_losses, b_losses, strict=True)]
+    print("dpo loss differences:", max(diffs))
+    assert max(diffs) <= LOSS_TOLERANCE, diffs
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    print("dpo weight difference:", max_diff(a, b))
+    assert max_diff(a, b) <= WEIGHT_TOLERANCE
