@@ -244,3 +244,93 @@ def test_killed_and_resumed_dpo_matches_an_uninterrupted_run(
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     print("dpo weight difference:", max_diff(a, b))
     assert max_diff(a, b) <= WEIGHT_TOLERANCE
+
+
+RUN = """\
+output_dir = "{out}"
+phases = ["sl"]
+seed = 1
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+
+[generator]
+plugin = "echo"
+
+[critic]
+plugin = "shout"
+revisions = 1
+
+[policy_optimiser]
+plugin = "torch"
+device = "cpu"
+checkpoint_every_steps = {every}
+
+[policy_optimiser.sft]
+learning_rate = 0.01
+max_steps = 6
+batch_size = 2
+max_length = 128
+"""
+
+
+@pytest.fixture
+def with_torch(with_echo: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Only the echo fixture plugins, the local executor and the torch plugin."""
+    import caikit_torch.plugin as torch_plugin
+    from caikit_core import plugins
+
+    monkeypatch.setenv("CAIKIT_LOAD_PLUGINS", "echo,local,torch")
+    plugins.reset()
+    manager = plugins.get_plugin_manager()
+    if "torch" not in manager.plugin_origins():
+        manager.register(torch_plugin, "torch")
+    yield
+    plugins.reset()
+
+
+def test_a_killed_sft_stage_resumes_on_rerun_through_the_runner(
+    tiny_llama: Path, tmp_path: Path, kill_at_step: Any, with_torch: None
+) -> None:
+    """The runner hands the torch optimiser stages/sft/<fp>/checkpoints; a rerun after
+    the kill continues there, ends as an uninterrupted run, and removes the folder.
+    (checkpoint_every_steps is not fingerprinted: both runs share the stage folder.)"""
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.runner import Runner
+    from tests.shared import PROMPTS
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    def runner(out: str, every: int) -> Runner:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(RUN.format(out=out, policy=tiny_llama, every=every), encoding="utf-8")
+        return Runner(load_run(path, plugins.get_registry()))
+
+    straight = runner("straight", 100).execute().stage("sft")
+    kill_at_step(3)
+    with pytest.raises(Killed):
+        runner("killed", 2).execute()
+    stage_dirs = list((tmp_path / "killed" / "stages" / "sft").iterdir())
+    assert [p.name for p in stage_dirs] == [straight.path.name]  # the same fingerprint
+    kept = stage_dirs[0] / "checkpoints"
+    assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-2"]
+    kill_at_step(None)
+    resumed = runner("killed", 2).execute().stage("sft")
+    assert resumed.status == "ran" and not kept.exists()
+    assert straight.artifact is not None and resumed.artifact is not None
+    a_record = json.loads((straight.artifact / "caikit_sft.json").read_text())
+    b_record = json.loads((resumed.artifact / "caikit_sft.json").read_text())
+    assert [s for s, _ in b_record["losses"]] == list(range(1, 7))
+    diffs = [
+        abs(x - y) for (_, x), (_, y) in zip(a_record["losses"], b_record["losses"], strict=True)
+    ]
+    assert max(diffs) <= LOSS_TOLERANCE, diffs
+    a = load_file(str(straight.artifact / "model.safetensors"))
+    b = load_file(str(resumed.artifact / "model.safetensors"))
+    assert max_diff(a, b) <= WEIGHT_TOLERANCE
