@@ -262,6 +262,7 @@ def make_resumable(
     every_minutes: float | None,
     *,
     fit: str,
+    per_step: int = 1,
 ) -> str | None:
     """Let an HF ``Trainer`` save resumable checkpoints into ``root`` and resume from the
     newest; returns what to pass as ``trainer.train(resume_from_checkpoint=...)``.
@@ -274,6 +275,10 @@ def make_resumable(
     ``_save_*`` / ``_load_*`` methods are replaced) and ``training_args.bin`` is
     deleted. A callback decides when to save (:class:`Schedule`), writes
     :data:`MARKER` last and removes older checkpoints. ``root=None``: nothing changes.
+
+    ``per_step``: optimiser steps per counted step; saves happen only at multiples of
+    it (RLOO/GRPO: a rollout's ``iterations``, so a resume never starts inside a
+    rollout whose generations TRL buffers), and ``every_steps`` counts those.
     """
     if root is None:
         return None
@@ -333,7 +338,8 @@ def make_resumable(
 
     class _Checkpoints(transformers.TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step < state.max_steps and schedule.due(int(state.global_step)):
+            step = int(state.global_step)
+            if step < state.max_steps and step % per_step == 0 and schedule.due(step // per_step):
                 control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -68,9 +68,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 #: Accepted values of ``device``.
 DEVICES = ("auto", "cpu", "cuda")
 #: What the policy optimiser can do: SFT, PPO (and RLOO/GRPO) against a reward, and DPO;
-#: PPO, RLOO and GRPO can take their rollouts from a generator plugin; SFT, PPO and DPO
-#: resume from checkpoints (``resumable``: RLOO and GRPO take ``checkpoint_dir`` and do
-#: not use it yet).
+#: PPO, RLOO and GRPO can take their rollouts from a generator plugin; every fit resumes
+#: from checkpoints (``resumable``; RLOO and GRPO not with a rollout generator).
 CAPABILITIES = frozenset(
     {SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS, RESUMABLE}
 )

@@ -142,9 +142,9 @@ class TorchOptimiser:
         :param labelled: the AI-labelled comparisons (``dpo``).
         :param out: the folder to save the optimised checkpoint in (created if missing);
             ``caikit_rl.json`` beside it records the settings and per-step metrics.
-        :param checkpoint_dir: where ``"ppo"`` and ``"dpo"`` keep resumable checkpoints
+        :param checkpoint_dir: where to keep resumable checkpoints
             (``checkpoint_every_*``) and resume from the newest one; ``"rloo"`` and
-            ``"grpo"`` do not checkpoint yet (they restart).
+            ``"grpo"`` save at rollout boundaries only, and not with ``rollouts``.
         :returns: ``out`` and the final metrics.
         :raises CaikitError: nothing to train on, or settings that cannot work together.
         :raises PluginError: a model folder is missing or cannot be loaded.
