@@ -84,3 +84,31 @@ def test_a_plugin_without_the_capability_gets_no_checkpoint_dir(
     summary = Runner(load_run(echo_run, plugins.get_registry())).execute()
     assert summary.stage("sft").status == "ran"
     assert not (summary.stage("sft").path / "checkpoints").exists()
+
+
+def test_checkpoint_settings_do_not_enter_fingerprints() -> None:
+    from caikit_core.config import RoleRef
+    from caikit_core.converter import InvalidValue
+    from caikit_core.training.settings import (
+        CHECKPOINT_EVERY_MINUTES,
+        PolicyOptimiserSettings,
+        PreferenceModelSettings,
+    )
+
+    for role, cls in (
+        ("policy_optimiser", PolicyOptimiserSettings),
+        ("preference_model", PreferenceModelSettings),
+    ):
+        plain = RoleRef(role, "torch", cls())
+        assert cls().checkpoint_every_steps is None
+        assert cls().checkpoint_every_minutes == CHECKPOINT_EVERY_MINUTES == 30.0
+        often = RoleRef(role, "torch", cls(checkpoint_every_steps=5, checkpoint_every_minutes=None))
+        assert often.options()["checkpoint_every_steps"] == 5
+        assert often.fingerprint_options() == plain.fingerprint_options()
+        assert "checkpoint_every_steps" not in plain.fingerprint_options()
+        with pytest.raises(InvalidValue, match="positive integer or nothing, found 0") as info:
+            cls(checkpoint_every_steps=0)
+        assert info.value.field == "checkpoint_every_steps"
+        with pytest.raises(InvalidValue, match="found -1") as info:
+            cls(checkpoint_every_minutes=-1.0)
+        assert info.value.field == "checkpoint_every_minutes"
