@@ -179,3 +179,41 @@ def test_a_sigkilled_ppo_process_resumes_to_the_same_weights(
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hf_generator(model: Path) -> object:
+    from caikit_core.plugins import get_registry
+
+    spec = get_registry().get("generator", "hf")
+    assert spec.config_cls is not None
+    return spec.build(spec.config_cls(device="cpu"), model=str(model))
+
+
+def test_resumed_ppo_pushes_the_restored_policy_into_a_rollout_generator(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """rl.rollouts = "generator": a fresh generator holds the starting weights; the
+    resumed run pushes the checkpoint's policy into it before sampling, so the
+    metrics and weights equal an uninterrupted run's."""
+    straight = run(tiny_llama, tmp_path / "straight", rollouts=hf_generator(tiny_llama))
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(Killed):
+        run(
+            tiny_llama,
+            tmp_path / "a",
+            kill_at=2,
+            checkpoint_dir=ckpt,
+            checkpoint_every_steps=2,
+            rollouts=hf_generator(tiny_llama),
+        )
+    resumed = run(
+        tiny_llama,
+        tmp_path / "b",
+        checkpoint_dir=ckpt,
+        checkpoint_every_steps=2,
+        rollouts=hf_generator(tiny_llama),
+    )
+    assert untimed(resumed) == untimed(straight)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
