@@ -419,3 +419,71 @@ def test_the_schedule_saves_every_n_steps_or_after_m_minutes(
     by_time.saved()
     assert not by_time.due(4)
     assert not any(checkpoints.Schedule(None, None).due(s) for s in range(1, 5))
+
+
+@pytest.mark.slow
+def test_caikit_run_sigkilled_in_sft_then_resume_matches_an_uninterrupted_run(
+    tiny_llama: Path, tmp_path: Path, echo_site: Path
+) -> None:
+    """The real command: ``caikit run`` SIGKILLed once an sft checkpoint exists, then
+    ``caikit run --resume RUN_DIR``: the stage continues from the checkpoint and ends
+    with an uninterrupted run's losses and weights."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.shared import PROMPTS
+
+    env = dict(os.environ)
+    env.pop("CAIKIT_LOAD_PLUGINS", None)
+    env["PYTHONPATH"] = os.pathsep.join(map(str, (echo_site, ROOT, ROOT / "plugins")))
+
+    def write(folder: Path, every: int) -> Path:
+        folder.mkdir()
+        (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+        text = RUN.format(out="out", policy=tiny_llama, every=every)
+        (folder / "run.toml").write_text(text.replace("max_steps = 6", "max_steps = 30"))
+        return folder / "run.toml"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "caikit_core.cli", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    reference = write(tmp_path / "reference", 100)
+    assert cli("run", str(reference), "--quiet").returncode == 0
+    killed = write(tmp_path / "killed", 4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caikit_core.cli", "run", str(killed), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(
+            (killed.parent / "out").glob(f"stages/sft/*/checkpoints/*/{checkpoints.MARKER}")
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = list((killed.parent / "out").glob("stages/sft/*/checkpoints/checkpoint-*"))
+    assert kept and not list((killed.parent / "out").glob("stages/sft/*/artifact"))
+    resumed = cli("run", "--resume", str(killed.parent / "out"), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a_dir,) = (reference.parent / "out").glob("stages/sft/*/artifact")
+    (b_dir,) = (killed.parent / "out").glob("stages/sft/*/artifact")
+    assert not list((killed.parent / "out").glob("stages/sft/*/checkpoints"))
+    a_losses = json.loads((a_dir / "caikit_sft.json").read_text())["losses"]
+    b_losses = json.loads((b_dir / "caikit_sft.json").read_text())["losses"]
+    assert [s for s, _ in b_losses] == list(range(1, 31))
+    diffs = [abs(x - y) for (_, x), (_, y) in zip(a_losses, b_losses, strict=True)]
+    print("caikit run sft loss differences:", max(diffs), "resumed from", kept[0].name)
+    assert max(diffs) <= LOSS_TOLERANCE
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert max_diff(a, b) <= WEIGHT_TOLERANCE
