@@ -54,6 +54,10 @@ SUPPORTS_PREFERENCE_LOSS = "preference-loss"
 #: Policy optimiser: takes its RL rollouts from a generator plugin
 #: (``optimise(..., rollouts=generator)``, ``rl.rollouts = "generator"``).
 GENERATOR_ROLLOUTS = "generator-rollouts"
+#: Preference model or policy optimiser: its fits take ``checkpoint_dir=`` (a folder
+#: that survives a kill, inside the stage folder), save resumable checkpoints there
+#: and continue from the last one when called again; see docs/reliability-training.md.
+RESUMABLE = "resumable"
 #: Executor: runs batches in parallel, possibly on other machines.
 DISTRIBUTED = "distributed"
 
@@ -70,6 +74,7 @@ ALL_CAPABILITIES = frozenset(
         SUPPORTS_PPO,
         SUPPORTS_PREFERENCE_LOSS,
         GENERATOR_ROLLOUTS,
+        RESUMABLE,
         DISTRIBUTED,
     }
 )
@@ -138,7 +143,10 @@ class Labeller(Protocol):
 
 @runtime_checkable
 class PreferenceModel(Protocol):
-    """Trained on soft-labelled comparisons; scores (prompt, response) pairs."""
+    """Trained on soft-labelled comparisons; scores (prompt, response) pairs.
+
+    A model with the ``resumable`` capability is also called as
+    ``fit(labelled, out, checkpoint_dir=folder)``; see :data:`RESUMABLE`."""
 
     capabilities: frozenset[str]
 
@@ -151,7 +159,10 @@ class PreferenceModel(Protocol):
 
 @runtime_checkable
 class PolicyOptimiser(Protocol):
-    """Fine-tunes a policy; checkpoints are HF-format folders named by path."""
+    """Fine-tunes a policy; checkpoints are HF-format folders named by path.
+
+    An optimiser with the ``resumable`` capability is also called with
+    ``checkpoint_dir=folder`` by ``sft`` and ``optimise``; see :data:`RESUMABLE`."""
 
     capabilities: frozenset[str]
 

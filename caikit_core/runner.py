@@ -13,7 +13,10 @@ holds a complete result with that fingerprint. Otherwise
   in item order and each record id once (an executor that retries a batch cannot
   duplicate rows). Complete shards are kept, so an interrupted stage resumes where
   it stopped;
-- a ``fit`` stage trains into a temporary folder that becomes its ``artifact``.
+- a ``fit`` stage trains into a temporary folder that becomes its ``artifact``; a
+  plugin with the ``resumable`` capability also gets the stage's ``checkpoints``
+  folder (``checkpoint_dir=``), which survives a kill, so a rerun continues from
+  its last checkpoint; the folder is removed once the stage is complete.
 
 A stage's fingerprint covers its own settings, its roles' plugins and configs, the
 seed, the constitution (for critics and labellers) and its input's fingerprint, so
@@ -206,6 +209,7 @@ class Runner:
             artifact = self.store.artifact_dir(stage.name, fp)
             if existing is not None and existing.complete and artifact.is_dir():
                 log.info("%s: complete, skipped", stage.name)
+                self.store.remove_checkpoints(stage.name, fp)  # a kill before removal
                 self.ctx.artifacts[stage.name] = artifact
                 return StageResult(
                     stage.name, "skipped", 0, 0.0, fp, path, artifact,
@@ -302,16 +306,20 @@ class Runner:
         release_instances()  # free the generators' models before training
         self.store.clean_temp_files(stage.name, fp)  # what a killed fit left (we hold the lock)
         started = time.perf_counter()
-        with self.store.artifact_writer(stage.name, fp) as tmp:
-            try:
-                report = stage.fit(self.ctx, tmp)
-            except TrainingStopped as stopped:
-                kept = self._keep_stopped(stage, fp, tmp, stopped)
-                raise TrainingStopped(
-                    f"stage '{stage.name}' stopped: {stopped}"
-                    + (f"; checkpoint kept at {kept}" if kept else ""),
-                    checkpoint=str(kept) if kept else None,
-                ) from stopped
+        self.ctx.checkpoint_dir = self.store.checkpoint_dir(stage.name, fp)
+        try:
+            with self.store.artifact_writer(stage.name, fp) as tmp:
+                try:
+                    report = stage.fit(self.ctx, tmp)
+                except TrainingStopped as stopped:
+                    kept = self._keep_stopped(stage, fp, tmp, stopped)
+                    raise TrainingStopped(
+                        f"stage '{stage.name}' stopped: {stopped}"
+                        + (f"; checkpoint kept at {kept}" if kept else ""),
+                        checkpoint=str(kept) if kept else None,
+                    ) from stopped
+        finally:
+            self.ctx.checkpoint_dir = None
         elapsed = time.perf_counter() - started
         manifest.artifact = "artifact"
         manifest.metrics = {k: float(v) for k, v in report.metrics.items()}
@@ -320,6 +328,7 @@ class Runner:
         manifest.finished_at = time.time()
         manifest.timings["seconds"] = elapsed
         self.store.write_manifest(manifest)
+        self.store.remove_checkpoints(stage.name, fp)  # complete: nothing to resume
         artifact = self.store.artifact_dir(stage.name, fp)
         self.ctx.artifacts[stage.name] = artifact
         return StageResult(

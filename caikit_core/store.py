@@ -389,6 +389,18 @@ class RunStore:
     def artifact_dir(self, stage: str, fp: str) -> Path:
         return self.stage_dir(stage, fp) / "artifact"
 
+    def checkpoint_dir(self, stage: str, fp: str) -> Path:
+        """Where a fit stage's resumable checkpoints live while it trains: a folder of
+        the stage folder (not the temporary artifact folder, which a kill loses),
+        removed once the stage is complete."""
+        return self.stage_dir(stage, fp) / "checkpoints"
+
+    def remove_checkpoints(self, stage: str, fp: str) -> None:
+        """Remove a complete fit stage's resumable checkpoints (if any are left)."""
+        folder = self.checkpoint_dir(stage, fp)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
     @contextlib.contextmanager
     def artifact_writer(self, stage: str, fp: str) -> Iterator[Path]:
         """A fresh temporary folder that becomes the stage's artifact on success."""

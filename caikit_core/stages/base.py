@@ -265,6 +265,8 @@ class Context:
         self.stages = stages
         self.fingerprints: dict[str, str] = {}
         self.artifacts: dict[str, Path] = {}
+        #: the running fit stage's checkpoint folder (set by the runner around ``fit``)
+        self.checkpoint_dir: Path | None = None
         self._constitution: Constitution | None = None
 
     @property
@@ -288,6 +290,18 @@ class Context:
 
     def role(self, name: str) -> RoleRef:
         return self.run.roles[name].ref
+
+    def fit_options(self, plugin: Any) -> dict[str, Any]:
+        """The keywords a fit stage adds to its plugin's fit call: ``checkpoint_dir``
+        (the stage's checkpoint folder, created) for a plugin that declares the
+        ``resumable`` capability, nothing for any other (so a third-party plugin's
+        fit signature need not change)."""
+        from caikit_core.interfaces import RESUMABLE
+
+        if self.checkpoint_dir is None or RESUMABLE not in getattr(plugin, "capabilities", ()):
+            return {}
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        return {"checkpoint_dir": self.checkpoint_dir}
 
     def path(self, value: str) -> Path:
         """A path named in the run file, relative to the run file's folder."""

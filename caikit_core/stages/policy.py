@@ -57,16 +57,24 @@ class Policy(Stage):
         reward = pm_role.spec().build(pm_role.config, model=ctx.model("preference"))
         reward.load(ctx.artifacts["preference_model"])
         policy = ctx.rl_policy()[0]
+        resume = ctx.fit_options(optimiser)
         if ctx.config.rl.rollouts == "optimiser":
             report: FitReport = optimiser.optimise(
-                policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out
+                policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out, **resume
             )
             return report
         generator_role = ctx.role("generator")
         rollouts = generator_role.spec().build(generator_role.config, model=policy)
         try:
             report = optimiser.optimise(
-                policy, policy, reward, ctx.rows("prompts"), labelled(ctx), out, rollouts=rollouts
+                policy,
+                policy,
+                reward,
+                ctx.rows("prompts"),
+                labelled(ctx),
+                out,
+                rollouts=rollouts,
+                **resume,
             )
         finally:
             close = getattr(rollouts, "close", None)

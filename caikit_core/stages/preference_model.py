@@ -37,7 +37,7 @@ class PreferenceModelStage(Stage):
     def fit(self, ctx: Context, out: Path) -> FitReport:
         role = ctx.role("preference_model")
         pm = role.spec().build(role.config, model=ctx.model("preference"))
-        report: FitReport = pm.fit(labelled(ctx), out)
+        report: FitReport = pm.fit(labelled(ctx), out, **ctx.fit_options(pm))
         return report
 
     def summary(self, ctx: Context, result: StageResult) -> list[str]:

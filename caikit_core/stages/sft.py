@@ -46,7 +46,9 @@ class SFT(Stage):
         examples: list[RevisionTrace] = [
             t for name in self._upstream(ctx) for t in ctx.rows(name) if t.skipped_reason is None
         ]
-        report: FitReport = optimiser.sft(ctx.model("policy"), examples, out)
+        report: FitReport = optimiser.sft(
+            ctx.model("policy"), examples, out, **ctx.fit_options(optimiser)
+        )
         return report
 
     def summary(self, ctx: Context, result: StageResult) -> list[str]:

@@ -42,6 +42,7 @@ from caikit_core.converter import InvalidValue
 
 __all__ = [
     "ALGORITHMS",
+    "CHECKPOINT_EVERY_MINUTES",
     "DPO_LOSSES",
     "MOVED_KEYS",
     "NOT_FINGERPRINTED",
@@ -49,6 +50,7 @@ __all__ = [
     "REPORT_TARGETS",
     "SFT_TARGETS",
     "SMOOTHED_DPO_LOSSES",
+    "CheckpointSettings",
     "DPOSettings",
     "GroupRLSettings",
     "OptimisationSettings",
@@ -76,6 +78,10 @@ REPORT_PACKAGES: Mapping[str, str] = {"tensorboard": "tensorboard", "trackio": "
 #: reported): :meth:`caikit_core.config.RoleRef.options` leaves it out of fingerprints.
 NOT_FINGERPRINTED: Mapping[str, bool] = {"fingerprint": False}
 
+#: The default of ``checkpoint_every_minutes``: a killed fit loses at most about this
+#: much training, and a short run (a test, a quickstart) writes no checkpoint at all.
+CHECKPOINT_EVERY_MINUTES = 30.0
+
 _report_targets = v.Check(
     f"a list of distinct names from {', '.join(repr(t) for t in REPORT_TARGETS)}",
     lambda value: all(t in REPORT_TARGETS for t in value) and len(set(value)) == len(value),
@@ -84,6 +90,29 @@ _report_targets = v.Check(
 _optional_positive_number = v.optional(v.positive_number)
 _optional_positive_int = v.optional(v.positive_int)
 _unit_interval = v.number_in(0, 1)
+
+
+@attrs.frozen
+class CheckpointSettings:
+    """When a fit saves a resumable checkpoint into its stage folder (a backend that
+    declares the ``resumable`` capability; see docs/reliability-training.md). Neither
+    field changes results, so neither is fingerprinted: changing one reruns nothing.
+
+    :ivar checkpoint_every_steps: save after every this many optimiser steps (PPO,
+        RLOO, GRPO: rollout steps); nothing: no step-based checkpoints.
+    :ivar checkpoint_every_minutes: save after the first step that ends this many
+        minutes after the last save (or the start); nothing: no time-based
+        checkpoints. Default :data:`CHECKPOINT_EVERY_MINUTES`.
+    """
+
+    checkpoint_every_steps: int | None = attrs.field(
+        default=None, validator=_optional_positive_int, metadata=NOT_FINGERPRINTED
+    )
+    checkpoint_every_minutes: float | None = attrs.field(
+        default=CHECKPOINT_EVERY_MINUTES,
+        validator=_optional_positive_number,
+        metadata=NOT_FINGERPRINTED,
+    )
 
 
 @attrs.frozen
@@ -284,7 +313,7 @@ MOVED_KEYS: Mapping[str, str] = dict(
 
 
 @attrs.frozen
-class PolicyOptimiserSettings:
+class PolicyOptimiserSettings(CheckpointSettings):
     """The policy optimiser's backend-neutral settings: the RL algorithm, the seed and
     one table per algorithm. Backends extend it with their own fields.
 
@@ -300,6 +329,9 @@ class PolicyOptimiserSettings:
     :ivar report_to: also log the trainers' metrics to these
         (:data:`REPORT_TARGETS`; each needs its package, :data:`REPORT_PACKAGES`);
         not fingerprinted: changing it reruns nothing.
+    :ivar checkpoint_every_steps: see :class:`CheckpointSettings` (every fit of the
+        optimiser: SFT and the RL algorithm).
+    :ivar checkpoint_every_minutes: see :class:`CheckpointSettings`.
     """
 
     #: Old flat keys refused with where they moved (read by the converter).
@@ -339,6 +371,8 @@ class PreferenceModelSettings(OptimisationSettings):
         hash of the comparison id and the seed) to report ``eval_*`` metrics on.
     :ivar report_to: also log the trainer's metrics to these (as the policy
         optimiser's ``report_to``); not fingerprinted.
+    :ivar checkpoint_every_steps: as :attr:`CheckpointSettings.checkpoint_every_steps`.
+    :ivar checkpoint_every_minutes: as :attr:`CheckpointSettings.checkpoint_every_minutes`.
     """
 
     learning_rate: float = attrs.field(default=1e-5, validator=v.positive_number)
@@ -346,4 +380,12 @@ class PreferenceModelSettings(OptimisationSettings):
     eval_fraction: float = attrs.field(default=0.0, validator=v.number_in(0, 0.5))
     report_to: tuple[str, ...] = attrs.field(
         default=(), validator=_report_targets, metadata=NOT_FINGERPRINTED
+    )
+    checkpoint_every_steps: int | None = attrs.field(
+        default=None, validator=_optional_positive_int, metadata=NOT_FINGERPRINTED
+    )
+    checkpoint_every_minutes: float | None = attrs.field(
+        default=CHECKPOINT_EVERY_MINUTES,
+        validator=_optional_positive_number,
+        metadata=NOT_FINGERPRINTED,
     )

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import math
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -239,6 +240,18 @@ def trainer_defaults(
 _ALSO_SERVES = {"tensorboard": ("tensorboardX",)}
 
 
+@contextlib.contextmanager
+def scratch_or(folder: Path | None, prefix: str) -> Iterator[str]:
+    """A trainer's ``output_dir``: ``folder`` (a fit's checkpoint folder, kept) when
+    given, else a temporary folder removed afterwards."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        yield scratch
+
+
 def report_targets(targets: Sequence[str]) -> list[str]:
     """``targets`` (a validated ``report_to``), once each target's package is
     importable; else a :class:`PluginError` naming the missing package."""
@@ -382,6 +395,8 @@ class RLRun:
         self.rollouts = rollouts
         #: every logged step (a TRL trainer's ``log_history``, or PPO's per-step metrics).
         self.history: list[dict[str, Any]] = []
+        #: where resumable checkpoints are kept (``resumable``); None: none
+        self.checkpoint_dir: Path | None = None
 
     # records ---------------------------------------------------------------------------
     def write_record(self, metrics: dict[str, float], stopped: str | None = None) -> None:

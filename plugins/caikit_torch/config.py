@@ -35,6 +35,7 @@ from caikit_core import validators as v
 from caikit_core.converter import InvalidValue
 from caikit_core.interfaces import (
     GENERATOR_ROLLOUTS,
+    RESUMABLE,
     SUPPORTS_PPO,
     SUPPORTS_PREFERENCE_LOSS,
     SUPPORTS_SFT,
@@ -67,10 +68,13 @@ DTYPES = ("auto", "float32", "bfloat16")
 #: Accepted values of ``device``.
 DEVICES = ("auto", "cpu", "cuda")
 #: What the policy optimiser can do: SFT, PPO (and RLOO/GRPO) against a reward, and DPO;
-#: PPO, RLOO and GRPO can take their rollouts from a generator plugin.
-CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS})
-#: What the preference model declares: no optional capability (every PM fits, loads, scores).
-PM_CAPABILITIES: frozenset[str] = frozenset()
+#: PPO, RLOO and GRPO can take their rollouts from a generator plugin; every fit resumes
+#: from checkpoints (``resumable``; RLOO and GRPO not with a rollout generator).
+CAPABILITIES = frozenset(
+    {SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS, RESUMABLE}
+)
+#: What the preference model declares: its fit resumes from checkpoints (``resumable``).
+PM_CAPABILITIES: frozenset[str] = frozenset({RESUMABLE})
 
 
 def module_names(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

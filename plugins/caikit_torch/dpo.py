@@ -15,7 +15,6 @@ This module imports torch, transformers, TRL and datasets at import time.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from caikit_core.records import LabelledComparison
 from caikit_core.training.data import DPOPairs, require_dpo_pairs
 from caikit_core.training.settings import SMOOTHED_DPO_LOSSES
+from caikit_torch.checkpoints import make_resumable
 from caikit_torch.common import (
     WHO,
     LossLog,
@@ -36,6 +36,7 @@ from caikit_torch.common import (
     load_tokenizer,
     lora_config,
     precision,
+    scratch_or,
     total_steps,
     trainer_defaults,
 )
@@ -89,7 +90,7 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
         total,
         run.device,
     )
-    with tempfile.TemporaryDirectory(prefix="caikit-dpo-") as scratch:
+    with scratch_or(run.checkpoint_dir, "caikit-dpo-") as scratch:
         args = DPOConfig(
             output_dir=scratch,
             learning_rate=table.learning_rate,
@@ -123,7 +124,14 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
         add_report_callbacks(trainer, cfg.report_to, run.out / "logs")
         prepared: Any = trainer.train_dataset  # TRL drops prompts that fill max_length
         kept = len(prepared)
-        result = trainer.train()
+        resume = make_resumable(
+            trainer,
+            run.checkpoint_dir,
+            cfg.checkpoint_every_steps,
+            cfg.checkpoint_every_minutes,
+            fit="dpo",
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
     run.history = [dict(entry) for entry in trainer.state.log_history]
     steps = [h for h in run.history if "loss" in h]
     run.save(trainer.model, tokenizer, use_cache)

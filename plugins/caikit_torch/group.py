@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import transformers
 from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel, RolloutGenerator
 from caikit_core.records import Prompt, RolloutRequest, Sample, stable_id
+from caikit_torch.checkpoints import make_resumable
 from caikit_torch.common import (
     WHO,
     KLGuard,
@@ -48,6 +48,7 @@ from caikit_torch.common import (
     lora_config,
     precision,
     score_samples,
+    scratch_or,
     sequence_kl,
     trainer_defaults,
 )
@@ -195,7 +196,11 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
         run.device,
     )
     rows = [{"prompt": chat_turns(p.messages), "prompt_id": p.id} for p in kept]
-    with tempfile.TemporaryDirectory(prefix=f"caikit-{cfg.algorithm}-") as scratch:
+    # a rollout generator's weights are not in the checkpoint: no resuming with one
+    checkpoint_dir = run.checkpoint_dir if run.rollouts is None else None
+    if run.checkpoint_dir is not None and checkpoint_dir is None:
+        log.warning("%s: no resumable checkpoints with rl.rollouts = 'generator'", cfg.algorithm)
+    with scratch_or(checkpoint_dir, f"caikit-{cfg.algorithm}-") as scratch:
         trainer_cls: Any = TrainerClass
         if run.rollouts is not None:
             push = Path(scratch) / "push"
@@ -232,7 +237,15 @@ def train_group(run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]) 
         )
         trainer.remove_callback(transformers.PrinterCallback)
         add_report_callbacks(trainer, cfg.report_to, run.out / "logs")
-        result = trainer.train()
+        resume = make_resumable(
+            trainer,
+            checkpoint_dir,
+            cfg.checkpoint_every_steps,
+            cfg.checkpoint_every_minutes,
+            fit=cfg.algorithm,
+            per_step=table.iterations,
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
     run.history = [dict(entry) for entry in trainer.state.log_history]
     # Every optimiser step logs its loss; rewards come with each rollout only.
     steps = [h for h in run.history if "loss" in h]

@@ -57,7 +57,14 @@ class TorchOptimiser:
         self.losses: list[tuple[int, float]] = []
 
     # SL-CAI ---------------------------------------------------------------------------
-    def sft(self, policy: str, examples: Sequence[RevisionTrace], out: Path) -> FitReport:
+    def sft(
+        self,
+        policy: str,
+        examples: Sequence[RevisionTrace],
+        out: Path,
+        *,
+        checkpoint_dir: Path | None = None,
+    ) -> FitReport:
         """Fine-tune ``policy`` on the revisions of ``examples`` and save it to ``out``.
 
         :param policy: a local Hugging Face checkpoint folder with a chat template.
@@ -65,6 +72,8 @@ class TorchOptimiser:
             response are left out (and counted in the metrics).
         :param out: the folder to save the fine-tuned checkpoint in (created if
             missing).
+        :param checkpoint_dir: where to keep resumable checkpoints (``checkpoint_every_*``)
+            and resume from the newest one; ``None``: none.
         :returns: ``out`` and the metrics ``train_loss`` (mean over steps),
             ``loss_first``, ``loss_last``, ``examples``, ``traces``,
             ``skipped_empty``, ``skipped_marked``, ``too_long``, ``steps``,
@@ -82,7 +91,7 @@ class TorchOptimiser:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bars(log.isEnabledFor(logging.INFO)):
-            metrics, self.losses = fine_tune(cfg, folder, data, out, device)
+            metrics, self.losses = fine_tune(cfg, folder, data, out, device, checkpoint_dir)
         metrics["seconds"] = time.perf_counter() - started
         record = {
             "base": str(folder),
@@ -116,6 +125,7 @@ class TorchOptimiser:
         out: Path,
         *,
         rollouts: RolloutGenerator | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> FitReport:
         """RL-CAI: optimise ``policy`` with the configured ``algorithm`` and save it to ``out``.
 
@@ -132,6 +142,9 @@ class TorchOptimiser:
         :param labelled: the AI-labelled comparisons (``dpo``).
         :param out: the folder to save the optimised checkpoint in (created if missing);
             ``caikit_rl.json`` beside it records the settings and per-step metrics.
+        :param checkpoint_dir: where to keep resumable checkpoints
+            (``checkpoint_every_*``) and resume from the newest one; ``"rloo"`` and
+            ``"grpo"`` save at rollout boundaries only, and not with ``rollouts``.
         :returns: ``out`` and the final metrics.
         :raises CaikitError: nothing to train on, or settings that cannot work together.
         :raises PluginError: a model folder is missing or cannot be loaded.
@@ -145,6 +158,7 @@ class TorchOptimiser:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         run = RLRun(cfg, policy_dir, reference_dir, device, out, rollouts)
+        run.checkpoint_dir = checkpoint_dir
         with progress_bars(log.isEnabledFor(logging.INFO)):
             try:
                 if cfg.algorithm == "dpo":
@@ -154,7 +168,7 @@ class TorchOptimiser:
                 elif cfg.algorithm == "ppo":
                     from caikit_torch.ppo import optimise_ppo
 
-                    metrics = optimise_ppo(run, reward, prompts)
+                    metrics = optimise_ppo(run, reward, prompts, checkpoint_dir)
                 else:
                     from caikit_torch.group import train_group
 

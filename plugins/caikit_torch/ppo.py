@@ -71,6 +71,7 @@ import inspect
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -87,6 +88,7 @@ from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel, RolloutGenerator
 from caikit_core.records import Conversation, Prompt, RolloutRequest, Sample, stable_id
 from caikit_core.training.settings import PPOSettings
+from caikit_torch import checkpoints
 from caikit_torch.common import RLRun, chat_turns, score_samples
 
 __all__ = [
@@ -534,8 +536,12 @@ class _Trainer:
         options: PPOOptions,
         out: Path,
         rollouts: RolloutGenerator | None = None,
+        checkpoint_dir: Path | None = None,
+        schedule: checkpoints.Schedule | None = None,
     ) -> None:
         self.settings = settings
+        self.checkpoint_dir = checkpoint_dir
+        self.schedule = schedule or checkpoints.Schedule(None, None)
         self.rollouts = rollouts
         self.options = options
         self.reward = reward
@@ -653,7 +659,7 @@ class _Trainer:
 
     # the loop ---------------------------------------------------------------------------
     def run(self, on_step: Callable[[dict[str, float]], None] | None) -> list[dict[str, float]]:
-        for step in range(self.settings.steps):
+        for step in range(self._resume(), self.settings.steps):
             metrics = self.step(step)
             self.history.append(metrics)
             log.info(
@@ -667,8 +673,84 @@ class _Trainer:
             )
             if on_step is not None:
                 on_step(metrics)
+            done = step + 1
+            due = self.checkpoint_dir is not None and done < self.settings.steps
+            if due and self.schedule.due(done):
+                self.checkpoint(done)
         self.save(stopped=None)
         return self.history
+
+    # resumable checkpoints ----------------------------------------------------------------
+    def _record(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed from."""
+        return {
+            "fit": "ppo",
+            "policy": self.policy_name,
+            "reference": self.reference_name,
+            "settings": {**attrs.asdict(self.settings), **asdict(self.options)},
+            "processes": self.world,
+            "prompts": len(self.prompts),
+        }
+
+    def checkpoint(self, done: int) -> None:
+        """Save everything a resumed run needs after ``done`` steps into
+        ``checkpoint_dir`` (see :mod:`caikit_torch.checkpoints`): the policy and value
+        head, AdamW's state, the KL coefficient, the prompts drawn so far, the metrics
+        and responses of every step. Nothing else is random: each step's sampling and
+        mini-batch order come from generators seeded by ``(seed, step, rank)``."""
+        assert self.checkpoint_dir is not None
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+
+            def fill(folder: Path) -> None:
+                model = self.accelerator.unwrap_model(self.model)
+                checkpoints.save_state(folder, "model", model.state_dict())
+                checkpoints.save_state(folder, "optimizer", self.optimizer.state_dict())
+                trainer = {
+                    "kl_coef": self.kl.value,
+                    "prompts_drawn": done * self.settings.rollout_batch_size * self.world,
+                    "history": self.history,
+                }
+                checkpoints.save_state(folder, "trainer", trainer)
+                responses = self.out / ROLLOUTS_FILE
+                if responses.is_file():
+                    shutil.copyfile(responses, folder / "rollouts.json")
+
+            path = checkpoints.write(self.checkpoint_dir, done, fill, self._record())
+            log.info("ppo: checkpoint after step %d saved to %s", done, path)
+        self.accelerator.wait_for_everyone()
+        self.schedule.saved()
+
+    def _resume(self) -> int:
+        """Load the newest checkpoint in ``checkpoint_dir``; returns the step to start at
+        (0 without one)."""
+        folder = checkpoints.latest(self.checkpoint_dir)
+        if folder is None:
+            return 0
+        marker = json.loads((folder / checkpoints.MARKER).read_text(encoding="utf-8"))
+        done = int(marker.pop("step"))
+        if marker != json.loads(json.dumps(self._record())):
+            raise CaikitError(
+                f"{_WHO}: checkpoint {folder} was saved by a run with other settings or "
+                "processes; remove it to start again"
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_state_dict(checkpoints.load_state(folder, "model"))
+        self.optimizer.load_state_dict(checkpoints.load_state(folder, "optimizer"))
+        trainer = checkpoints.load_state(folder, "trainer")
+        self.kl.value = float(trainer["kl_coef"])
+        self.history = [dict(row) for row in trainer["history"]]
+        for _ in range(int(trainer["prompts_drawn"])):
+            next(self.stream)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            responses = folder / "rollouts.json"
+            if responses.is_file():
+                shutil.copyfile(responses, self.out / ROLLOUTS_FILE)
+        if self.rollouts is not None:
+            self._push()
+        log.info("ppo: resumed from %s after step %d of %d", folder, done, self.settings.steps)
+        return done
 
     def step(self, step: int) -> dict[str, float]:
         """One rollout and its update; returns the step's metrics."""
@@ -1033,6 +1115,9 @@ def train_ppo(
     options: PPOOptions | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     rollouts: RolloutGenerator | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every_steps: int | None = None,
+    checkpoint_every_minutes: float | None = None,
 ) -> list[dict[str, float]]:
     """Train ``policy`` with PPO against ``reward``, penalised by KL to ``reference``.
 
@@ -1054,9 +1139,18 @@ def train_ppo(
     :param rollouts: a generator loaded with ``policy`` to sample the responses
         (``rl.rollouts = "generator"``); the updated policy is saved and loaded into
         it after every step but the last. ``None``: the policy's own ``generate``.
-    :returns: every step's metrics, in order (:data:`METRIC_KEYS`, all finite).
-    :raises CaikitError: invalid options, no prompts, or a reward function that
-        returns the wrong number of scores or non-finite ones.
+    :param checkpoint_dir: where to save resumable checkpoints (see
+        :mod:`caikit_torch.checkpoints`) and to resume from the newest one there;
+        ``None``: none. On CPU a resumed run's metrics (but ``time/*``) and final
+        weights equal an uninterrupted run's exactly.
+    :param checkpoint_every_steps: save after every this many steps.
+    :param checkpoint_every_minutes: save after the first step ending this many minutes
+        after the last save.
+    :returns: every step's metrics, in order (:data:`METRIC_KEYS`, all finite); a
+        resumed run's include those before the checkpoint.
+    :raises CaikitError: invalid options, no prompts, a reward function that
+        returns the wrong number of scores or non-finite ones, or a checkpoint saved
+        with other settings.
     :raises PluginError: a checkpoint folder that cannot be loaded.
     :raises TrainingStopped: a non-finite loss (no checkpoint), or a rollout KL above
         ``settings.kl_bound`` (the policy is saved to ``out`` first).
@@ -1067,7 +1161,19 @@ def train_ppo(
         raise CaikitError(f"{_WHO}: invalid settings: " + "; ".join(problems))
     if not prompts:
         raise CaikitError(f"{_WHO}: no prompts to train on")
-    trainer = _Trainer(policy, reference, reward, prompts, settings, options, Path(out), rollouts)
+    schedule = checkpoints.Schedule(checkpoint_every_steps, checkpoint_every_minutes)
+    trainer = _Trainer(
+        policy,
+        reference,
+        reward,
+        prompts,
+        settings,
+        options,
+        Path(out),
+        rollouts,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        schedule=schedule,
+    )
     try:
         return trainer.run(on_step)
     finally:
@@ -1075,7 +1181,10 @@ def train_ppo(
 
 
 def optimise_ppo(
-    run: RLRun, reward: PreferenceModel, prompts: Sequence[Prompt]
+    run: RLRun,
+    reward: PreferenceModel,
+    prompts: Sequence[Prompt],
+    checkpoint_dir: Path | None = None,
 ) -> dict[str, float]:
     """RL-CAI with ``algorithm = "ppo"``: :func:`train_ppo` against the preference model's
     score, with ``[policy_optimiser.ppo]``'s settings; returns the metrics."""
@@ -1106,6 +1215,9 @@ def optimise_ppo(
         options=PPOOptions(seed=cfg.seed, device=run.device),
         on_step=on_step,
         rollouts=run.rollouts,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        checkpoint_every_minutes=cfg.checkpoint_every_minutes,
     )
     run.history = [dict(h) for h in history]
     first, last = history[0], history[-1]

@@ -51,7 +51,6 @@ import gc
 import json
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from caikit_core.training.metrics import (
     held_out_split,
     preference_metrics,
 )
+from caikit_torch.checkpoints import make_resumable
 from caikit_torch.common import (
     LossLog,
     add_report_callbacks,
@@ -88,6 +88,7 @@ from caikit_torch.common import (
     precision,
     progress_bars,
     resolve_device,
+    scratch_or,
     trainer_defaults,
 )
 from caikit_torch.config import PM_CAPABILITIES, TorchPreferenceConfig
@@ -220,12 +221,20 @@ class TorchPreferenceModel:
         self._autocast = False
 
     # fit -------------------------------------------------------------------------------
-    def fit(self, labelled: Sequence[LabelledComparison], out: Path) -> FitReport:
+    def fit(
+        self,
+        labelled: Sequence[LabelledComparison],
+        out: Path,
+        *,
+        checkpoint_dir: Path | None = None,
+    ) -> FitReport:
         """Train the head and trunk on ``labelled`` and save the model to ``out``.
 
         :param labelled: comparisons with their soft labels; a ``p_a`` outside
             [0, 1] is refused, a non-finite one stops training at its batch.
         :param out: the folder to save into (created if missing).
+        :param checkpoint_dir: where to keep resumable checkpoints (``checkpoint_every_*``)
+            and resume from the newest one; ``None``: none.
         :returns: ``out`` and the metrics ``loss``, ``accuracy``, ``calibration``,
             ``brier``, ``examples`` (training comparisons, after training),
             ``eval_*`` (held-out ones, with ``eval_fraction``), ``ties``,
@@ -251,7 +260,7 @@ class TorchPreferenceModel:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bars(log.isEnabledFor(logging.INFO)):
-            metrics = self._train(folder, train, out / "logs")
+            metrics = self._train(folder, train, out / "logs", checkpoint_dir)
             self.save(out, base=str(folder))
             # Score with the weights as saved and as a later ``load`` gives them: the
             # trained tensors' memory alignment can change float32 results in the last bit.
@@ -275,7 +284,11 @@ class TorchPreferenceModel:
         return FitReport(str(out), metrics, history=history)
 
     def _train(
-        self, folder: Path, labelled: list[LabelledComparison], logs: Path
+        self,
+        folder: Path,
+        labelled: list[LabelledComparison],
+        logs: Path,
+        checkpoint_dir: Path | None = None,
     ) -> dict[str, float]:
         """Load the trunk, train, keep the model; returns the training metrics
         (TensorBoard's event files, with ``report_to``, go into ``logs``)."""
@@ -304,7 +317,7 @@ class TorchPreferenceModel:
             )
         model = self._load_trunk(folder, weights_dtype, tokenizer)
         total = self._total_steps(len(rows))
-        with tempfile.TemporaryDirectory(prefix="caikit-pm-") as scratch:
+        with scratch_or(checkpoint_dir, "caikit-pm-") as scratch:
             args = RewardConfig(
                 output_dir=scratch,
                 learning_rate=cfg.learning_rate,
@@ -331,7 +344,14 @@ class TorchPreferenceModel:
             )
             trainer.remove_callback(transformers.PrinterCallback)
             add_report_callbacks(trainer, cfg.report_to, logs)
-            result = trainer.train()
+            resume = make_resumable(
+                trainer,
+                checkpoint_dir,
+                cfg.checkpoint_every_steps,
+                cfg.checkpoint_every_minutes,
+                fit="preference_model",
+            )
+            result = trainer.train(resume_from_checkpoint=resume)
         self.losses = [
             (int(entry["step"]), float(entry["loss"]))
             for entry in trainer.state.log_history

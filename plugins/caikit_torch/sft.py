@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from caikit_core.errors import CaikitError
 from caikit_core.training.data import SFTExamples
+from caikit_torch.checkpoints import make_resumable
 from caikit_torch.common import (
     WHO,
     LossLog,
@@ -45,6 +45,7 @@ from caikit_torch.common import (
     load_tokenizer,
     lora_config,
     precision,
+    scratch_or,
     total_steps,
     trainer_defaults,
 )
@@ -59,10 +60,17 @@ SFT_RECORD = "caikit_sft.json"
 
 
 def fine_tune(
-    cfg: TorchOptimiserConfig, folder: Path, data: SFTExamples, out: Path, device: str
+    cfg: TorchOptimiserConfig,
+    folder: Path,
+    data: SFTExamples,
+    out: Path,
+    device: str,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, float], list[tuple[int, float]]]:
     """Load, train and save; returns the metrics (all but ``seconds``) and the
-    ``(step, loss)`` of each logged step."""
+    ``(step, loss)`` of each logged step. With ``checkpoint_dir``, resumable
+    checkpoints are saved there (``cfg.checkpoint_every_*``) and training continues
+    from the newest one (:func:`caikit_torch.checkpoints.make_resumable`)."""
     sft = cfg.sft
     weights_dtype, mixed_bf16 = precision(cfg.dtype, device)
     transformers.set_seed(cfg.seed)
@@ -85,7 +93,7 @@ def fine_tune(
         device,
         f"LoRA r={cfg.lora_r}" if cfg.lora else "all weights",
     )
-    with tempfile.TemporaryDirectory(prefix="caikit-sft-") as scratch:
+    with scratch_or(checkpoint_dir, "caikit-sft-") as scratch:
         args = SFTConfig(
             output_dir=scratch,
             learning_rate=sft.learning_rate,
@@ -116,7 +124,14 @@ def fine_tune(
         )
         trainer.remove_callback(transformers.PrinterCallback)
         add_report_callbacks(trainer, cfg.report_to, out / "logs")
-        result = trainer.train()
+        resume = make_resumable(
+            trainer,
+            checkpoint_dir,
+            cfg.checkpoint_every_steps,
+            cfg.checkpoint_every_minutes,
+            fit="sft",
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
     losses = [
         (int(entry["step"]), float(entry["loss"]))
         for entry in trainer.state.log_history

@@ -264,10 +264,12 @@ def test_registers_both_roles() -> None:
     manager = plugins.PluginManager()
     manager.register(torch_plugin, "torch")
     optimiser = manager.registry.get("policy_optimiser", "torch")
-    assert optimiser.capabilities == frozenset({"sft", "ppo", "preference-loss"})
+    assert optimiser.capabilities == frozenset(
+        {"sft", "ppo", "preference-loss", "generator-rollouts", "resumable"}
+    )
     assert isinstance(optimiser.build(TorchOptimiserConfig()), PolicyOptimiser)
     pm_spec = manager.registry.get("preference_model", "torch")
-    assert pm_spec.config_cls is TorchPreferenceConfig and pm_spec.capabilities == frozenset()
+    assert pm_spec.config_cls is TorchPreferenceConfig and pm_spec.capabilities == {"resumable"}
     pm = pm_spec.build(TorchPreferenceConfig(), model="trunk")
     assert isinstance(pm, TorchPreferenceModel) and isinstance(pm, PreferenceModel)
 

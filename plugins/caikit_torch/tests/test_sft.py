@@ -212,7 +212,9 @@ def test_registers_torch_with_sft_and_rl_capabilities() -> None:
     manager = plugins.PluginManager()
     manager.register(torch_plugin, "torch")
     spec = manager.registry.get("policy_optimiser", "torch")
-    assert spec.capabilities == frozenset({"sft", "ppo", "preference-loss"})
+    assert spec.capabilities == frozenset(
+        {"sft", "ppo", "preference-loss", "generator-rollouts", "resumable"}
+    )
     assert spec.config_cls is TorchOptimiserConfig
     optimiser = spec.build(TorchOptimiserConfig())
     assert isinstance(optimiser, TorchOptimiser)
