@@ -56,7 +56,7 @@ SUPPORTS_PREFERENCE_LOSS = "preference-loss"
 GENERATOR_ROLLOUTS = "generator-rollouts"
 #: Preference model or policy optimiser: its fits take ``checkpoint_dir=`` (a folder
 #: that survives a kill, inside the stage folder), save resumable checkpoints there
-#: and continue from the last one when called again; see docs/reliability-training.md.
+#: and continue from the last one when called again; see docs/reliability.md#resumable-training.
 RESUMABLE = "resumable"
 #: Executor: runs batches in parallel, possibly on other machines.
 DISTRIBUTED = "distributed"

@@ -2,7 +2,7 @@
 capability gets ``checkpoint_dir=`` (the stage folder's ``checkpoints/``, which a
 kill does not lose), a rerun after a failed fit hands it the same folder, and the
 folder is removed once the stage is complete; a plugin without the capability is
-called as before (docs/reliability-training.md)."""
+called as before (docs/reliability.md#resumable-training)."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ _unit_interval = v.number_in(0, 1)
 @attrs.frozen
 class CheckpointSettings:
     """When a fit saves a resumable checkpoint into its stage folder (a backend that
-    declares the ``resumable`` capability; see docs/reliability-training.md). Neither
+    declares the ``resumable`` capability; see docs/reliability.md#resumable-training). Neither
     field changes results, so neither is fingerprinted: changing one reruns nothing.
 
     :ivar checkpoint_every_steps: save after every this many optimiser steps (PPO,

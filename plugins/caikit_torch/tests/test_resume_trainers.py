@@ -33,7 +33,7 @@ from caikit_torch.plugin import TorchOptimiserConfig  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: Largest per-step loss difference allowed between a resumed and an uninterrupted
-#: run (measured: 0 on CPU, see docs/reliability-training.md).
+#: run (measured: 0 on CPU, see docs/reliability.md#resumable-training).
 LOSS_TOLERANCE = 1e-6
 #: Largest weight difference allowed likewise.
 WEIGHT_TOLERANCE = 1e-6
