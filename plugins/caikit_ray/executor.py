@@ -21,7 +21,9 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import traceback
+import warnings
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
 
@@ -34,6 +36,8 @@ log = logging.getLogger("caikit.ray")
 
 #: environment variables an actor takes from the driver (plugin selection)
 FORWARDED_ENV = ("CAIKIT_LOAD_PLUGINS",)
+#: what an error about executor.address suggests
+START_HINT = "start one there (`ray start --head`) or fix executor.address"
 
 
 class ActorTraceback(Exception):
@@ -117,8 +121,8 @@ def probe(address: str, timeout: float) -> None:
             pass
     except OSError as exc:
         raise PluginError(
-            f"ray executor: cannot reach the Ray cluster at {address!r} within "
-            f"{timeout:g} s ({exc}); start it (`ray start --head`) or fix executor.address"
+            f"ray executor: no Ray cluster answered at {address!r} within {timeout:g} s "
+            f"({exc}); {START_HINT}"
         ) from exc
 
 
@@ -133,21 +137,17 @@ class RayExecutor:
         self.check_resources()
 
     def connect(self) -> None:
-        """Connect to ``address``, or start a local Ray, unless this process has one."""
+        """Connect to ``address`` (refused within ``connect_timeout_s`` when nothing
+        listens there), or start a local Ray; a Ray this process started is used as is."""
         import ray
 
-        if ray.is_initialized():
-            return
         cfg = self.config
         if cfg.address is not None:
             probe(cfg.address, cfg.connect_timeout_s)
-            try:
-                ray.init(address=cfg.address, logging_level=logging.WARNING)
-            except Exception as exc:
-                raise PluginError(
-                    f"ray executor: cannot connect to the Ray cluster at {cfg.address!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+        if ray.is_initialized():
+            return
+        if cfg.address is not None:
+            self._init_within(cfg.address, cfg.connect_timeout_s)
             return
         ray.init(
             num_cpus=cfg.num_cpus,
@@ -155,13 +155,45 @@ class RayExecutor:
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    @staticmethod
+    def _init_within(address: str, timeout: float) -> None:
+        """``ray.init(address=...)``, refused after ``timeout`` seconds: against
+        something that accepts connections but is no Ray head, it retries for ever."""
+        import ray
+
+        failure: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=connect, name="caikit-ray-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise PluginError(
+                f"ray executor: no Ray cluster answered at {address!r} within {timeout:g} s "
+                f"(something accepts connections there, but ray.init did not finish); "
+                f"{START_HINT}"
+            )
+        if failure:
+            exc = failure[0]
+            raise PluginError(
+                f"ray executor: cannot connect to the Ray cluster at {address!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def check_resources(self) -> None:
         """Refuse actors that ask for more CPUs or GPUs than any node of the cluster has
         (Ray would wait for them for ever)."""
         import ray
 
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        list_nodes: Any = ray.nodes  # untyped in ray 2.60
+        nodes = [n for n in list_nodes() if n.get("Alive")]
         for key, want in (("GPU", self.config.actor_gpus), ("CPU", self.config.actor_cpus)):
             most = max((float(n.get("Resources", {}).get(key, 0.0)) for n in nodes), default=0.0)
             if want > most:
@@ -190,22 +222,10 @@ class RayExecutor:
         context.enable_progress_bars = False
         actors = min(cfg.actors, len(items))
         dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * actors))
-        env = {name: os.environ.get(name) for name in FORWARDED_ENV}
-        mapped = dataset.map_batches(
-            BatchActor,
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cfg.actor_cpus,
-            num_gpus=cfg.actor_gpus,
-            max_restarts=cfg.max_restarts,
-            max_task_retries=cfg.max_task_retries,
-            fn_constructor_kwargs={
-                "spec": pickle.dumps(worker),
-                "sys_path": list(sys.path),
-                "env": env,
-            },
-        )
+        with warnings.catch_warnings():
+            # max_restarts and max_task_retries have no named parameter in Ray 2.60 yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mapped = self._map_batches(dataset, worker, actors)
         log.info("%s: %d batches on %d Ray actors", describe, len(items), actors)
         rows = iter(mapped.iter_rows())
         while True:
@@ -228,3 +248,24 @@ class RayExecutor:
                     value.__cause__ = ActorTraceback(text)
                 raise value
             yield key, value
+
+    def _map_batches(self, dataset: Any, worker: WorkerFactory, actors: int) -> Any:
+        import ray.data
+
+        cfg = self.config
+        env = {name: os.environ.get(name) for name in FORWARDED_ENV}
+        return dataset.map_batches(
+            BatchActor,
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.actor_gpus,
+            max_restarts=cfg.max_restarts,
+            max_task_retries=cfg.max_task_retries,
+            fn_constructor_kwargs={
+                "spec": pickle.dumps(worker),
+                "sys_path": list(sys.path),
+                "env": env,
+            },
+        )
