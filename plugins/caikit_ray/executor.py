@@ -155,7 +155,6 @@ class RayExecutor:
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     @staticmethod
     def _init_within(address: str, timeout: float) -> None:
@@ -220,6 +219,7 @@ class RayExecutor:
         cfg = self.config
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no lines per dataset
         actors = min(cfg.actors, len(items))
         dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * actors))
         with warnings.catch_warnings():
