@@ -219,7 +219,7 @@ class RayExecutor:
         cfg = self.config
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no lines per dataset
+        context.print_on_execution_start = False  # no plan and log-folder lines per stage
         actors = min(cfg.actors, len(items))
         dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * actors))
         with warnings.catch_warnings():
