@@ -286,3 +286,53 @@ def test_caikit_run_with_an_address_no_ray_answers_at_exits_2_in_bounded_time(
     assert "ray executor: no Ray cluster answered at '10.255.255.1:6379' within 3 s" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (echo_run.parent / "out" / "stages").exists()
+
+
+HF_RUN = """\
+output_dir = "{out}"
+phases = ["sl"]
+seed = 5
+batch_size = 1
+shard_size = 2
+
+[models]
+policy = "{model}"
+
+[data]
+prompts = "prompts.txt"
+
+[sl]
+sft = false
+
+[sl.sampling]
+max_new_tokens = 6
+temperature = {temperature}
+
+[generator]
+plugin = "hf"
+dtype = "float32"
+
+[critic]
+plugin = "constitutional"
+revisions = 1
+max_new_tokens = 6
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "seeded-sampling"])
+def test_a_tiny_hf_model_gives_the_same_records_on_2_actors_as_local(
+    tmp_path: Path, tiny_llama: Path, temperature: float
+) -> None:
+    """The SL data stages (responses, revisions) on a tiny random Llama: each actor
+    loads its own copy; every record equals the local executor's, field by field."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:4]) + "\n", encoding="utf-8")
+    for out, extra in (("out-local", ""), ("out-ray", RAY_TABLE)):
+        path = tmp_path / f"{out}.toml"
+        text = HF_RUN.format(out=out, model=tiny_llama, temperature=temperature)
+        path.write_text(text + extra, encoding="utf-8")
+        Runner(load_run(path, plugins.get_registry())).execute()
+    want, got = _rows(tmp_path / "out-local"), _rows(tmp_path / "out-ray")
+    assert len(want) == 6  # prompts, responses, revisions: 2 shards each
+    assert got == want
