@@ -183,7 +183,7 @@ class _KillableRayPlugin:
             ) -> Iterator[tuple[Hashable, list[Any]]]:
                 delay = 0.4 if describe == "responses" else 0.0
                 spec = PidReportingSpec(worker, str(folder / describe), delay)  # type: ignore[arg-type]
-                (folder / describe).mkdir()
+                (folder / describe).mkdir(exist_ok=True)
                 return super().map(spec, batches, total=total, describe=describe)
 
         register("ray-pids", PidRayExecutor, config=RayExecutorConfig)
@@ -335,4 +335,66 @@ def test_a_tiny_hf_model_gives_the_same_records_on_2_actors_as_local(
         Runner(load_run(path, plugins.get_registry())).execute()
     want, got = _rows(tmp_path / "out-local"), _rows(tmp_path / "out-ray")
     assert len(want) == 6  # prompts, responses, revisions: 2 shards each
+    assert got == want
+
+
+_DRIVER = """\
+import sys
+from pathlib import Path
+from tests.shared import ensure_bundled
+ensure_bundled("ray")
+from caikit_core import plugins
+from caikit_ray.tests.test_executor import _KillableRayPlugin
+plugins.get_plugin_manager().register(_KillableRayPlugin(Path(sys.argv[1])), "killable-ray")
+from caikit_core.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_driver_resumes_on_the_cluster_reusing_its_shards(
+    echo_run: Path, with_echo: Path, tmp_path: Path
+) -> None:
+    """``caikit run`` connected by ``address`` to the session's Ray is SIGKILLed once the
+    first responses shard is written; ``caikit run --resume`` completes the run on the
+    same cluster, keeps that shard file as it was, and every row equals a local run's."""
+    import ray
+
+    echo_run.write_text(echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]'))
+    local = _with_output(echo_run, "out-local")
+    Runner(load_run(local, plugins.get_registry())).execute()
+    gcs = ray.get_runtime_context().gcs_address
+    table = RAY_TABLE.replace('plugin = "ray"', 'plugin = "ray-pids"') + f'address = "{gcs}"\n'
+    run = _with_output(echo_run, "out-ray", table)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    path = [str(with_echo), str(ROOT), str(ROOT / "plugins")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    command = [sys.executable, "-c", _DRIVER, str(pids)]
+    driver = subprocess.Popen(
+        [*command, "run", str(run)], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    responses = echo_run.parent / "out-ray" / "stages" / "responses"
+    deadline = time.monotonic() + 90
+    first: list[Path] = []
+    while not first and time.monotonic() < deadline and driver.poll() is None:
+        first = list(responses.glob("*/shard-00000.parquet"))
+        time.sleep(0.02)
+    assert first, "the driver wrote no responses shard"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    assert driver.returncode == -signal.SIGKILL
+    kept = first[0].stat().st_mtime_ns
+    assert not list(responses.glob("*/shard-00002.parquet"))  # killed mid-stage
+
+    done = subprocess.run(
+        [*command, "run", "--resume", str(echo_run.parent / "out-ray")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert first[0].stat().st_mtime_ns == kept  # reused, not written again
+    want, got = _rows(echo_run.parent / "out-local"), _rows(echo_run.parent / "out-ray")
+    assert len(want) == 9
     assert got == want
