@@ -1,4 +1,4 @@
-"""One local Ray for the whole test session (its start counts once), and the bundled
+"""One local Ray for the test session (its start counts once), and the bundled
 ``ray`` plugin registered in-process where the installed metadata lacks its entry point."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ RAY_CPUS = 2
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session() -> Iterator[None]:
-    """A local Ray with 2 CPUs and a 200 MB object store, shut down at the end; every
-    ``ray`` executor built in this process uses it."""
+    """A local Ray with 2 CPUs and a 200 MB object store; every ``ray`` executor built
+    in this process uses it. Started once per test session (only this package's tests
+    use Ray) and shut down when this package's tests end, so the plugin tests that run
+    after them do not share the machine with an idle Ray."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
