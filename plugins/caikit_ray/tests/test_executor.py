@@ -64,6 +64,13 @@ def test_ray_is_a_bundled_executor_with_the_distributed_capability() -> None:
     assert spec.preflight is not None and spec.preflight() is None  # ray is installed here
 
 
+def test_check_settings_are_valid_settings_within_the_ci_machines_2_cpus() -> None:
+    spec = plugins.get_registry().get("executor", "ray")
+    config = structure(dict(spec.check_settings or {}), RayExecutorConfig)
+    assert config == RayExecutorConfig(num_cpus=2, actors=2, actor_cpus=0.5)
+    assert config.actors * config.actor_cpus <= 2
+
+
 def test_importing_the_plugin_imports_no_ray() -> None:
     code = "import sys, caikit_ray.plugin\nprint('ray' in sys.modules)\n"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
