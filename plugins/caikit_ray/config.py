@@ -36,6 +36,7 @@ class RayExecutorConfig:
     :ivar max_restarts: how often Ray restarts a dead actor (``-1``: without limit).
     :ivar max_task_retries: how often Ray retries a batch whose actor died
         (``-1``: without limit); a batch that raises is not retried.
+    :ivar progress: show a progress bar on stderr (also off under ``caikit --quiet``).
     """
 
     address: str | None = attrs.field(
@@ -54,3 +55,4 @@ class RayExecutorConfig:
     batch_size: int = attrs.field(default=1, validator=validators.positive_int)
     max_restarts: int = attrs.field(default=3, validator=validators.int_at_least(-1))
     max_task_retries: int = attrs.field(default=3, validator=validators.int_at_least(-1))
+    progress: bool = attrs.field(default=True, validator=validators.boolean)

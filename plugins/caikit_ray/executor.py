@@ -210,12 +210,54 @@ class RayExecutor:
         total: int,
         describe: str,
     ) -> Iterator[tuple[Hashable, list[Any]]]:
+        sizes: dict[Hashable, int] = {}
+        items: list[dict[str, bytes]] = []
+        for key, batch in batches:
+            sizes[key] = len(batch)
+            items.append({"item": pickle.dumps((key, batch))})
+        if not items:
+            return
+        results = self._results(worker, items, describe)
+        if not self.show_progress():
+            yield from results
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=Console(file=sys.stderr), transient=False) as progress:
+            task = progress.add_task(f"{describe} (ray)", total=total)
+            for key, out in results:
+                progress.advance(task, sizes.pop(key, 0))  # a retried batch counts once
+                yield key, out
+
+    def show_progress(self) -> bool:
+        """A progress bar on stderr, unless ``progress = false`` or ``caikit --quiet``."""
+        return (
+            self.config.progress and logging.getLogger("caikit").getEffectiveLevel() <= logging.INFO
+        )
+
+    def _results(
+        self, worker: WorkerFactory, items: list[dict[str, bytes]], describe: str
+    ) -> Iterator[tuple[Hashable, list[Any]]]:
+        """Each batch's ``(key, outputs)`` as the actors finish them."""
         import ray
         import ray.data
 
-        items = [{"item": pickle.dumps((key, batch))} for key, batch in batches]
-        if not items:
-            return
         cfg = self.config
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False

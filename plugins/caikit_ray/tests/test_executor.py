@@ -6,6 +6,7 @@ executor's, a killed actor, a plugin raising inside an actor, and the refusals
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -128,7 +129,13 @@ def test_caikit_check_executor_ray_passes(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_records_are_identical_to_the_local_executors(echo_run: Path, with_echo: Path) -> None:
+def test_records_are_identical_to_the_local_executors(
+    echo_run: Path,
+    with_echo: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO, logger="caikit")  # with the progress bars
     local = _with_output(echo_run, "out-local")
     Runner(load_run(local, plugins.get_registry())).execute()
     on_ray = _with_output(echo_run, "out-ray", RAY_TABLE)
@@ -142,6 +149,8 @@ def test_records_are_identical_to_the_local_executors(echo_run: Path, with_echo:
         assert len(got[shard]) == len(rows), shard
         for i, (a, b) in enumerate(zip(rows, got[shard], strict=True)):
             assert a == b, (shard, i)
+    err = capfd.readouterr().err
+    assert "responses (ray)" in err and "labels (ray)" in err
 
 
 def _failure(run: Path, capsys: pytest.CaptureFixture[str]) -> str:
