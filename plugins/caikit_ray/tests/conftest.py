@@ -28,6 +28,10 @@ def ray_session() -> Iterator[None]:
             include_dashboard=False,
             logging_level="WARNING",
         )
+    # Ray Data binds its log handler to sys.stderr when first imported: import it here,
+    # not inside a test whose stderr is a capture buffer closed when the test ends
+    import ray.data
+
     yield
     ray.shutdown()
 

@@ -6,7 +6,6 @@ executor's, a killed actor, a plugin raising inside an actor, and the refusals
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import signal
 import socket
@@ -132,10 +131,12 @@ def test_caikit_check_executor_ray_passes(capsys: pytest.CaptureFixture[str]) ->
 def test_records_are_identical_to_the_local_executors(
     echo_run: Path,
     with_echo: Path,
-    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="caikit")  # with the progress bars
+    from caikit_ray.executor import RayExecutor
+
+    monkeypatch.setattr(RayExecutor, "show_progress", lambda self: True)  # with the bars
     local = _with_output(echo_run, "out-local")
     Runner(load_run(local, plugins.get_registry())).execute()
     on_ray = _with_output(echo_run, "out-ray", RAY_TABLE)
