@@ -17,7 +17,7 @@ VENV_ABS      := $(abspath $(VENV))
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,torch,jax]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev,torch,jax,ray]'
 	$(PIP) check
 	touch $(STAMP)
 

@@ -67,7 +67,7 @@ def with_echo(echo_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 #: bundled plugins whose entry point an environment installed before they existed may
 #: lack (``pip install -e .`` adds it; ``make test`` runs that first)
-LATE_BUNDLED = {"eval": "caikit_eval.plugin"}
+LATE_BUNDLED = {"eval": "caikit_eval.plugin", "ray": "caikit_ray.plugin"}
 
 
 def ensure_bundled(name: str) -> None:

@@ -1,0 +1,1 @@
+"""caikit's bundled Ray executor: map stages on Ray Data actor pools."""
