@@ -84,11 +84,11 @@ import torch
 import transformers
 from torch import nn
 
+import caikit_torch.checkpoints as checkpoints
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel, RolloutGenerator
 from caikit_core.records import Conversation, Prompt, RolloutRequest, Sample, stable_id
 from caikit_core.training.settings import PPOSettings
-from caikit_torch import checkpoints
 from caikit_torch.common import RLRun, chat_turns, score_samples
 
 __all__ = [
