@@ -357,7 +357,13 @@ def evasiveness_bars(result: EvalResult) -> tuple[list[str], dict[str, Estimate]
     ``{checkpoint, split, refusal_rate}`` rows; ``None`` if nothing fits."""
     bars: dict[str, Estimate] = {}
     groups: list[str] = []
-    for name, est in result.metrics.items():
+    metrics = result.metrics
+    if any(name.startswith("refusal/") for name in metrics):
+        # the bundled instrument's own names: refusal/<checkpoint>/<split>; others
+        # (classifier/refusal/..., human/refusal/...: the classifier check on XSTest's
+        # human-labelled completions) are not checkpoints
+        metrics = {k: v for k, v in metrics.items() if k.startswith("refusal/")}
+    for name, est in metrics.items():
         parts = [p for p in re.split(r"[/.:]", name) if p]
         split = next((p for p in parts if p in _SPLITS), None)
         if split is None or not any("refus" in p for p in parts):

@@ -291,6 +291,10 @@ def test_evasiveness_from_metric_names_or_a_table_else_generic() -> None:
             "refusal/base/unsafe": est,
             "classifier/agreement": est,
             "human/refusal/full_compliance": est,
+            # the classifier check's rates on XSTest's human-labelled completions: not
+            # checkpoints (they were drawn as two more, "classifier" and "human")
+            "classifier/refusal/safe": est,
+            "human/refusal/unsafe": est,
         },
     )
     assert evasiveness_bars(named) == (["base"], {"base/safe": est, "base/unsafe": est})
