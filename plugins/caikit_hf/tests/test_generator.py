@@ -151,7 +151,7 @@ def test_registers_hf_with_capabilities() -> None:
     [(args, kwargs)] = calls
     assert args == ("hf", build_generator)
     assert kwargs["config"] is HFGeneratorConfig
-    assert set(kwargs["capabilities"]) == {"score", "seeded"}
+    assert set(kwargs["capabilities"]) == {"score", "seeded", "rollouts"}
 
 
 def test_plugin_module_does_not_import_torch() -> None:
