@@ -117,7 +117,8 @@ BAD_CONFIGS = [
     (
         "executor.toml",
         ECHO_RUN + '\n[executor]\nplugin = "locl"\n',
-        "executor.plugin: unknown executor plugin 'locl'; did you mean 'local'? (available: local, ray)",
+        "executor.plugin: unknown executor plugin 'locl'; did you mean 'local'? "
+        "(available: local, ray)",
     ),
     ("missing.toml", None, "file not found"),
 ]
