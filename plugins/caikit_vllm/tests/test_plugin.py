@@ -141,4 +141,4 @@ def test_caikit_check_generator_vllm_passes_on_the_kits_own_model() -> None:
     passed = [line.split()[1] for line in done.stdout.splitlines() if "PASSED" in line]
     assert "check_generator_rollouts_follow_loaded_weights" in passed
     assert "check_generator_score_chain_rule" in passed
-    assert done.stdout.rstrip().endswith(f"{len(passed)} passed")
+    assert f"{len(passed)} passed" in done.stdout.splitlines()  # vLLM logs to stdout too

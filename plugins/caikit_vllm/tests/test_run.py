@@ -90,8 +90,8 @@ def test_the_same_run_file_gives_identical_greedy_sl_traces(tmp_path: Path) -> N
         max_position_embeddings=2048,
     )
     (tmp_path / "prompts.txt").write_text("\n".join(TINY_CORPUS[:6]) + "\n")
-    for name, table in (("hf", HF), ("vllm", VLLM)):
-        run = tmp_path / f"{name}.toml"
+    run = tmp_path / "run.toml"  # one run file, its [generator] table edited in between
+    for table in (HF, VLLM):
         run.write_text(SL_RUN.format(policy=policy, generator=table))
         done = subprocess.run(
             [sys.executable, "-m", "caikit_core.cli", "run", str(run)],
