@@ -54,7 +54,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 unit: setup
-	$(VENV)/bin/pytest -m "not slow and not gpu"
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults"
 
 # Community plugins under contrib/ are their own distributions with their own
 # tests; they run against this checkout's caikit without being installed into
