@@ -225,6 +225,7 @@ class Runner:
             existing = self.store.adopt_manifest(stage.name, fp)
             if existing is not None:
                 log.info("%s: adopted the artifact a killed run left complete", stage.name)
+                self.store.clean_temp_files(stage.name, fp)  # what else it left (we hold the lock)
         if existing is None:
             self._note_other_results(stage, fp)
         if stage.kind == "fit":
