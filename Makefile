@@ -6,7 +6,7 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 STAMP       := $(VENV)/.caikit-installed
 
-.PHONY: setup setup-vllm test test-vllm lint typecheck unit contrib quickstart quickstart-jax slow clean
+.PHONY: setup setup-vllm test test-vllm lint typecheck unit contrib faults quickstart quickstart-jax slow clean
 
 OPENAI_PLUGIN := contrib/caikit-openai
 VENV_ABS      := $(abspath $(VENV))
@@ -66,6 +66,12 @@ contrib: setup
 
 # The README's test command: lint, types, the default (fast) test suite, contrib.
 test: lint typecheck unit contrib
+
+# The full fault-injection suite (tests/test_faults.py: 24 SIGKILL trials at seeded
+# points of every stage, 8 kills at random times; a few minutes on 2 cores). `unit` runs
+# its short version.
+faults: setup
+	$(VENV)/bin/pytest -m faults
 
 # The vllm generator's tests on a real vLLM engine, in the vLLM environment. Only
 # its folder runs there: that environment has no jax.

@@ -7,11 +7,12 @@ exits with status 2; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CaikitError("caikit run: give a run file or --resume RUN_DIR, not both")
         store = RunStore(Path(args.resume).resolve())
         store.read_run()  # not a run directory: say so before creating a lock file in it
-        with store.lock():  # one lock from reading the recorded run file to the end
+        with _storage_errors(store), store.lock():  # one lock from reading the run file to the end
             info = store.read_run()
             if not isinstance(info.get("config"), dict) or not isinstance(
                 info.get("base_dir"), str
@@ -148,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         recorded = json.loads(json.dumps(raw, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise CaikitError(f"{path}: the run file cannot be recorded as JSON: {exc}") from None
-    with store.lock():  # one lock from recording the run file to the end of the run
+    with _storage_errors(store), store.lock():  # one lock from recording the run file to the end
         info = store.read_run() if store.exists() else {}
         if info and not args.new_run:
             _check_same_run_file(info, path, store)
@@ -161,6 +162,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         store.write_run(info)
         return _execute(run, store, args)
+
+
+@contextlib.contextmanager
+def _storage_errors(store: RunStore) -> Iterator[None]:
+    """A full disk or a read-only run directory as a one-line :class:`StoreError`."""
+    from caikit_core.store import storage_error
+
+    try:
+        yield
+    except OSError as exc:
+        error = storage_error(exc, store.root)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:
@@ -470,8 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C; the runner's names the stage
+        if args.debug:
+            traceback.print_exc()
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
 
 

@@ -48,12 +48,22 @@ from caikit_core.stages.base import (
     StageResult,
     release_instances,
 )
-from caikit_core.store import RunStore, ShardInfo, StageManifest, fingerprint
+from caikit_core.store import RunStore, ShardInfo, StageManifest, fingerprint, storage_error
 
 log = logging.getLogger("caikit.runner")
 
 #: bump when a stage's semantics change so old results are not reused
 STAGE_VERSION = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) while a stage ran; the message names it and how to resume."""
+
+    def __init__(self, stage: str, run_dir: Path) -> None:
+        self.stage = stage
+        super().__init__(
+            f"interrupted during stage '{stage}'; resume with: caikit run --resume {run_dir}"
+        )
 
 
 @attrs.define
@@ -92,9 +102,17 @@ class Runner:
             try:
                 names = stage_names(self.run.config)
                 for name in names:
-                    results.append(self._execute(STAGES[name]()))
-                    self._write_run_info(final=name == names[-1])
-                    self._log_metrics(results[-1])
+                    try:
+                        results.append(self._execute(STAGES[name]()))
+                        self._write_run_info(final=name == names[-1])
+                        self._log_metrics(results[-1])
+                    except KeyboardInterrupt:
+                        raise Interrupted(name, self.store.root) from None
+                    except OSError as exc:
+                        error = storage_error(exc, self.store.root, name)
+                        if error is None:
+                            raise
+                        raise error from exc
             finally:
                 release_instances()
             return RunSummary(self.store.root, results, self.ctx)
@@ -203,6 +221,11 @@ class Runner:
         input_fp, config_fp, fp = self._fingerprints(stage)
         path = self.store.stage_dir(stage.name, fp)
         existing = self.store.read_manifest(stage.name, fp)
+        if existing is None and stage.kind == "fit":
+            existing = self.store.adopt_manifest(stage.name, fp)
+            if existing is not None:
+                log.info("%s: adopted the artifact a killed run left complete", stage.name)
+                self.store.clean_temp_files(stage.name, fp)  # what else it left (we hold the lock)
         if existing is None:
             self._note_other_results(stage, fp)
         if stage.kind == "fit":

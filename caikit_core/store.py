@@ -21,6 +21,7 @@ either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -177,13 +178,41 @@ class StageManifest:
     finished_at: float | None = None
 
 
+#: the errors of a full disk (or quota) and of a folder that cannot be written
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(exc: OSError, where: Path, stage: str | None = None) -> StoreError | None:
+    """The one-line error for a write that failed because the disk is full or the run
+    directory ``where`` cannot be written (``None`` for any other error): the path, the
+    reason, and how to continue. ``where`` stands in for the path when the error names
+    none (pyarrow's do not)."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    path = exc.filename if isinstance(exc.filename, str) else str(where)
+    during = f" (stage '{stage}')" if stage else ""
+    then = (
+        f"resume with: caikit run --resume {where}"
+        if (where / "run.json").is_file()
+        else "run it again"
+    )
+    return StoreError(
+        f"{path}{during}: {os.strerror(exc.errno)}; what is complete is kept: free space "
+        f"or make the run directory writable, then {then}"
+    )
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: give its space back
+        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -290,6 +319,8 @@ class RunStore:
                     f"{self.root}: another caikit process is working on this run"
                 ) from None
             self._held = 1
+            for stale in self.root.glob(".run.json.tmp-*"):  # a killed process's
+                stale.unlink(missing_ok=True)
             try:
                 yield
             finally:
@@ -321,6 +352,27 @@ class RunStore:
         data = converter.unstructure(manifest)
         data["timings"] = {k: _finite(v) for k, v in data["timings"].items()}
         atomic_write_json(folder / "manifest.json", data)
+
+    def adopt_manifest(self, stage: str, fp: str) -> StageManifest | None:
+        """A fit stage's manifest that a killed process wrote in full but did not rename
+        into place, renamed now; ``None`` (the stage is retrained) unless the folder
+        holds the stage's ``artifact`` (renamed into place only after its fit returned)
+        and a temporary manifest that parses, says complete and has this fingerprint."""
+        folder = self.stage_dir(stage, fp)
+        if not self.artifact_dir(stage, fp).is_dir():
+            return None
+        for tmp in sorted(folder.glob(".manifest.json.tmp-*")):
+            try:
+                manifest = converter.structure(
+                    json.loads(tmp.read_text(encoding="utf-8")), StageManifest
+                )
+            except Exception:
+                continue  # torn by the kill: not verifiable
+            if manifest.fingerprint == fp and manifest.complete and manifest.artifact:
+                os.replace(tmp, folder / "manifest.json")
+                assert isinstance(manifest, StageManifest)
+                return manifest
+        return None
 
     def complete_shards(self, manifest: StageManifest) -> dict[int, ShardInfo]:
         """Shards listed in the manifest whose files are present and intact
@@ -365,10 +417,14 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{index:05d}.parquet"
         tmp = folder / f".{name}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / name)
+        try:
+            pq.write_table(table, tmp)
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return name
 
     def read_shard(self, stage: str, fp: str, file: str) -> pa.Table:
