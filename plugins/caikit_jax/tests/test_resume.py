@@ -96,7 +96,7 @@ def checkpoint_files(root: Path) -> list[str]:
 
 def sft_config(**kw: Any) -> JaxOptimiserConfig:
     settings = SFTSettings(learning_rate=1e-3, epochs=2, batch_size=2, max_length=64)
-    return JaxOptimiserConfig(device="cpu", seed=3, sft=settings, **kw)
+    return JaxOptimiserConfig(**{"device": "cpu", "seed": 3, "sft": settings, **kw})
 
 
 def test_killed_and_resumed_sft_equals_an_uninterrupted_run_bitwise(
