@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("tunix")
 
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import load_file
 
-from caikit_core.errors import PluginError  # noqa: E402
-from caikit_core.records import (  # noqa: E402
+from caikit_core.errors import PluginError
+from caikit_core.records import (
     Comparison,
     LabelledComparison,
     PreferenceLabel,
@@ -24,12 +24,12 @@ from caikit_core.records import (  # noqa: E402
     RevisionTrace,
     conversation,
 )
-from caikit_core.testing.tiny_models import TINY_CORPUS  # noqa: E402
-from caikit_core.training.settings import DPOSettings, SFTSettings  # noqa: E402
-from caikit_jax import checkpoints, dpo, reward, sft  # noqa: E402
-from caikit_jax.config import JaxOptimiserConfig, JaxPreferenceConfig  # noqa: E402
-from caikit_jax.optimiser import JaxOptimiser  # noqa: E402
-from caikit_jax.reward import JaxPreferenceModel  # noqa: E402
+from caikit_core.testing.tiny_models import TINY_CORPUS
+from caikit_core.training.settings import DPOSettings, SFTSettings
+from caikit_jax import checkpoints, dpo, reward, sft
+from caikit_jax.config import JaxOptimiserConfig, JaxPreferenceConfig
+from caikit_jax.optimiser import JaxOptimiser
+from caikit_jax.reward import JaxPreferenceModel
 
 
 class Killed(Exception):
@@ -221,3 +221,88 @@ def test_a_checkpoint_with_a_pickle_file_or_other_settings_is_refused(
         JaxOptimiser(sft_config(checkpoint_every_steps=2)).sft(
             str(tiny_llama), traces(6), tmp_path / "c", checkpoint_dir=ckpt
         )
+
+
+RUN = """\
+output_dir = "{out}"
+phases = ["sl"]
+seed = 1
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+
+[generator]
+plugin = "echo"
+
+[critic]
+plugin = "shout"
+revisions = 1
+
+[policy_optimiser]
+plugin = "jax"
+device = "cpu"
+checkpoint_every_steps = {every}
+
+[policy_optimiser.sft]
+learning_rate = 0.01
+max_steps = 6
+batch_size = 2
+max_length = 128
+"""
+
+
+@pytest.fixture
+def with_jax(with_echo: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Only the echo fixture plugins, the local executor and the jax plugin."""
+    import caikit_jax.plugin as jax_plugin
+    from caikit_core import plugins
+
+    monkeypatch.setenv("CAIKIT_LOAD_PLUGINS", "echo,local,jax")
+    plugins.reset()
+    manager = plugins.get_plugin_manager()
+    if "jax" not in manager.plugin_origins():
+        manager.register(jax_plugin, "jax")
+    yield
+    plugins.reset()
+
+
+def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_jax: None
+) -> None:
+    """The runner hands the jax optimiser (``resumable``) stages/sft/<fp>/checkpoints;
+    a rerun after the kill continues there, ends bitwise as an uninterrupted run, and
+    removes the folder (checkpoint_every_steps is not fingerprinted)."""
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.runner import Runner
+    from tests.shared import PROMPTS
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    def runner(out: str, every: int) -> Runner:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(RUN.format(out=out, policy=tiny_llama, every=every), encoding="utf-8")
+        return Runner(load_run(path, plugins.get_registry()))
+
+    straight = runner("straight", 100).execute().stage("sft")
+    with monkeypatch.context() as m:
+        kill_after(m, sft, "sft_step", 3)
+        with pytest.raises(Killed):
+            runner("killed", 2).execute()
+    stage_dirs = list((tmp_path / "killed" / "stages" / "sft").iterdir())
+    assert [p.name for p in stage_dirs] == [straight.path.name]  # the same fingerprint
+    kept = stage_dirs[0] / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-2"]
+    resumed = runner("killed", 2).execute().stage("sft")
+    assert resumed.status == "ran" and not kept.exists()
+    assert straight.artifact is not None and resumed.artifact is not None
+    a_record = json.loads((straight.artifact / "caikit_sft.json").read_text())
+    b_record = json.loads((resumed.artifact / "caikit_sft.json").read_text())
+    assert [s for s, _ in b_record["losses"]] == list(range(1, 7))
+    assert b_record["losses"] == a_record["losses"]
+    assert_same_weights(straight.artifact, resumed.artifact, "sft stage")
