@@ -16,6 +16,7 @@ from caikit_core import hookimpl, plugins
 from caikit_core.config import load_run
 from caikit_core.interfaces import ALL_CAPABILITIES, RESUMABLE
 from caikit_core.runner import Runner
+from caikit_core.training import checkpoints as core_checkpoints
 
 
 def test_resumable_is_a_known_capability() -> None:
@@ -112,3 +113,21 @@ def test_checkpoint_settings_do_not_enter_fingerprints() -> None:
         with pytest.raises(InvalidValue, match="found -1") as info:
             cls(checkpoint_every_minutes=-1.0)
         assert info.value.field == "checkpoint_every_minutes"
+
+
+def test_the_schedule_saves_every_n_steps_or_after_m_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(core_checkpoints.time, "monotonic", lambda: now[0])
+    by_steps = core_checkpoints.Schedule(3, None)
+    assert [s for s in range(1, 10) if by_steps.due(s)] == [3, 6, 9]
+    by_time = core_checkpoints.Schedule(None, 30.0)
+    assert not by_time.due(1)
+    now[0] += 30 * 60 - 1
+    assert not by_time.due(2)
+    now[0] += 1
+    assert by_time.due(3)
+    by_time.saved()
+    assert not by_time.due(4)
+    assert not any(core_checkpoints.Schedule(None, None).due(s) for s in range(1, 5))

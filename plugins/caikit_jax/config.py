@@ -30,7 +30,12 @@ import attrs
 
 from caikit_core import validators as v
 from caikit_core.converter import InvalidValue
-from caikit_core.interfaces import SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, SUPPORTS_SFT
+from caikit_core.interfaces import (
+    RESUMABLE,
+    SUPPORTS_PPO,
+    SUPPORTS_PREFERENCE_LOSS,
+    SUPPORTS_SFT,
+)
 from caikit_core.training.settings import (
     PolicyOptimiserSettings,
     PPOSettings,
@@ -42,14 +47,18 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "JAX_ALGORITHMS",
+    "PM_CAPABILITIES",
     "JaxOptimiserConfig",
     "JaxPreferenceConfig",
 ]
 
 #: The RL algorithms the JAX optimiser implements.
 JAX_ALGORITHMS = ("ppo", "dpo")
-#: SFT, PPO against a reward, and DPO.
-CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS})
+#: SFT, PPO against a reward, and DPO; SFT and DPO save resumable checkpoints (PPO
+#: takes ``checkpoint_dir`` and saves none, see :mod:`caikit_jax.ppo`).
+CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, RESUMABLE})
+#: The preference model's fits save resumable checkpoints.
+PM_CAPABILITIES: frozenset[str] = frozenset({RESUMABLE})
 #: Accepted values of ``dtype``.
 DTYPES = ("auto", "float32", "bfloat16")
 #: Accepted values of ``device`` (``"cuda"``: JAX's GPU platform).

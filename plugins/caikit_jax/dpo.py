@@ -20,6 +20,7 @@ import optax
 from caikit_core.errors import TrainingStopped
 from caikit_core.records import LabelledComparison
 from caikit_core.training.data import require_dpo_pairs
+from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import WHO, bucket
 from caikit_jax.config import JaxOptimiserConfig
 from caikit_jax.model import load_model, make_mesh, param_dtype, read_tokenizer, save_checkpoint
@@ -33,8 +34,14 @@ def train_dpo(
     reference: Path,
     labelled: Sequence[LabelledComparison],
     out: Path,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, float], list[tuple[int, float]]]:
-    """DPO with Tunix's ``DPOTrainer`` on the labelled pairs; the metrics and losses."""
+    """DPO with Tunix's ``DPOTrainer`` on the labelled pairs; the metrics and losses.
+
+    With ``checkpoint_dir``: checkpoints of the policy, the optimiser and the losses at
+    step boundaries (:class:`LossRecorder`), and a resume from the newest. The batches
+    are a seeded list, so the data cursor is the step: Tunix's loop skips the batches
+    of the steps already done (``_iter_steps``)."""
     from tunix.sft import hooks
     from tunix.sft.dpo import dpo_trainer
 
@@ -63,7 +70,8 @@ def train_dpo(
     steps = (
         dpo.max_steps if dpo.max_steps is not None else max(1, math.ceil(dpo.epochs * per_epoch))
     )
-    recorder = LossRecorder()
+    saver = Checkpointer(checkpoint_dir, "dpo", cfg)
+    recorder = LossRecorder(saver, steps)
     trainer = dpo_trainer.DPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -80,6 +88,7 @@ def train_dpo(
         ),
     )
     trainer.with_training_hooks(recorder)  # duck-typed Tunix hooks
+    recorder.resume(trainer)
     batches = list(dpo_batches(cfg, encoded, pad, steps * dpo.gradient_accumulation_steps))
     tick = time.perf_counter()
     with mesh:
@@ -159,10 +168,32 @@ def dpo_batches(
 
 
 class LossRecorder:
-    """A Tunix training hook that keeps every step's loss."""
+    """A Tunix training hook that keeps every step's loss and, with a
+    :class:`~caikit_jax.checkpoints.Checkpointer`, saves checkpoints.
 
-    def __init__(self) -> None:
+    Tunix reports a step's loss one step late (in the next step's metrics write), so a
+    checkpoint is saved when step ``N + 1`` starts, with the loss of step ``N`` taken
+    from the trainer's buffered metrics, exactly what the hook would be given.
+    """
+
+    def __init__(self, saver: Checkpointer | None = None, steps: int = 0) -> None:
         self.losses: list[tuple[int, float]] = []
+        self.saver = saver
+        self.steps = steps
+
+    def resume(self, trainer: Any) -> None:
+        """Restore the newest checkpoint into ``trainer`` (policy, optimiser, step)."""
+        if self.saver is None:
+            return
+        loop = self.saver.restore({"model": trainer.model, "optimizer": trainer.optimizer})
+        if loop is None:
+            return
+        done = int(loop["step"])
+        self.losses = [(int(s), float(x)) for s, x in loop["losses"]]
+        trainer._train_steps = done
+        trainer._iter_steps = done * trainer.config.get_with_default(
+            "gradient_accumulation_steps", 1
+        )
 
     def on_train_start(self, train_ctx: Any) -> None:
         pass
@@ -171,7 +202,21 @@ class LossRecorder:
         pass
 
     def on_train_step_start(self, train_ctx: Any) -> None:
-        pass
+        if self.saver is None:
+            return
+        done = int(train_ctx._train_steps)
+        accumulate = train_ctx.config.get_with_default("gradient_accumulation_steps", 1)
+        pending = train_ctx._prev_buffered_train_metrics
+        if done == 0 or train_ctx._iter_steps % accumulate or pending is None:
+            return
+        if not self.saver.due(done, self.steps):
+            return
+        losses = [*self.losses, (done, float(pending.loss))]
+        self.saver.save(
+            done,
+            {"model": train_ctx.model, "optimizer": train_ctx.optimizer},
+            {"step": done, "losses": losses},
+        )
 
     def on_train_step_end(self, train_ctx: Any, train_step: int, train_loss: float) -> None:
         self.losses.append((int(train_step), float(train_loss)))

@@ -12,6 +12,7 @@ modules (and with them JAX) are imported when a method runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from caikit_jax.common import RL_RECORD, WHO, checkpoint_folder, write_record
 from caikit_jax.config import CAPABILITIES, JaxOptimiserConfig
 
 __all__ = ["JaxOptimiser"]
+
+log = logging.getLogger("caikit.jax")
 
 
 class JaxOptimiser:
@@ -35,8 +38,16 @@ class JaxOptimiser:
         self.losses: list[tuple[int, float]] = []
 
     # SL-CAI -------------------------------------------------------------------------------
-    def sft(self, policy: str, examples: Sequence[RevisionTrace], out: Path) -> FitReport:
-        """Fine-tune ``policy`` on the revisions of ``examples`` and save it to ``out``.
+    def sft(
+        self,
+        policy: str,
+        examples: Sequence[RevisionTrace],
+        out: Path,
+        *,
+        checkpoint_dir: Path | None = None,
+    ) -> FitReport:
+        """Fine-tune ``policy`` on the revisions of ``examples`` and save it to ``out``
+        (resumable with ``checkpoint_dir``, see :mod:`caikit_jax.checkpoints`).
 
         Metrics as the ``torch`` optimiser reports them (``train_loss``,
         ``loss_first``, ``loss_last``, ``examples``, ``traces``, ``skipped_empty``,
@@ -45,7 +56,7 @@ class JaxOptimiser:
         """
         from caikit_jax.sft import train_sft
 
-        report, self.losses = train_sft(self.config, policy, examples, out)
+        report, self.losses = train_sft(self.config, policy, examples, out, checkpoint_dir)
         return report
 
     # RL-CAI -------------------------------------------------------------------------------
@@ -57,9 +68,13 @@ class JaxOptimiser:
         prompts: Sequence[Prompt],
         labelled: Sequence[LabelledComparison],
         out: Path,
+        *,
+        checkpoint_dir: Path | None = None,
     ) -> FitReport:
         """Optimise ``policy`` with ``config.algorithm`` (``"ppo"`` or ``"dpo"``), keeping
-        it close to ``reference``; save it to ``out``."""
+        it close to ``reference``; save it to ``out``. DPO is resumable with
+        ``checkpoint_dir`` (:mod:`caikit_jax.checkpoints`); PPO saves no checkpoint and
+        logs a warning when given one."""
         from caikit_jax.model import check_device
 
         cfg = self.config
@@ -72,9 +87,18 @@ class JaxOptimiser:
         if cfg.algorithm == "dpo":
             from caikit_jax.dpo import train_dpo
 
-            metrics, self.losses = train_dpo(cfg, policy_folder, reference_folder, labelled, out)
+            metrics, self.losses = train_dpo(
+                cfg, policy_folder, reference_folder, labelled, out, checkpoint_dir
+            )
         else:
             from caikit_jax.ppo import train_ppo
+
+            if checkpoint_dir is not None:
+                log.warning(
+                    "%s: PPO on jax saves no resumable checkpoint; a killed run restarts "
+                    "from step 0",
+                    WHO,
+                )
 
             metrics = train_ppo(
                 cfg,

@@ -16,7 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from caikit_core.hookspecs import Register, hookimpl
-from caikit_jax.config import CAPABILITIES, JAX_ALGORITHMS, JaxOptimiserConfig, JaxPreferenceConfig
+from caikit_jax.config import (
+    CAPABILITIES,
+    JAX_ALGORITHMS,
+    PM_CAPABILITIES,
+    JaxOptimiserConfig,
+    JaxPreferenceConfig,
+)
 
 if TYPE_CHECKING:
     from caikit_jax.optimiser import JaxOptimiser
@@ -85,7 +91,7 @@ def register_preference_models(register: Register) -> None:
         "jax",
         build_preference_model,
         config=JaxPreferenceConfig,
-        capabilities=frozenset(),
+        capabilities=PM_CAPABILITIES,
         description="a scalar head on a Llama trunk in JAX, trained on soft labels",
         check_settings=PM_CHECK_SETTINGS,
     )

@@ -39,8 +39,9 @@ from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import Conversation, LabelledComparison, Sample
 from caikit_core.training.metrics import check_soft_labels, comparison_metrics, held_out_split
+from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import bucket
-from caikit_jax.config import JaxPreferenceConfig
+from caikit_jax.config import PM_CAPABILITIES, JaxPreferenceConfig
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -109,7 +110,7 @@ def _score(model: _RewardModel, ids: jax.Array, mask: jax.Array, last: jax.Array
 class JaxPreferenceModel:
     """Fits, saves, loads and scores (see the module docstring)."""
 
-    capabilities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = PM_CAPABILITIES
 
     def __init__(self, config: JaxPreferenceConfig, model: str) -> None:
         self.config = config
@@ -124,8 +125,16 @@ class JaxPreferenceModel:
         self._mesh: jax.sharding.Mesh | None = None
 
     # fit --------------------------------------------------------------------------------
-    def fit(self, labelled: Sequence[LabelledComparison], out: Path) -> FitReport:
-        """Train the head and trunk on ``labelled`` and save the model to ``out``.
+    def fit(
+        self,
+        labelled: Sequence[LabelledComparison],
+        out: Path,
+        *,
+        checkpoint_dir: Path | None = None,
+    ) -> FitReport:
+        """Train the head and trunk on ``labelled`` and save the model to ``out``; with
+        ``checkpoint_dir``, save checkpoints there (``checkpoint_every_*``) and resume
+        from the newest (:mod:`caikit_jax.checkpoints`).
 
         Metrics as the ``torch`` preference model reports them: ``loss``,
         ``accuracy``, ``calibration``, ``brier``, ``examples``, ``eval_*`` (with
@@ -160,7 +169,7 @@ class JaxPreferenceModel:
         )
         self._model = _RewardModel(trunk, head)
         self._source = folder
-        metrics = self._train(train)
+        metrics = self._train(train, checkpoint_dir)
         out = Path(out)
         self.save(out, base=str(folder))
         metrics.update(comparison_metrics(self.score, train))
@@ -180,7 +189,9 @@ class JaxPreferenceModel:
         history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
         return FitReport(str(out), metrics, history=history)
 
-    def _train(self, labelled: list[LabelledComparison]) -> dict[str, float]:
+    def _train(
+        self, labelled: list[LabelledComparison], checkpoint_dir: Path | None
+    ) -> dict[str, float]:
         cfg = self.config
         assert self._model is not None
         encoded_a, encoded_b, truncated = [], [], 0
@@ -206,7 +217,17 @@ class JaxPreferenceModel:
         order: list[int] = []
         self.losses = []
         compile_seconds = 0.0
-        for step in range(1, steps + 1):
+        saver = Checkpointer(checkpoint_dir, "preference_model", cfg)
+        objects = {"model": self._model, "optimizer": optimizer}
+        start = 1
+        if (loop := saver.restore(objects)) is not None:
+            rng.bit_generator.state = loop["rng"]
+            order = loop["order"]
+            self.losses = [(int(s), float(x)) for s, x in loop["losses"]]
+            compile_seconds = float(loop["compile_seconds"])
+            start = int(loop["step"]) + 1
+            log.info("preference model (jax): resuming after step %d", start - 1)
+        for step in range(start, steps + 1):
             if len(order) < cfg.batch_size:
                 order.extend(rng.permutation(len(labelled)).tolist())
             chunk, order = order[: cfg.batch_size], order[cfg.batch_size :]
@@ -225,6 +246,15 @@ class JaxPreferenceModel:
                     "lower learning_rate or check the labels"
                 )
             self.losses.append((step, loss))
+            if saver.due(step, steps):
+                loop = {
+                    "step": step,
+                    "rng": rng.bit_generator.state,
+                    "order": order,
+                    "losses": self.losses,
+                    "compile_seconds": compile_seconds,
+                }
+                saver.save(step, objects, loop)
         values = [loss for _, loss in self.losses]
         return {
             "train_loss": float(np.mean(values)),

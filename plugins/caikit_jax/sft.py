@@ -31,6 +31,7 @@ from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import RevisionTrace
 from caikit_core.training.data import require_sft_examples
+from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import SFT_RECORD, WHO, bucket, checkpoint_folder, write_record
 from caikit_jax.config import JaxOptimiserConfig
 from caikit_jax.model import (
@@ -71,10 +72,16 @@ def sft_step(
 
 
 def train_sft(
-    cfg: JaxOptimiserConfig, policy: str, examples: Sequence[RevisionTrace], out: Path
+    cfg: JaxOptimiserConfig,
+    policy: str,
+    examples: Sequence[RevisionTrace],
+    out: Path,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[FitReport, list[tuple[int, float]]]:
     """Fine-tune ``policy`` on the revisions of ``examples`` and save it to ``out``;
-    returns the report and the ``(step, loss)`` of every step.
+    returns the report and the ``(step, loss)`` of every step. With ``checkpoint_dir``
+    it saves checkpoints there (``checkpoint_every_*``) and resumes from the newest
+    (:mod:`caikit_jax.checkpoints`).
 
     Metrics as the ``torch`` optimiser reports them (``train_loss``,
     ``loss_first``, ``loss_last``, ``examples``, ``traces``, ``skipped_empty``,
@@ -108,7 +115,7 @@ def train_sft(
     model = load_model(
         folder, mesh=mesh, dtype=param_dtype(cfg.dtype), remat=cfg.gradient_checkpointing
     )
-    metrics, losses = fit_sft(cfg, mesh, model, rows, int(tokenizer.pad_token_id))
+    metrics, losses = fit_sft(cfg, mesh, model, rows, int(tokenizer.pad_token_id), checkpoint_dir)
     out = Path(out)
     save_checkpoint(model, out, source=folder)
     metrics.update(
@@ -136,8 +143,10 @@ def fit_sft(
     model: Any,
     rows: list[tuple[list[int], int]],
     pad: int,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, float], list[tuple[int, float]]]:
-    """The SFT loop over tokenised ``(ids, prompt length)`` rows; the metrics and losses."""
+    """The SFT loop over tokenised ``(ids, prompt length)`` rows; the metrics and losses.
+    With ``checkpoint_dir``: checkpoints at step boundaries, resumed from the newest."""
     sft = cfg.sft
     accumulate = sft.gradient_accumulation_steps
     per_epoch = math.ceil(len(rows) / (sft.batch_size * accumulate))
@@ -153,7 +162,17 @@ def fit_sft(
     order: list[int] = []
     losses: list[tuple[int, float]] = []
     compile_seconds = 0.0
-    for micro in range(steps * accumulate):
+    saver = Checkpointer(checkpoint_dir, "sft", cfg)
+    objects = {"model": model, "optimizer": optimizer}
+    start = 0
+    if (loop := saver.restore(objects)) is not None:
+        rng.bit_generator.state = loop["rng"]
+        order = loop["order"]
+        losses = [(int(s), float(x)) for s, x in loop["losses"]]
+        compile_seconds = float(loop["compile_seconds"])
+        start = int(loop["step"]) * accumulate
+        log.info("sft (jax): resuming after step %d from %s", loop["step"], checkpoint_dir)
+    for micro in range(start, steps * accumulate):
         if len(order) < sft.batch_size:
             order.extend(rng.permutation(len(rows)).tolist())
         chunk, order = order[: sft.batch_size], order[sft.batch_size :]
@@ -178,7 +197,17 @@ def fit_sft(
                 "lower learning_rate"
             )
         if (micro + 1) % accumulate == 0:
-            losses.append((micro // accumulate + 1, loss))
+            step = micro // accumulate + 1
+            losses.append((step, loss))
+            if saver.due(step, steps):
+                loop = {
+                    "step": step,
+                    "rng": rng.bit_generator.state,
+                    "order": order,
+                    "losses": losses,
+                    "compile_seconds": compile_seconds,
+                }
+                saver.save(step, objects, loop)
     values = [loss for _, loss in losses]
     return {
         "train_loss": float(np.mean(values)),

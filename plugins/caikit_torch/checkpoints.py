@@ -4,7 +4,9 @@ A fit that runs with ``checkpoint_dir`` (the stage's ``checkpoints/`` folder, se
 :data:`caikit_core.interfaces.RESUMABLE`) saves one folder per checkpoint under it,
 ``step-<N>``, written as ``.step-<N>.tmp`` and renamed once complete (its
 :data:`MARKER` is written last), so a kill while saving leaves the previous
-checkpoint in force. Only the newest complete checkpoint is kept.
+checkpoint in force. Only the newest complete checkpoint is kept. That layout,
+:class:`Schedule` and :func:`check_safe_files` are
+:mod:`caikit_core.training.checkpoints`' (shared with the ``jax`` backend).
 
 Tensor state (weights, the optimiser's moments, RNG states) goes to
 ``<name>.safetensors``; the structure around it (parameter groups, step counters,
@@ -19,10 +21,8 @@ This module imports torch and safetensors at import time.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from caikit_core.errors import PluginError
+from caikit_core.training import checkpoints as core
+from caikit_core.training.checkpoints import MARKER, SAFE_SUFFIXES, Schedule
 
 __all__ = [
     "HF_PICKLES",
@@ -49,34 +51,7 @@ __all__ = [
     "write",
 ]
 
-#: Written last into a checkpoint folder: its step and what wrote it.
-MARKER = "caikit_checkpoint.json"
-#: The file suffixes a checkpoint folder may hold (tokenizers add ``.txt``/``.model``-less
-#: text files such as ``merges.txt``; ``.jinja`` chat templates).
-SAFE_SUFFIXES = (".safetensors", ".json", ".txt", ".jinja")
-
-_PREFIX = "step-"
-
-
-class Schedule:
-    """When to save: every ``every_steps`` steps and/or after the first step that ends
-    ``every_minutes`` minutes after the last save (or the start)."""
-
-    def __init__(self, every_steps: int | None, every_minutes: float | None) -> None:
-        self.every_steps = every_steps
-        self.every_minutes = every_minutes
-        self.last = time.monotonic()
-
-    def due(self, steps_done: int) -> bool:
-        """Whether to save now that ``steps_done`` steps are complete."""
-        if self.every_steps is not None and steps_done % self.every_steps == 0:
-            return True
-        if self.every_minutes is not None:
-            return time.monotonic() - self.last >= 60.0 * self.every_minutes
-        return False
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
+WHO = "torch"
 
 
 # --- nested state as safetensors + JSON ------------------------------------------------
@@ -171,62 +146,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- checkpoint folders -----------------------------------------------------------------
 
 
-def _step(folder: Path) -> int | None:
-    if not folder.name.startswith(_PREFIX) or not (folder / MARKER).is_file():
-        return None
-    try:
-        return int(folder.name[len(_PREFIX) :])
-    except ValueError:
-        return None
-
-
 def latest(root: Path | None) -> Path | None:
     """The newest complete checkpoint folder under ``root`` (``None``: none yet)."""
-    if root is None or not root.is_dir():
-        return None
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step(p)) is not None]
-    if not found:
-        return None
-    folder = max(found)[1]
-    check_safe_files(folder)
-    return folder
+    return core.latest(root, who=WHO)
 
 
 def write(root: Path, step: int, fill: Callable[[Path], None], marker: dict[str, Any]) -> Path:
-    """Save checkpoint ``step`` under ``root``: ``fill(folder)`` writes its files into a
-    temporary folder, :data:`MARKER` (``marker`` plus the step) goes in last, the
-    folder is renamed to ``step-<step>`` and older checkpoints are removed."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{_PREFIX}{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    fill(tmp)
-    check_safe_files(tmp)
-    (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=2), encoding="utf-8")
-    final = root / f"{_PREFIX}{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for other in root.iterdir():
-        if other != final and (other.name.startswith(_PREFIX) or other.name.startswith(".")):
-            shutil.rmtree(other, ignore_errors=True)
-    return final
+    """:func:`caikit_core.training.checkpoints.write` for the ``torch`` backend."""
+    return core.write(root, step, fill, marker, who=WHO)
 
 
 def check_safe_files(folder: Path) -> None:
-    """Refuse a checkpoint folder holding a file that is not safetensors, JSON or text
-    (a pickle ``.pt``/``.pth``/``.bin`` above all), before anything is read from it."""
-    bad = sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if p.is_file() and not p.name.endswith(SAFE_SUFFIXES)
-    )
-    if bad:
-        raise PluginError(
-            f"torch: checkpoint {folder} holds files that are not safetensors or JSON "
-            f"({', '.join(bad[:5])}); refusing to resume from it"
-        )
+    """:func:`caikit_core.training.checkpoints.check_safe_files` for the ``torch`` backend."""
+    core.check_safe_files(folder, who=WHO)
 
 
 # --- Hugging Face trainers ---------------------------------------------------------------

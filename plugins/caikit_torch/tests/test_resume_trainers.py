@@ -403,24 +403,6 @@ def test_killed_and_resumed_group_rl_matches_an_uninterrupted_run(
     assert max_diff(a, b) <= WEIGHT_TOLERANCE
 
 
-def test_the_schedule_saves_every_n_steps_or_after_m_minutes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: now[0])
-    by_steps = checkpoints.Schedule(3, None)
-    assert [s for s in range(1, 10) if by_steps.due(s)] == [3, 6, 9]
-    by_time = checkpoints.Schedule(None, 30.0)
-    assert not by_time.due(1)
-    now[0] += 30 * 60 - 1
-    assert not by_time.due(2)
-    now[0] += 1
-    assert by_time.due(3)
-    by_time.saved()
-    assert not by_time.due(4)
-    assert not any(checkpoints.Schedule(None, None).due(s) for s in range(1, 5))
-
-
 @pytest.mark.slow
 def test_caikit_run_sigkilled_in_sft_then_resume_matches_an_uninterrupted_run(
     tiny_llama: Path, tmp_path: Path, echo_site: Path

@@ -1,0 +1,308 @@
+"""Resumable fits of the ``jax`` plugins (SFT, the preference model, DPO): killed
+after a chosen step (an exception from the step function or Tunix's step hook) and
+resumed in a fresh call from the checkpoint :mod:`caikit_jax.checkpoints` saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tunix")
+
+from safetensors.numpy import load_file
+
+from caikit_core.errors import PluginError
+from caikit_core.records import (
+    Comparison,
+    LabelledComparison,
+    PreferenceLabel,
+    RevisionStep,
+    RevisionTrace,
+    conversation,
+)
+from caikit_core.testing.tiny_models import TINY_CORPUS
+from caikit_core.training.settings import DPOSettings, SFTSettings
+from caikit_jax import checkpoints, dpo, reward, sft
+from caikit_jax.config import JaxOptimiserConfig, JaxPreferenceConfig
+from caikit_jax.optimiser import JaxOptimiser
+from caikit_jax.reward import JaxPreferenceModel
+
+
+class Killed(Exception):
+    """Stands for a kill."""
+
+
+def traces(n: int) -> list[RevisionTrace]:
+    out = []
+    for i in range(n):
+        final = TINY_CORPUS[(i + 3) % len(TINY_CORPUS)]
+        out.append(
+            RevisionTrace(
+                id=f"t{i}",
+                prompt_id=f"p{i}",
+                messages=conversation(("user", TINY_CORPUS[i % len(TINY_CORPUS)])),
+                initial_response="no.",
+                steps=(RevisionStep(0, "h", "c", "crit", "rev", final),),
+                final_response=final,
+            )
+        )
+    return out
+
+
+def comparisons(n: int) -> list[LabelledComparison]:
+    out = []
+    for i in range(n):
+        messages = conversation(("user", TINY_CORPUS[i % len(TINY_CORPUS)]))
+        a, b = TINY_CORPUS[(i + 1) % len(TINY_CORPUS)], TINY_CORPUS[(i + 2) % len(TINY_CORPUS)]
+        comparison = Comparison(f"c{i}", f"p{i}", messages, a, b)
+        p_a = 0.9 if i % 2 else 0.2
+        out.append(LabelledComparison(comparison, PreferenceLabel(f"l{i}", f"c{i}", p_a, "t")))
+    return out
+
+
+def kill_after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, k: int) -> None:
+    """``module.name`` (a step function) raises :class:`Killed` on its call ``k + 1``."""
+    original = getattr(module, name)
+    calls = [0]
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > k:
+            raise Killed(f"killed after step {k}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, step)
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, what: str) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    diff = max(float(np.abs(wa[k].astype(np.float64) - wb[k].astype(np.float64)).max()) for k in wa)
+    print(f"{what} weight difference:", diff)
+    assert diff == 0.0  # bitwise on CPU (docs/reliability.md#resumable-training)
+
+
+def checkpoint_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def sft_config(**kw: Any) -> JaxOptimiserConfig:
+    settings = SFTSettings(learning_rate=1e-3, epochs=2, batch_size=2, max_length=64)
+    return JaxOptimiserConfig(**{"device": "cpu", "seed": 3, "sft": settings, **kw})
+
+
+def test_killed_and_resumed_sft_equals_an_uninterrupted_run_bitwise(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """6 traces, batch 2, 2 epochs: 6 steps (3 per epoch); checkpoints every 2; killed
+    after step 5 (resumes at step 4, one batch into epoch 1)."""
+    straight = JaxOptimiser(sft_config())
+    straight.sft(str(tiny_llama), traces(6), tmp_path / "straight")
+    ckpt = tmp_path / "checkpoints"
+    with monkeypatch.context() as m:
+        kill_after(m, sft, "sft_step", 5)
+        with pytest.raises(Killed):
+            JaxOptimiser(sft_config(checkpoint_every_steps=2)).sft(
+                str(tiny_llama), traces(6), tmp_path / "a", checkpoint_dir=ckpt
+            )
+    assert checkpoint_files(ckpt) == [
+        "step-4/caikit_checkpoint.json",
+        "step-4/loop.json",
+        "step-4/model.json",
+        "step-4/model.safetensors",
+        "step-4/optimizer.json",
+        "step-4/optimizer.safetensors",
+    ]
+    marker = json.loads((ckpt / "step-4" / checkpoints.MARKER).read_text())
+    assert (marker["step"], marker["fit"], marker["backend"]) == (4, "sft", "jax")
+    resumed = JaxOptimiser(sft_config(checkpoint_every_steps=2))
+    resumed.sft(str(tiny_llama), traces(6), tmp_path / "b", checkpoint_dir=ckpt)
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == list(range(1, 7))
+    assert resumed.losses == straight.losses  # bitwise on CPU
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "sft")
+
+
+def test_killed_and_resumed_preference_model_equals_an_uninterrupted_run_bitwise(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 comparisons, batch 2, 2 epochs: 8 steps; checkpoints every 3; killed after
+    step 7 (resumes at step 6, two batches into epoch 1)."""
+
+    def config(**kw: Any) -> JaxPreferenceConfig:
+        return JaxPreferenceConfig(
+            device="cpu", learning_rate=3e-3, epochs=2, batch_size=2, max_length=64, **kw
+        )
+
+    data = comparisons(8)
+    straight = JaxPreferenceModel(config(), str(tiny_llama))
+    first = straight.fit(data, tmp_path / "straight")
+    ckpt = tmp_path / "checkpoints"
+    with monkeypatch.context() as m:
+        kill_after(m, reward, "_train_step", 7)
+        with pytest.raises(Killed):
+            JaxPreferenceModel(config(checkpoint_every_steps=3), str(tiny_llama)).fit(
+                data, tmp_path / "a", checkpoint_dir=ckpt
+            )
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-6"]
+    resumed = JaxPreferenceModel(config(checkpoint_every_steps=3), str(tiny_llama))
+    second = resumed.fit(data, tmp_path / "b", checkpoint_dir=ckpt)
+    assert [s for s, _ in resumed.losses] == list(range(1, 9))
+    assert resumed.losses == straight.losses
+    assert second.metrics["loss"] == first.metrics["loss"]
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "preference model")
+
+
+def test_killed_and_resumed_dpo_equals_an_uninterrupted_run_bitwise(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 pairs, batch 2, 2 epochs: 8 steps of Tunix's DPOTrainer; checkpoints every 3;
+    killed after step 7 (resumes at step 6)."""
+
+    def config(**kw: Any) -> JaxOptimiserConfig:
+        settings = DPOSettings(learning_rate=1e-3, epochs=2, batch_size=2, max_length=64)
+        return JaxOptimiserConfig(device="cpu", seed=3, algorithm="dpo", dpo=settings, **kw)
+
+    data = comparisons(8)
+    policy = str(tiny_llama)
+    straight = JaxOptimiser(config())
+    straight.optimise(policy, policy, None, [], data, tmp_path / "straight")  # type: ignore[arg-type]
+    ckpt = tmp_path / "checkpoints"
+    original = dpo.LossRecorder.on_train_step_start
+
+    def start(self: Any, train_ctx: Any) -> None:
+        original(self, train_ctx)
+        if train_ctx.train_steps == 7:
+            raise Killed("killed after step 7")
+
+    with monkeypatch.context() as m:
+        m.setattr(dpo.LossRecorder, "on_train_step_start", start)
+        with pytest.raises(Killed):
+            JaxOptimiser(config(checkpoint_every_steps=3)).optimise(
+                policy,
+                policy,
+                None,
+                [],
+                data,
+                tmp_path / "a",
+                checkpoint_dir=ckpt,  # type: ignore[arg-type]
+            )
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-6"]
+    resumed = JaxOptimiser(config(checkpoint_every_steps=3))
+    resumed.optimise(policy, policy, None, [], data, tmp_path / "b", checkpoint_dir=ckpt)  # type: ignore[arg-type]
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == list(range(1, 9))
+    assert resumed.losses == straight.losses
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "dpo")
+
+
+def test_a_checkpoint_with_a_pickle_file_or_other_settings_is_refused(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tmp_path / "checkpoints"
+    with monkeypatch.context() as m:
+        kill_after(m, sft, "sft_step", 3)
+        with pytest.raises(Killed):
+            JaxOptimiser(sft_config(checkpoint_every_steps=2)).sft(
+                str(tiny_llama), traces(6), tmp_path / "a", checkpoint_dir=ckpt
+            )
+    with pytest.raises(PluginError, match=r"jax: checkpoint .*step-2 was saved .*\(seed\)"):
+        JaxOptimiser(sft_config(checkpoint_every_steps=2, seed=4)).sft(
+            str(tiny_llama), traces(6), tmp_path / "b", checkpoint_dir=ckpt
+        )
+    (ckpt / "step-2" / "optimizer.pkl").write_bytes(b"\x80\x04.")
+    with pytest.raises(PluginError, match=r"optimizer\.pkl\); refusing to resume from it"):
+        JaxOptimiser(sft_config(checkpoint_every_steps=2)).sft(
+            str(tiny_llama), traces(6), tmp_path / "c", checkpoint_dir=ckpt
+        )
+
+
+RUN = """\
+output_dir = "{out}"
+phases = ["sl"]
+seed = 1
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+
+[generator]
+plugin = "echo"
+
+[critic]
+plugin = "shout"
+revisions = 1
+
+[policy_optimiser]
+plugin = "jax"
+device = "cpu"
+checkpoint_every_steps = {every}
+
+[policy_optimiser.sft]
+learning_rate = 0.01
+max_steps = 6
+batch_size = 2
+max_length = 128
+"""
+
+
+@pytest.fixture
+def with_jax(with_echo: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Only the echo fixture plugins, the local executor and the jax plugin."""
+    import caikit_jax.plugin as jax_plugin
+    from caikit_core import plugins
+
+    monkeypatch.setenv("CAIKIT_LOAD_PLUGINS", "echo,local,jax")
+    plugins.reset()
+    manager = plugins.get_plugin_manager()
+    if "jax" not in manager.plugin_origins():
+        manager.register(jax_plugin, "jax")
+    yield
+    plugins.reset()
+
+
+def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_jax: None
+) -> None:
+    """The runner hands the jax optimiser (``resumable``) stages/sft/<fp>/checkpoints;
+    a rerun after the kill continues there, ends bitwise as an uninterrupted run, and
+    removes the folder (checkpoint_every_steps is not fingerprinted)."""
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.runner import Runner
+    from tests.shared import PROMPTS
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    def runner(out: str, every: int) -> Runner:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(RUN.format(out=out, policy=tiny_llama, every=every), encoding="utf-8")
+        return Runner(load_run(path, plugins.get_registry()))
+
+    straight = runner("straight", 100).execute().stage("sft")
+    with monkeypatch.context() as m:
+        kill_after(m, sft, "sft_step", 3)
+        with pytest.raises(Killed):
+            runner("killed", 2).execute()
+    stage_dirs = list((tmp_path / "killed" / "stages" / "sft").iterdir())
+    assert [p.name for p in stage_dirs] == [straight.path.name]  # the same fingerprint
+    kept = stage_dirs[0] / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-2"]
+    resumed = runner("killed", 2).execute().stage("sft")
+    assert resumed.status == "ran" and not kept.exists()
+    assert straight.artifact is not None and resumed.artifact is not None
+    a_record = json.loads((straight.artifact / "caikit_sft.json").read_text())
+    b_record = json.loads((resumed.artifact / "caikit_sft.json").read_text())
+    assert [s for s, _ in b_record["losses"]] == list(range(1, 7))
+    assert b_record["losses"] == a_record["losses"]
+    assert_same_weights(straight.artifact, resumed.artifact, "sft stage")
