@@ -234,6 +234,8 @@ def trainer_defaults(
         "eval_strategy": "no",
         "push_to_hub": False,
         "dataloader_num_workers": 0,
+        # across processes (num_processes): every trainable weight gets a gradient
+        "ddp_find_unused_parameters": False,
         "disable_tqdm": True,
         **reporting,
     }

@@ -116,7 +116,8 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
         about a fifth more compute for much less memory.
     :ivar num_processes: train data-parallel in this many worker processes the fit
         launches itself (:mod:`caikit_torch.distributed`; gloo on CPU, NCCL on CUDA):
-        SFT and DPO (PPO, RLOO and GRPO are refused). ``batch_size`` stays the batch
+        SFT and DPO; refused at load with ``algorithm`` ``"ppo"``, ``"rloo"`` or
+        ``"grpo"`` (so a run with SFT across processes names ``"dpo"``). ``batch_size`` stays the batch
         of one process, so the global batch is ``batch_size * num_processes *
         gradient_accumulation_steps``.
     """
@@ -141,8 +142,9 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
         if self.num_processes > 1 and self.algorithm in SINGLE_PROCESS_ALGORITHMS:
             raise InvalidValue(
                 "num_processes",
-                f"expected 1 with algorithm = {self.algorithm!r} (only SFT and DPO train "
-                f"across processes), found {self.num_processes}",
+                f"expected 1 with algorithm = {self.algorithm!r}, which samples in its "
+                'training loop (only SFT and DPO train across processes: algorithm = "dpo"), '
+                f"found {self.num_processes}",
             )
 
 

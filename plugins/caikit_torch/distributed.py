@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -132,7 +133,9 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="caikit-ddp-") as tmp:
         scratch = Path(tmp)
         job_file = scratch / "job.json"
-        job_file.write_text(json.dumps({"entry": entry, "job": job}), encoding="utf-8")
+        level = logging.getLogger("caikit.torch").getEffectiveLevel()
+        spec = {"entry": entry, "job": job, "log_level": level}
+        job_file.write_text(json.dumps(spec), encoding="utf-8")
         port = _free_port()
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         spec = json.loads(job_file.read_text(encoding="utf-8"))
+        _quiet_unless(int(spec.get("log_level", logging.WARNING)), rank)
         module, _, name = str(spec["entry"]).partition(":")
         entry: Callable[[dict[str, Any]], dict[str, Any]] = getattr(
             importlib.import_module(module), name
@@ -208,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _close_process_group()
     return 0
+
+
+def _quiet_unless(level: int, rank: int) -> None:
+    """Log as the launcher does (rank 0; the others warnings only), with progress bars
+    only when it logs INFO (as :func:`caikit_torch.common.progress_bars` shows them)."""
+    level = level if rank == 0 else max(level, logging.WARNING)
+    logging.basicConfig(level=level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:
+        datasets: Any = importlib.import_module("datasets")
+        hf_logging: Any = importlib.import_module("transformers.utils.logging")
+        datasets.utils.disable_progress_bars()
+        hf_logging.disable_progress_bar()
 
 
 def _close_process_group() -> None:

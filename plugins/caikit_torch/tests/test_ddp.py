@@ -50,8 +50,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #: Largest per-step loss difference allowed between 2 processes and 1 at the same
 #: global batch (measured: see docs/scaling.md#training-across-processes).
 LOSS_TOLERANCE = 1e-5
-#: Largest difference of any weight likewise.
-WEIGHT_TOLERANCE = 1e-5
+#: Largest difference of any weight likewise: summation order differs between one
+#: batch of 4 and two all-reduced batches of 2, and AdamW's first steps turn even a
+#: rounding-level gradient into a step of up to ``learning_rate`` (1e-3 to 3e-3 here).
+WEIGHT_TOLERANCE = 2e-4
 
 
 def traces(n: int) -> list[RevisionTrace]:
@@ -113,7 +115,9 @@ def test_sft_on_two_processes_matches_one_at_the_same_global_batch(
 
     def config(processes: int, batch: int) -> TorchOptimiserConfig:
         sft = SFTSettings(learning_rate=1e-3, epochs=2, batch_size=batch, max_length=64)
-        return TorchOptimiserConfig(device="cpu", seed=3, sft=sft, num_processes=processes)
+        return TorchOptimiserConfig(
+            device="cpu", seed=3, algorithm="dpo", sft=sft, num_processes=processes
+        )
 
     data = traces(8)
     one = TorchOptimiser(config(1, 4))
@@ -134,6 +138,7 @@ def test_sft_on_two_processes_matches_one_at_the_same_global_batch(
     assert no_workers_left() == []
 
 
+@pytest.mark.slow
 def test_preference_model_on_two_processes_matches_one(tiny_llama: Path, tmp_path: Path) -> None:
     """8 comparisons, global batch 4 (1 x 4 and 2 x 2), 2 epochs: 4 steps; checkpoints
     every 2 steps: exactly one (the newest) is kept, written by rank 0."""
@@ -164,7 +169,12 @@ def test_preference_model_on_two_processes_matches_one(tiny_llama: Path, tmp_pat
     assert second.metrics["steps"] == 4.0
     assert [p.name for p in ckpt.glob("checkpoint-*")] == ["checkpoint-2"]
     saved = sorted(p.name for p in (ckpt / "checkpoint-2").glob("*.safetensors"))
-    assert saved == ["model.safetensors", "optimizer.safetensors", "rng_state.safetensors"]
+    assert saved == [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng_state.safetensors",
+        "scheduler.safetensors",
+    ]
     assert no_workers_left() == []
 
 
@@ -197,8 +207,9 @@ def test_algorithms_that_sample_in_the_loop_refuse_more_than_one_process(algorit
     with pytest.raises(Exception) as raised:
         converter.structure({"algorithm": algorithm, "num_processes": 2}, TorchOptimiserConfig)
     assert describe_error(raised.value, prefix="policy_optimiser") == [
-        f"policy_optimiser.num_processes: expected 1 with algorithm = {algorithm!r} (only SFT "
-        "and DPO train across processes), found 2"
+        f"policy_optimiser.num_processes: expected 1 with algorithm = {algorithm!r}, which "
+        'samples in its training loop (only SFT and DPO train across processes: algorithm = '
+        '"dpo"), found 2'
     ]
     with pytest.raises(InvalidValue) as direct:
         TorchOptimiserConfig(algorithm=algorithm, num_processes=2)  # type: ignore[arg-type]
