@@ -97,6 +97,15 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
+def _first_error(scratch: Path) -> int:
+    """The rank whose error report is the earliest."""
+    reports = {
+        int(path.stem.removeprefix("error-")): json.loads(path.read_text(encoding="utf-8"))
+        for path in scratch.glob("error-*.json")
+    }
+    return min(reports, key=lambda rank: (reports[rank]["time_ns"], rank))
+
+
 def _failure(who: str, fit: str, rank: int, world: int, code: int, scratch: Path) -> CaikitError:
     where = f"{who}: {fit} failed in worker rank {rank} of {world}"
     report = scratch / f"error-{rank}.json"
@@ -151,11 +160,12 @@ def launch(
                 codes = [proc.poll() for proc in procs]
                 failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
                 if failed:
-                    # the first to fail is the cause; the others may only have lost it
-                    rank = min(failed, key=lambda r: (not (scratch / f"error-{r}.json").is_file(), r))
-                    code = codes[rank]
-                    assert code is not None
+                    # a rank that died without reporting (a signal, the OOM killer) is
+                    # the cause; else the first to raise (the others lost their peer)
+                    silent = [r for r in failed if not (scratch / f"error-{r}.json").is_file()]
                     _stop(procs)
+                    rank = silent[0] if silent else _first_error(scratch)
+                    code = procs[rank].returncode
                     raise _failure(who, fit, rank, num_processes, code, scratch)
                 if all(code == 0 for code in codes):
                     break
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, job_file.with_name("result.json"))
     except BaseException as exc:  # reported to the launcher, which names the rank
         message = str(exc) if isinstance(exc, CaikitError) else f"{type(exc).__name__}: {exc}"
-        report = {"kind": _error_kind(exc), "message": message}
+        report = {"kind": _error_kind(exc), "message": message, "time_ns": time.time_ns()}
         tmp = job_file.with_name(f"error-{rank}.json.tmp")
         tmp.write_text(json.dumps(report), encoding="utf-8")
         os.replace(tmp, job_file.with_name(f"error-{rank}.json"))

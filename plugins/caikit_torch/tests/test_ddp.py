@@ -247,6 +247,32 @@ def test_a_worker_that_raises_fails_the_fit_naming_its_rank_and_leaves_no_proces
     assert no_workers_left() == []
 
 
+def test_a_worker_that_dies_by_a_signal_is_named_and_the_others_are_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 SIGKILLs itself (as the OOM killer would); rank 0 would sleep for ever."""
+    (tmp_path / "ddp_killed.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, time
+
+            def entry(job):
+                if os.environ["RANK"] == "1":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(600)
+                return {}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as raised:
+        launch("ddp_killed:entry", {}, 2, fit="dpo", who="torch")
+    assert str(raised.value) == (
+        "torch: dpo failed in worker rank 1 of 2: the worker exited with signal 9"
+    )
+    assert no_workers_left() == []
+
+
 def test_workers_exit_when_the_launching_process_is_killed(tmp_path: Path) -> None:
     """SIGKILL the process that launched two workers (blocked in a barrier, as training
     would be): both are gone within seconds, no orphan left behind."""
