@@ -117,9 +117,9 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
     :ivar num_processes: train data-parallel in this many worker processes the fit
         launches itself (:mod:`caikit_torch.distributed`; gloo on CPU, NCCL on CUDA):
         SFT and DPO; refused at load with ``algorithm`` ``"ppo"``, ``"rloo"`` or
-        ``"grpo"`` (so a run with SFT across processes names ``"dpo"``). ``batch_size`` stays the batch
-        of one process, so the global batch is ``batch_size * num_processes *
-        gradient_accumulation_steps``.
+        ``"grpo"`` (so a run with SFT across processes names ``"dpo"``).
+        ``batch_size`` stays the batch of one process, so the global batch is
+        ``batch_size * num_processes * gradient_accumulation_steps``.
     """
 
     lora: bool = attrs.field(default=False, validator=v.boolean)

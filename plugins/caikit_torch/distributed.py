@@ -238,7 +238,11 @@ def _quiet_unless(level: int, rank: int) -> None:
 
 def _close_process_group() -> None:
     torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         torch.distributed.destroy_process_group()
 
 

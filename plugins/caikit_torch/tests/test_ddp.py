@@ -208,7 +208,7 @@ def test_algorithms_that_sample_in_the_loop_refuse_more_than_one_process(algorit
         converter.structure({"algorithm": algorithm, "num_processes": 2}, TorchOptimiserConfig)
     assert describe_error(raised.value, prefix="policy_optimiser") == [
         f"policy_optimiser.num_processes: expected 1 with algorithm = {algorithm!r}, which "
-        'samples in its training loop (only SFT and DPO train across processes: algorithm = '
+        "samples in its training loop (only SFT and DPO train across processes: algorithm = "
         '"dpo"), found 2'
     ]
     with pytest.raises(InvalidValue) as direct:
