@@ -236,6 +236,8 @@ def make_resumable(
     schedule = Schedule(every_steps, every_minutes)
 
     def save_optimizer_and_scheduler(output_dir: str) -> None:
+        if not trainer.args.should_save:  # not the main process of a launch
+            return
         folder = Path(output_dir)
         save_state(folder, "optimizer", trainer.optimizer.state_dict())
         if trainer.lr_scheduler is not None:
@@ -251,6 +253,8 @@ def make_resumable(
             trainer.lr_scheduler.load_state_dict(load_state(folder, "scheduler"))
 
     def save_rng(output_dir: str) -> None:
+        if not trainer.args.should_save:
+            return
         save_state(Path(output_dir), "rng_state", get_rng_state())
 
     def load_rng(checkpoint: str | None) -> None:

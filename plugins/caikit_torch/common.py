@@ -32,6 +32,7 @@ from caikit_core.records import Conversation, Message, Prompt, Sample
 from caikit_core.training.metrics import checked_scores
 from caikit_core.training.settings import REPORT_PACKAGES
 from caikit_torch.config import TorchOptimiserConfig
+from caikit_torch.distributed import is_main_process
 
 __all__ = [
     "RL_RECORD",
@@ -117,11 +118,13 @@ def precision(dtype: str, device: str, who: str = WHO) -> tuple[torch.dtype, boo
     return torch.float32, device == "cuda" and bf16_ok
 
 
-def total_steps(examples: int, cfg: StepSettings) -> int:
-    """Optimiser steps of a fit over ``examples`` (``max_steps`` when set)."""
+def total_steps(examples: int, cfg: StepSettings, processes: int = 1) -> int:
+    """Optimiser steps of a fit over ``examples`` (``max_steps`` when set), each
+    process taking ``batch_size`` of them per forward pass."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(examples / cfg.batch_size) / cfg.gradient_accumulation_steps)
+    batches = math.ceil(examples / (cfg.batch_size * processes))
+    per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
@@ -177,7 +180,7 @@ class LossLog(transformers.TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         step = int(state.global_step)
         level = logging.INFO if step % self.every == 0 or step == self.total else logging.DEBUG
@@ -231,6 +234,8 @@ def trainer_defaults(
         "eval_strategy": "no",
         "push_to_hub": False,
         "dataloader_num_workers": 0,
+        # across processes (num_processes): every trainable weight gets a gradient
+        "ddp_find_unused_parameters": False,
         "disable_tqdm": True,
         **reporting,
     }
@@ -454,7 +459,10 @@ class RLRun:
         return kept, too_long
 
     def save(self, trained: Any, tokenizer: Any, use_cache: bool) -> None:
-        """Save a plain checkpoint (LoRA merged) and the tokenizer into ``out``."""
+        """Save a plain checkpoint (LoRA merged) and the tokenizer into ``out`` (on the
+        main process only, when training across processes)."""
+        if not is_main_process():
+            return
         if self.cfg.lora:
             trained = trained.merge_and_unload()
         if hasattr(trained.config, "use_cache"):

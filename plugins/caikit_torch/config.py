@@ -57,6 +57,7 @@ __all__ = [
     "DTYPES",
     "PM_CAPABILITIES",
     "SFT_TARGETS",
+    "SINGLE_PROCESS_ALGORITHMS",
     "SMOOTHED_DPO_LOSSES",
     "TorchOptimiserConfig",
     "TorchPreferenceConfig",
@@ -73,6 +74,9 @@ DEVICES = ("auto", "cpu", "cuda")
 CAPABILITIES = frozenset(
     {SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, GENERATOR_ROLLOUTS, RESUMABLE}
 )
+#: The RL algorithms that train in one process only (``num_processes = 1``): their
+#: rollouts sample inside the training loop, which is not sharded yet.
+SINGLE_PROCESS_ALGORITHMS = ("ppo", "rloo", "grpo")
 #: What the preference model declares: its fit resumes from checkpoints (``resumable``).
 PM_CAPABILITIES: frozenset[str] = frozenset({RESUMABLE})
 
@@ -110,6 +114,12 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
     :ivar device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
     :ivar gradient_checkpointing: recompute activations in the backward pass, trading
         about a fifth more compute for much less memory.
+    :ivar num_processes: train data-parallel in this many worker processes the fit
+        launches itself (:mod:`caikit_torch.distributed`; gloo on CPU, NCCL on CUDA):
+        SFT and DPO; refused at load with ``algorithm`` ``"ppo"``, ``"rloo"`` or
+        ``"grpo"`` (so a run with SFT across processes names ``"dpo"``).
+        ``batch_size`` stays the batch of one process, so the global batch is
+        ``batch_size * num_processes * gradient_accumulation_steps``.
     """
 
     lora: bool = attrs.field(default=False, validator=v.boolean)
@@ -126,6 +136,16 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
         default="auto", validator=v.one_of(DEVICES)
     )
     gradient_checkpointing: bool = attrs.field(default=False, validator=v.boolean)
+    num_processes: int = attrs.field(default=1, validator=v.positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_processes > 1 and self.algorithm in SINGLE_PROCESS_ALGORITHMS:
+            raise InvalidValue(
+                "num_processes",
+                f"expected 1 with algorithm = {self.algorithm!r}, which samples in its "
+                'training loop (only SFT and DPO train across processes: algorithm = "dpo"), '
+                f"found {self.num_processes}",
+            )
 
 
 @attrs.frozen
@@ -136,6 +156,9 @@ class TorchPreferenceConfig(PreferenceModelSettings):
     :ivar device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
     :ivar dtype: ``"auto"`` (float32 weights, bfloat16 autocast on a CUDA GPU that
         supports it), ``"float32"`` or ``"bfloat16"``.
+    :ivar num_processes: train data-parallel in this many worker processes (as the
+        policy optimiser's); the global batch is ``batch_size * num_processes``
+        comparisons. Scoring stays in the calling process.
     """
 
     device: Literal["auto", "cpu", "cuda"] = attrs.field(
@@ -144,3 +167,4 @@ class TorchPreferenceConfig(PreferenceModelSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = attrs.field(
         default="auto", validator=v.one_of(DTYPES)
     )
+    num_processes: int = attrs.field(default=1, validator=v.positive_int)

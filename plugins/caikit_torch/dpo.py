@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -23,6 +24,7 @@ import transformers
 from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DPOTrainer
 
+from caikit_core.converter import converter
 from caikit_core.records import LabelledComparison
 from caikit_core.training.data import DPOPairs, require_dpo_pairs
 from caikit_core.training.settings import SMOOTHED_DPO_LOSSES
@@ -40,8 +42,10 @@ from caikit_torch.common import (
     total_steps,
     trainer_defaults,
 )
+from caikit_torch.config import TorchOptimiserConfig
+from caikit_torch.distributed import launch
 
-__all__ = ["derived_label_smoothing", "train_dpo"]
+__all__ = ["derived_label_smoothing", "train_dpo", "train_dpo_launched", "worker"]
 
 log = logging.getLogger("caikit.torch")
 
@@ -77,7 +81,7 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
     # With LoRA the adapters switched off give the policy itself: no second copy.
     same = run.reference.resolve() == run.policy.resolve()
     ref_model = None if cfg.lora and same else load_model(run.reference, weights_dtype)
-    total = total_steps(len(pairs.examples), table)
+    total = total_steps(len(pairs.examples), table, cfg.num_processes)
     log.info(
         "dpo: %d pairs (%d ties, %d identical left out), loss %s, beta %g, "
         "label_smoothing %g, %d steps on %s",
@@ -157,3 +161,36 @@ def train_dpo(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, f
     del trainer, model, ref_model
     run.release()
     return metrics
+
+
+def train_dpo_launched(run: RLRun, labelled: Sequence[LabelledComparison]) -> dict[str, float]:
+    """:func:`train_dpo` data-parallel in ``num_processes`` worker processes
+    (:func:`caikit_torch.distributed.launch`); rank 0 saves into ``run.out``."""
+    job = {
+        "config": converter.unstructure(run.cfg),
+        "policy": str(run.policy),
+        "reference": str(run.reference),
+        "device": run.device,
+        "out": str(run.out),
+        "checkpoint_dir": None if run.checkpoint_dir is None else str(run.checkpoint_dir),
+        "labelled": converter.unstructure(list(labelled)),
+    }
+    result = launch("caikit_torch.dpo:worker", job, run.cfg.num_processes, fit="dpo", who=WHO)
+    run.history = list(result["history"])
+    return {k: float(v) for k, v in result["metrics"].items()}
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One worker of :func:`train_dpo_launched`: :func:`train_dpo` on this rank's shard."""
+    run = RLRun(
+        converter.structure(job["config"], TorchOptimiserConfig),
+        Path(job["policy"]),
+        Path(job["reference"]),
+        job["device"],
+        Path(job["out"]),
+    )
+    ckpt = job["checkpoint_dir"]
+    run.checkpoint_dir = None if ckpt is None else Path(ckpt)
+    labelled = converter.structure(job["labelled"], list[LabelledComparison])
+    metrics = train_dpo(run, labelled)
+    return {"metrics": metrics, "history": run.history}

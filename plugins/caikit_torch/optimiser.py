@@ -81,7 +81,7 @@ class TorchOptimiser:
         :raises CaikitError: no traces, or none with a response to train on.
         :raises PluginError: the policy folder is missing or cannot be loaded.
         """
-        from caikit_torch.sft import SFT_RECORD, fine_tune
+        from caikit_torch.sft import SFT_RECORD, fine_tune, fine_tune_launched
 
         cfg = self.config
         started = time.perf_counter()
@@ -91,7 +91,8 @@ class TorchOptimiser:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bars(log.isEnabledFor(logging.INFO)):
-            metrics, self.losses = fine_tune(cfg, folder, data, out, device, checkpoint_dir)
+            fit = fine_tune if cfg.num_processes == 1 else fine_tune_launched
+            metrics, self.losses = fit(cfg, folder, data, out, device, checkpoint_dir)
         metrics["seconds"] = time.perf_counter() - started
         record = {
             "base": str(folder),
@@ -162,9 +163,10 @@ class TorchOptimiser:
         with progress_bars(log.isEnabledFor(logging.INFO)):
             try:
                 if cfg.algorithm == "dpo":
-                    from caikit_torch.dpo import train_dpo
+                    from caikit_torch.dpo import train_dpo, train_dpo_launched
 
-                    metrics = train_dpo(run, labelled)
+                    train = train_dpo if cfg.num_processes == 1 else train_dpo_launched
+                    metrics = train(run, labelled)
                 elif cfg.algorithm == "ppo":
                     from caikit_torch.ppo import optimise_ppo
 

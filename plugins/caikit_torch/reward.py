@@ -70,6 +70,7 @@ from trl.trainer.reward_trainer import (
     suppress_seqcls_warning,
 )
 
+from caikit_core.converter import converter
 from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import Conversation, LabelledComparison, Sample
@@ -92,6 +93,7 @@ from caikit_torch.common import (
     trainer_defaults,
 )
 from caikit_torch.config import PM_CAPABILITIES, TorchPreferenceConfig
+from caikit_torch.distributed import is_main_process, launch
 
 __all__ = [
     "CALIBRATION_BINS",
@@ -101,6 +103,7 @@ __all__ = [
     "TorchPreferenceModel",
     "preference_metrics",
     "soft_label_loss",
+    "worker",
 ]
 
 log = logging.getLogger("caikit.torch")
@@ -260,8 +263,11 @@ class TorchPreferenceModel:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with progress_bars(log.isEnabledFor(logging.INFO)):
-            metrics = self._train(folder, train, out / "logs", checkpoint_dir)
-            self.save(out, base=str(folder))
+            if cfg.num_processes == 1:
+                metrics = self._train(folder, train, out / "logs", checkpoint_dir)
+                self.save(out, base=str(folder))
+            else:  # rank 0 of the workers saves
+                metrics = self._train_launched(folder, train, out, checkpoint_dir)
             # Score with the weights as saved and as a later ``load`` gives them: the
             # trained tensors' memory alignment can change float32 results in the last bit.
             self.load(out)
@@ -372,11 +378,40 @@ class TorchPreferenceModel:
         gc.collect()
         return metrics
 
+    def _train_launched(
+        self,
+        folder: Path,
+        labelled: list[LabelledComparison],
+        out: Path,
+        checkpoint_dir: Path | None,
+    ) -> dict[str, float]:
+        """:meth:`_train` and :meth:`save` data-parallel in ``num_processes`` worker
+        processes (:func:`caikit_torch.distributed.launch`); rank 0 saves into ``out``."""
+        job = {
+            "config": converter.unstructure(self.config),
+            "trunk": self.trunk,
+            "folder": str(folder),
+            "device": self._device,
+            "out": str(out),
+            "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+            "labelled": converter.unstructure(labelled),
+        }
+        result = launch(
+            "caikit_torch.reward:worker",
+            job,
+            self.config.num_processes,
+            fit="preference_model",
+            who=_WHO,
+        )
+        self.losses = [(int(step), float(loss)) for step, loss in result["losses"]]
+        return {k: float(v) for k, v in result["metrics"].items()}
+
     def _total_steps(self, examples: int) -> int:
         cfg = self.config
         if cfg.max_steps is not None:
             return cfg.max_steps
-        return max(1, math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size)))
+        batches = math.ceil(examples / (cfg.batch_size * cfg.num_processes))
+        return max(1, math.ceil(cfg.epochs * batches))
 
     # evaluate, save, load, score ------------------------------------------------------------
     def evaluate(self, labelled: Sequence[LabelledComparison]) -> dict[str, float]:
@@ -536,3 +571,23 @@ class TorchPreferenceModel:
     def _set_padding(model: Any, tokenizer: Any) -> None:
         # The head reads the last token that is not padding, found by the pad id.
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One worker of :meth:`TorchPreferenceModel._train_launched`: train on this rank's
+    shard; rank 0 saves the model into ``out``."""
+    model = TorchPreferenceModel(
+        converter.structure(job["config"], TorchPreferenceConfig), job["trunk"]
+    )
+    model._device = job["device"]
+    ckpt = job["checkpoint_dir"]
+    out = Path(job["out"])
+    metrics = model._train(
+        Path(job["folder"]),
+        converter.structure(job["labelled"], list[LabelledComparison]),
+        out / "logs",
+        None if ckpt is None else Path(ckpt),
+    )
+    if is_main_process():
+        model.save(out, base=job["folder"])
+    return {"metrics": metrics, "losses": model.losses}

@@ -34,6 +34,7 @@ import transformers
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
+from caikit_core.converter import converter
 from caikit_core.errors import CaikitError
 from caikit_core.training.data import SFTExamples
 from caikit_torch.checkpoints import make_resumable
@@ -50,8 +51,9 @@ from caikit_torch.common import (
     trainer_defaults,
 )
 from caikit_torch.config import TorchOptimiserConfig
+from caikit_torch.distributed import is_main_process, launch
 
-__all__ = ["SFT_RECORD", "fine_tune", "fitting_examples"]
+__all__ = ["SFT_RECORD", "fine_tune", "fine_tune_launched", "fitting_examples", "worker"]
 
 log = logging.getLogger("caikit.torch")
 
@@ -83,7 +85,7 @@ def fine_tune(
         )
     model = load_model(folder, weights_dtype)
     use_cache = bool(getattr(model.config, "use_cache", False))
-    total = total_steps(len(rows), sft)
+    total = total_steps(len(rows), sft, cfg.num_processes)
     log.info(
         "sft: %d examples from %d traces (%s), %d steps on %s, %s",
         len(rows),
@@ -142,8 +144,9 @@ def fine_tune(
         trained = trained.merge_and_unload()
     if hasattr(trained.config, "use_cache"):
         trained.config.use_cache = use_cache
-    trained.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if is_main_process():
+        trained.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     metrics: dict[str, float] = {
         "train_loss": float(result.training_loss),
         "loss_first": losses[0][1] if losses else float("nan"),
@@ -161,6 +164,43 @@ def fine_tune(
     if device == "cuda":
         torch.cuda.empty_cache()
     return metrics, losses
+
+
+def fine_tune_launched(
+    cfg: TorchOptimiserConfig,
+    folder: Path,
+    data: SFTExamples,
+    out: Path,
+    device: str,
+    checkpoint_dir: Path | None = None,
+) -> tuple[dict[str, float], list[tuple[int, float]]]:
+    """:func:`fine_tune` data-parallel in ``cfg.num_processes`` worker processes
+    (:func:`caikit_torch.distributed.launch`); rank 0 saves into ``out``."""
+    job = {
+        "config": converter.unstructure(cfg),
+        "folder": str(folder),
+        "data": converter.unstructure(data),
+        "out": str(out),
+        "device": device,
+        "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+    }
+    result = launch("caikit_torch.sft:worker", job, cfg.num_processes, fit="sft", who=WHO)
+    losses = [(int(step), float(loss)) for step, loss in result["losses"]]
+    return {k: float(v) for k, v in result["metrics"].items()}, losses
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One worker of :func:`fine_tune_launched`: :func:`fine_tune` on this rank's shard."""
+    ckpt = job["checkpoint_dir"]
+    metrics, losses = fine_tune(
+        converter.structure(job["config"], TorchOptimiserConfig),
+        Path(job["folder"]),
+        converter.structure(job["data"], SFTExamples),
+        Path(job["out"]),
+        job["device"],
+        None if ckpt is None else Path(ckpt),
+    )
+    return {"metrics": metrics, "losses": losses}
 
 
 def fitting_examples(
