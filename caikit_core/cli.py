@@ -116,7 +116,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from caikit_core.config import check_run_data, read_file
+    from caikit_core.config import check_inputs, check_run_data, read_file
     from caikit_core.plugins import get_registry
     from caikit_core.store import RunStore
 
@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
             source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
             run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+            check_inputs(run)
             if run.output_path() != store.root:
                 # the run directory was moved: keep working where it is now
                 log.info("run directory moved from %s to %s", run.output_path(), store.root)
@@ -143,7 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     raw = read_file(path)
     run = check_run_data(raw, str(path), registry, path.resolve().parent)
-    store = RunStore(run.output_path())
+    check_inputs(run)
+    store = RunStore(_usable_output_dir(run, path))
     try:
         recorded = json.loads(json.dumps(raw, allow_nan=False))
     except (TypeError, ValueError) as exc:
@@ -161,6 +163,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         store.write_run(info)
         return _execute(run, store, args)
+
+
+def _usable_output_dir(run: ResolvedRun, path: Path) -> Path:
+    """The run's output folder, created if missing and checked to take a file; any
+    reason it cannot (a file there, a read-only or unreachable folder, a name too
+    long) is a :class:`StoreError` naming ``output_dir`` and the run file."""
+    import tempfile
+
+    root = run.output_path()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            reason = "it is a file, not a folder"
+        else:
+            reason = exc.strerror or str(exc)
+        raise StoreError(
+            f"{path}: output_dir: cannot write the run into {root}: {reason}"
+        ) from exc
+    return root
 
 
 def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".parquet"):
         return "parquet"
-    if name.endswith((".txt", ".text")):
+    if name.endswith((".txt", ".text", ".txt.gz", ".text.gz")):
         return "text"
     if name.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
         for _, row in _json_rows(path):
@@ -76,18 +77,38 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a text file (gzipped when named ``.gz``); a file that is
+    not UTF-8, a truncated or corrupt gzip stream, or a read error is a
+    :class:`PromptFileError` naming the file and the line it was found on."""
+    lineno = 0
     try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PromptFileError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise PromptFileError(f"{path}: cannot read: {exc}") from None
+                yield lineno, line
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(
+            f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.object[exc.start]:#04x}: "
+            f"{exc.reason})"
+        ) from None
+    except EOFError:
+        raise PromptFileError(
+            f"{path}:{lineno + 1}: the gzip stream is truncated (the file ends early)"
+        ) from None
+    except (OSError, zlib.error) as exc:
+        raise PromptFileError(f"{path}:{lineno + 1}: cannot read: {exc}") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise PromptFileError(f"{path}:{lineno}: JSON nested too deeply") from None
 
 
 def _from_row(row: Any, where: str, field: str) -> tuple[Message, ...] | str:
@@ -123,11 +144,10 @@ def read_prompts(
         raise PromptFileError(f"{path}: unknown prompt format '{fmt}'")
     raw: list[tuple[str, tuple[Message, ...] | str]] = []
     if fmt == "text":
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                text = line.strip()
-                if text and not text.startswith("#"):
-                    raw.append((f"{path.name}:{lineno}", text))
+        for lineno, line in _lines(path):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                raw.append((f"{path.name}:{lineno}", text))
     elif fmt == "jsonl":
         for lineno, row in _json_rows(path):
             raw.append((f"{path.name}:{lineno}", _from_row(row, f"{path}:{lineno}", field)))
