@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,6 +50,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if not (args.verbose or args.debug):
+        # transformers' weight-loading bars and tokenizer warnings would interleave with
+        # caikit's progress display: errors only (read when transformers is imported, in
+        # this process and in workers; a value the user set is kept)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # --- plugins --------------------------------------------------------------------------
@@ -181,9 +188,7 @@ def _usable_output_dir(run: ResolvedRun, path: Path) -> Path:
             reason = "it is a file, not a folder"
         else:
             reason = exc.strerror or str(exc)
-        raise StoreError(
-            f"{path}: output_dir: cannot write the run into {root}: {reason}"
-        ) from exc
+        raise StoreError(f"{path}: output_dir: cannot write the run into {root}: {reason}") from exc
     return root
 
 

@@ -217,6 +217,13 @@ def _read(path: Path, fmt: str) -> Constitution:
         raise ConstitutionError(str(path), "no such file or directory")
     if fmt == "auto":
         fmt = detect_format(path)
+    suffix = path.suffix.lower()
+    if fmt != "caikit" and path.is_file() and suffix in (".toml", ".yaml", ".yml"):
+        raise ConstitutionError(
+            str(path),
+            f"format {fmt!r} is read from JSON, but this is a {suffix} file; caikit's own "
+            "format is the one written as TOML or YAML (use format 'caikit' or 'auto')",
+        )
     return _MODULES[fmt].read(path)
 
 

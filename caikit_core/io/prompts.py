@@ -88,8 +88,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
     except UnicodeDecodeError as exc:
         raise PromptFileError(
-            f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.object[exc.start]:#04x}: "
-            f"{exc.reason})"
+            f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.object[exc.start]:#04x}: {exc.reason})"
         ) from None
     except EOFError:
         raise PromptFileError(

@@ -273,11 +273,10 @@ class TorchPreferenceModel:
         self.metrics = metrics
         self._write_record(out, str(folder))
         log.info(
-            "preference model: %d comparisons, loss %.4f, accuracy %s, saved to %s",
+            "preference model: %d comparisons, loss %.4f, accuracy %s",
             len(train),
             metrics.get("loss", float("nan")),
             f"{metrics['accuracy']:.3f}" if "accuracy" in metrics else "n/a",
-            out,
         )
         # the training loss per logged step: the manifest's history, the report's curve
         history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
