@@ -140,7 +140,11 @@ def dump_constitution(
     validate_constitution(constitution, f"constitution {constitution.name!r}")
     module = _MODULES[fmt]
     check_loss(target, module.losses(constitution), lossy)
-    module.write(constitution, target)
+    try:
+        module.write(constitution, target)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConstitutionError(str(target), f"cannot write: {reason or exc}") from exc
     return target
 
 

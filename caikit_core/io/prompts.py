@@ -53,12 +53,6 @@ def make_prompt(text_or_messages: str | tuple[Message, ...], source: str = "") -
     return Prompt(id=prompt_id(messages), messages=messages, source=source)
 
 
-def _open_text(path: Path) -> Any:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
-
-
 def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".parquet"):
@@ -78,18 +72,21 @@ def detect_format(path: Path) -> str:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The numbered lines of a text file (gzipped when named ``.gz``); a file that is
-    not UTF-8, a truncated or corrupt gzip stream, or a read error is a
-    :class:`PromptFileError` naming the file and the line it was found on."""
+    """The numbered lines of a text file (gzipped when named ``.gz``), each decoded as
+    UTF-8; a line that is not UTF-8, a truncated or corrupt gzip stream, or a read
+    error is a :class:`PromptFileError` naming the file and the line."""
     lineno = 0
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise PromptFileError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                        f"column {exc.start + 1}: {exc.reason})"
+                    ) from None
                 yield lineno, line
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(
-            f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.object[exc.start]:#04x}: {exc.reason})"
-        ) from None
     except EOFError:
         raise PromptFileError(
             f"{path}:{lineno + 1}: the gzip stream is truncated (the file ends early)"
