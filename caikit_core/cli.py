@@ -357,6 +357,20 @@ def _add_export_command(sub: Any, common: argparse.ArgumentParser) -> None:
 # --- entry point -----------------------------------------------------------------------
 
 
+def _output_options(default: Any) -> argparse.ArgumentParser:
+    """The output options, on ``caikit`` itself (``default`` False) and on every
+    subcommand (``default`` SUPPRESS, so that ``caikit --debug run`` keeps ``--debug``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_argument_group("output")
+    for flags, help in (
+        (("-q", "--quiet"), "warnings and errors only"),
+        (("-v", "--verbose"), "debug logging"),
+        (("--debug",), "debug logging and tracebacks"),
+    ):
+        verbosity.add_argument(*flags, action="store_true", default=default, help=help)
+    return common
+
+
 def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParser:
     """The ``caikit`` parser: the built-in commands and those the plugins register.
 
@@ -365,14 +379,11 @@ def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParse
     """
     from caikit_core.plugins import get_plugin_manager
 
-    common = argparse.ArgumentParser(add_help=False)
-    verbosity = common.add_argument_group("output")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-
+    common = _output_options(argparse.SUPPRESS)  # a subcommand's copy keeps what came before
     parser = argparse.ArgumentParser(
-        prog="caikit", description="Constitutional AI as a plugin framework.", parents=[common]
+        prog="caikit",
+        description="Constitutional AI as a plugin framework.",
+        parents=[_output_options(False)],
     )
     parser.add_argument("--version", action="version", version=f"caikit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
