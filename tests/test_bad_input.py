@@ -173,7 +173,10 @@ def models_missing(w: Work) -> list[str]:
 
 @case("run.toml", "data.format")
 def data_format_unknown(w: Work) -> list[str]:
-    return ["run", w.run_file(('prompts = "prompts.txt"', 'prompts = "prompts.txt"\nformat = "csv"'))]
+    return [
+        "run",
+        w.run_file(('prompts = "prompts.txt"', 'prompts = "prompts.txt"\nformat = "csv"')),
+    ]
 
 
 @case("run.toml", "data.limit")
@@ -798,9 +801,7 @@ def test_bad_input_in_a_real_process(
     )
     argv = make(work)
     before = snapshot(tmp_path)
-    done = run_cli(
-        "-q", *argv, env_extra=work.env, cwd=tmp_path, pythonpath=_pythonpath(echo_site)
-    )
+    done = run_cli("-q", *argv, env_extra=work.env, cwd=tmp_path, pythonpath=_pythonpath(echo_site))
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     message = "\n".join(error_block(done.stderr))

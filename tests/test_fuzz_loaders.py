@@ -5,6 +5,7 @@ exception allowed out is the documented one: a :class:`~caikit_core.errors.Caiki
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -57,7 +58,9 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -216,10 +219,8 @@ def test_constitution_loader(kind: str, data: Any, raw: str | None, folder: Path
     else:
         text = json.dumps(data)
     path.write_text(text, encoding="utf-8")
-    try:
+    with contextlib.suppress(CaikitError):
         load_constitution(path, fmt)
-    except CaikitError:
-        pass
 
 
 # --- prompt files ---------------------------------------------------------------------
@@ -264,7 +265,5 @@ def test_prompt_loaders(
     path = folder / "prompts" / name
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(content if cut is None else content[:cut])
-    try:
+    with contextlib.suppress(CaikitError):
         read_prompts(path, format=fmt)
-    except CaikitError:
-        pass

@@ -30,10 +30,9 @@ def build_report(run_dir: Path, out: Path | None = None, evals: Sequence[Path] =
         missing stage is named), or an evaluation folder has no readable result;
         nothing is written then.
     """
+    from caikit_core.errors import CaikitError
     from caikit_report.page import write_report
     from caikit_report.rundir import read_run
-
-    from caikit_core.errors import CaikitError
 
     view = read_run(run_dir, evals)
     target = out if out is not None else run_dir / DEFAULT_OUT
