@@ -819,3 +819,22 @@ def test_debug_shows_the_traceback(tmp_path: Path, echo_site: Path) -> None:
     assert "Traceback (most recent call last)" in done.stderr
     assert "FileExistsError" in done.stderr
     assert done.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("corrupt", ["config.json", "model.safetensors"])
+def test_a_corrupt_preference_model_folder_is_one_plugin_error(
+    corrupt: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A preference-model folder with a corrupt config or corrupt weights is a
+    PluginError naming the folder (safetensors' own error type used to escape)."""
+    from caikit_core.errors import PluginError
+    from caikit_core.plugins import get_registry
+
+    folder = tmp_path / "pm"
+    shutil.copytree(tiny_llama, folder)
+    (folder / corrupt).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    spec = get_registry().get("preference_model", "torch")
+    assert spec.config_cls is not None
+    model = spec.build(spec.config_cls(device="cpu"), model=str(folder))
+    with pytest.raises(PluginError, match=rf"^torch preference model: cannot load .*{folder}"):
+        model.load(folder)

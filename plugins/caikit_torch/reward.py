@@ -427,7 +427,9 @@ class TorchPreferenceModel:
             model: Any = transformers.AutoModelForSequenceClassification.from_pretrained(
                 folder, dtype=weights_dtype, local_files_only=True
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:  # corrupt weights raise safetensors' own error type
             raise PluginError(f"{_WHO}: cannot load the preference model {folder}: {exc}") from exc
         if int(model.config.num_labels) != 1:
             raise PluginError(
@@ -508,7 +510,9 @@ class TorchPreferenceModel:
             tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
                 folder, local_files_only=True
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:
             raise PluginError(f"{_WHO}: cannot load the tokenizer of {folder}: {exc}") from exc
         if need_template and not getattr(tokenizer, "chat_template", None):
             raise PluginError(
@@ -526,7 +530,9 @@ class TorchPreferenceModel:
                 model: Any = transformers.AutoModelForSequenceClassification.from_pretrained(
                     folder, num_labels=1, dtype=dtype, local_files_only=True
                 )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:  # corrupt weights raise safetensors' own error type
             raise PluginError(f"{_WHO}: cannot load the trunk {folder}: {exc}") from exc
         self._set_padding(model, tokenizer)
         return model
