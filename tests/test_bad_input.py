@@ -227,6 +227,14 @@ def two_bad_values_in_one_plugin_table(w: Work) -> list[str]:
     return ["run", w.run_file(('plugin = "echo"', 'plugin = "echo"\ndelay = "slow"\nprefix = 3'))]
 
 
+@case("run.toml", "generator.max_batch_size", "generator.max_context", "2 config problems")
+def two_out_of_range_values_in_one_plugin_table(w: Work) -> list[str]:
+    run = w.hf_run("./model")
+    text = Path(run).read_text().replace('device = "cpu"', "max_batch_size = 0\nmax_context = 0")
+    Path(run).write_text(text)
+    return ["config", "show", run]
+
+
 @case("run.toml", "critic.bogus", "unknown key")
 def unknown_key_in_plugin_table(w: Work) -> list[str]:
     return ["run", w.run_file(("revisions = 2", "revisions = 2\nbogus = true"))]
