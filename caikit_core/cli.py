@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if not (args.verbose or args.debug):
+        # transformers' weight-loading bars and tokenizer warnings would interleave with
+        # caikit's progress display: errors only (read when transformers is imported, in
+        # this process and in workers; a value the user set is kept)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 # --- plugins --------------------------------------------------------------------------
@@ -117,7 +124,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from caikit_core.config import check_run_data, read_file
+    from caikit_core.config import check_inputs, check_run_data, read_file
     from caikit_core.plugins import get_registry
     from caikit_core.store import RunStore
 
@@ -135,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
             source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
             run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+            check_inputs(run)
             if run.output_path() != store.root:
                 # the run directory was moved: keep working where it is now
                 log.info("run directory moved from %s to %s", run.output_path(), store.root)
@@ -144,7 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     raw = read_file(path)
     run = check_run_data(raw, str(path), registry, path.resolve().parent)
-    store = RunStore(run.output_path())
+    check_inputs(run)
+    store = RunStore(_usable_output_dir(run, path))
     try:
         recorded = json.loads(json.dumps(raw, allow_nan=False))
     except (TypeError, ValueError) as exc:
@@ -176,6 +185,26 @@ def _storage_errors(store: RunStore) -> Iterator[None]:
         if error is None:
             raise
         raise error from exc
+
+
+def _usable_output_dir(run: ResolvedRun, path: Path) -> Path:
+    """The run's output folder, created if missing and checked to take a file; any
+    reason it cannot (a file there, a read-only or unreachable folder, a name too
+    long) is a :class:`StoreError` naming ``output_dir`` and the run file."""
+    import tempfile
+
+    root = run.output_path()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            reason = "it is a file, not a folder"
+        else:
+            reason = exc.strerror or str(exc)
+        raise StoreError(f"{path}: output_dir: cannot write the run into {root}: {reason}") from exc
+    return root
 
 
 def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:
@@ -343,6 +372,20 @@ def _add_export_command(sub: Any, common: argparse.ArgumentParser) -> None:
 # --- entry point -----------------------------------------------------------------------
 
 
+def _output_options(default: Any) -> argparse.ArgumentParser:
+    """The output options, on ``caikit`` itself (``default`` False) and on every
+    subcommand (``default`` SUPPRESS, so that ``caikit --debug run`` keeps ``--debug``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_argument_group("output")
+    for flags, help in (
+        (("-q", "--quiet"), "warnings and errors only"),
+        (("-v", "--verbose"), "debug logging"),
+        (("--debug",), "debug logging and tracebacks"),
+    ):
+        verbosity.add_argument(*flags, action="store_true", default=default, help=help)
+    return common
+
+
 def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParser:
     """The ``caikit`` parser: the built-in commands and those the plugins register.
 
@@ -351,14 +394,11 @@ def build_parser(manager: PluginManager | None = None) -> argparse.ArgumentParse
     """
     from caikit_core.plugins import get_plugin_manager
 
-    common = argparse.ArgumentParser(add_help=False)
-    verbosity = common.add_argument_group("output")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbosity.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-
+    common = _output_options(argparse.SUPPRESS)  # a subcommand's copy keeps what came before
     parser = argparse.ArgumentParser(
-        prog="caikit", description="Constitutional AI as a plugin framework.", parents=[common]
+        prog="caikit",
+        description="Constitutional AI as a plugin framework.",
+        parents=[_output_options(False)],
     )
     parser.add_argument("--version", action="version", version=f"caikit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -564,6 +564,46 @@ def check_run_data(
     return resolved
 
 
+def check_inputs(run: ResolvedRun) -> None:
+    """Refuse, before any model loads or stage runs, the input files a run would find
+    missing or unusable later: ``data.prompts``, ``sl.helpfulness_prompts`` (phase
+    ``sl``) and the constitution (read and validated; it must hold the critique/revision
+    principles a critic needs and the feedback principles a labeller needs).
+
+    :raises ConfigError: one line per problem, naming the key.
+    """
+    from caikit_core.constitutions import load_constitution
+    from caikit_core.errors import ConstitutionError
+
+    config = run.config
+    problems: list[str] = []
+    files = [("data.prompts", config.data.prompts)]
+    if "sl" in config.phases and config.sl.helpfulness_prompts is not None:
+        files.append(("sl.helpfulness_prompts", config.sl.helpfulness_prompts))
+    for key, value in files:
+        path = resolve_path(run.base_dir, value)
+        if not path.is_file():
+            what = "is a folder, not a prompt file" if path.is_dir() else "no such prompt file"
+            problems.append(f"{key}: {what}: {path}")
+    needs = {"critic": "critique_revision", "labeller": "feedback"}
+    if needs.keys() & run.roles.keys():
+        cfg = config.constitution
+        where = None if cfg.path == "default" else resolve_path(run.base_dir, cfg.path)
+        try:
+            constitution = load_constitution(where, format=cfg.format)
+        except ConstitutionError as exc:
+            problems.append(f"constitution.path: {exc}")
+        else:
+            for role, section in needs.items():
+                if role in run.roles and not getattr(constitution, section):
+                    problems.append(
+                        f"constitution.path: {where or 'default'} has no {section} principles, "
+                        f"which the {role} ('{run.roles[role].spec.name}') needs"
+                    )
+    if problems:
+        raise ConfigError(run.source, problems)
+
+
 def non_finite_values(data: Any, path: str = "") -> list[tuple[str, float]]:
     """Every NaN or infinity in plain data, with its key path (``generator.delay``)."""
     found: list[tuple[str, float]] = []

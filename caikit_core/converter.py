@@ -157,9 +157,36 @@ def _attrs_hook(cls: type) -> Callable[[Any, Any], Any]:
                 raise errors[0]
             if errors:
                 raise ExceptionGroup("keys that moved", errors)
-        return structure_fn(value, cls)
+        try:
+            return structure_fn(value, cls)
+        except (InvalidValue, ClassValidationError):
+            errors = _validator_errors(structure_fn, value, cls)
+            if len(errors) > 1:  # attrs stops at the first failing validator: report all
+                raise ExceptionGroup("invalid values", errors) from None
+            raise
 
     return hook
+
+
+def _validator_errors(
+    structure_fn: Callable[[Any, Any], Any], value: Any, cls: type
+) -> list[InvalidValue]:
+    """Every field validator's error for ``value`` (empty when the instance cannot be
+    built with validators off, e.g. a post-init check fails: the first error stands)."""
+    with attrs.validators.disabled():
+        try:
+            instance = structure_fn(value, cls)
+        except Exception:
+            return []
+    errors: list[InvalidValue] = []
+    for field in attrs.fields(cls):
+        if field.validator is None:
+            continue
+        try:
+            field.validator(instance, field, getattr(instance, field.name))
+        except InvalidValue as exc:
+            errors.append(exc)
+    return errors
 
 
 converter.register_structure_hook_factory(_is_literal, _literal_hook)

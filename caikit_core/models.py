@@ -59,9 +59,22 @@ def local_checkpoint(model: str, who: str) -> Path | None:
     for a hub id; what a generator plugin checks before loading (``who`` starts the
     error, e.g. ``"hf generator"``).
 
-    :raises PluginError: the folder is missing or holds no tokenizer.
+    :raises PluginError: the folder is missing or holds no tokenizer, or (with
+        ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set) ``model`` is neither a
+        folder nor a hub id in the local Hugging Face cache.
     """
     if not looks_local(model):
+        offline = [
+            v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        ]  # fmt: skip
+        from caikit_core.store import hub_revision
+
+        if offline and hub_revision(model) is None:
+            raise PluginError(
+                f"{who}: model folder does not exist: {model} (nor is it a hub id in the "
+                f"local Hugging Face cache, and {offline[0]} is set, so nothing is downloaded)"
+            )
         return None
     folder = Path(model).expanduser()
     if not folder.is_dir():

@@ -141,6 +141,9 @@ def unknown_plugin_message(role: str, name: str, available: list[str]) -> str:
     if close:
         msg += f"; did you mean '{close[0]}'?"
     listed = ", ".join(available) if available else "none installed"
+    loaded = os.environ.get("CAIKIT_LOAD_PLUGINS")
+    if loaded is not None:
+        listed += f"; CAIKIT_LOAD_PLUGINS={loaded!r} limits which plugins load"
     return f"{msg} (available: {listed})"
 
 

@@ -475,6 +475,7 @@ class RunStore:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        log.info("%s: saved to %s", stage, final)  # the final folder, not the temporary one
 
     def clean_temp_files(self, stage: str, fp: str) -> None:
         """Remove temporary files a killed process left behind in a stage folder."""

@@ -140,7 +140,11 @@ def dump_constitution(
     validate_constitution(constitution, f"constitution {constitution.name!r}")
     module = _MODULES[fmt]
     check_loss(target, module.losses(constitution), lossy)
-    module.write(constitution, target)
+    try:
+        module.write(constitution, target)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ConstitutionError(str(target), f"cannot write: {reason or exc}") from exc
     return target
 
 
@@ -217,6 +221,13 @@ def _read(path: Path, fmt: str) -> Constitution:
         raise ConstitutionError(str(path), "no such file or directory")
     if fmt == "auto":
         fmt = detect_format(path)
+    suffix = path.suffix.lower()
+    if fmt != "caikit" and path.is_file() and suffix in (".toml", ".yaml", ".yml"):
+        raise ConstitutionError(
+            str(path),
+            f"format {fmt!r} is read from JSON, but this is a {suffix} file; caikit's own "
+            "format is the one written as TOML or YAML (use format 'caikit' or 'auto')",
+        )
     return _MODULES[fmt].read(path)
 
 

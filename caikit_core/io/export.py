@@ -249,17 +249,24 @@ def export_run(
     :raises CaikitError: the run has no complete ``stage``, or a bad ``out``/``format``.
     """
     paths = output_paths(out, format)
-    traces = load_traces(run_dir, stage=stage)
+    try:
+        traces = load_traces(run_dir, stage=stage)
+    except OSError as exc:  # a shard or folder removed or unreadable under the run
+        raise StoreError(f"{run_dir}: cannot read stage '{stage}': {exc}") from exc
     rows = cai_rows(traces)
     if not rows:
         log.warning(
             "export: every one of the %d traces was skipped; writing empty files", len(traces)
         )
     for path in paths:
-        if path.suffix == ".parquet":
-            write_parquet(rows, path)
-        else:
-            write_jsonl(rows, path)
+        try:
+            if path.suffix == ".parquet":
+                write_parquet(rows, path)
+            else:
+                write_jsonl(rows, path)
+        except OSError as exc:
+            reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+            raise CaikitError(f"--out {path}: cannot write the export: {reason or exc}") from exc
         log.info(
             "export: wrote %d rows to %s (%d skipped traces left out)",
             len(rows),

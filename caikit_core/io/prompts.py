@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,17 +53,11 @@ def make_prompt(text_or_messages: str | tuple[Message, ...], source: str = "") -
     return Prompt(id=prompt_id(messages), messages=messages, source=source)
 
 
-def _open_text(path: Path) -> Any:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
-
-
 def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".parquet"):
         return "parquet"
-    if name.endswith((".txt", ".text")):
+    if name.endswith((".txt", ".text", ".txt.gz", ".text.gz")):
         return "text"
     if name.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
         for _, row in _json_rows(path):
@@ -76,18 +71,40 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a text file (gzipped when named ``.gz``), each decoded as
+    UTF-8; a line that is not UTF-8, a truncated or corrupt gzip stream, or a read
+    error is a :class:`PromptFileError` naming the file and the line."""
+    lineno = 0
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
                 try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PromptFileError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise PromptFileError(f"{path}: cannot read: {exc}") from None
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise PromptFileError(
+                        f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                        f"column {exc.start + 1}: {exc.reason})"
+                    ) from None
+                yield lineno, line
+    except EOFError:
+        raise PromptFileError(
+            f"{path}:{lineno + 1}: the gzip stream is truncated (the file ends early)"
+        ) from None
+    except (OSError, zlib.error) as exc:
+        raise PromptFileError(f"{path}:{lineno + 1}: cannot read: {exc}") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise PromptFileError(f"{path}:{lineno}: JSON nested too deeply") from None
 
 
 def _from_row(row: Any, where: str, field: str) -> tuple[Message, ...] | str:
@@ -123,11 +140,10 @@ def read_prompts(
         raise PromptFileError(f"{path}: unknown prompt format '{fmt}'")
     raw: list[tuple[str, tuple[Message, ...] | str]] = []
     if fmt == "text":
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                text = line.strip()
-                if text and not text.startswith("#"):
-                    raw.append((f"{path.name}:{lineno}", text))
+        for lineno, line in _lines(path):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                raw.append((f"{path.name}:{lineno}", text))
     elif fmt == "jsonl":
         for lineno, row in _json_rows(path):
             raw.append((f"{path.name}:{lineno}", _from_row(row, f"{path}:{lineno}", field)))

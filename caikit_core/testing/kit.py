@@ -75,9 +75,13 @@ def _default_config(spec: PluginSpec, overrides: dict[str, Any] | None) -> Any:
     if spec.config_cls is None:
         return None
     values = _merged(spec.check_settings or {}, overrides or {})
-    from caikit_core.converter import structure
+    from caikit_core.converter import describe_error, structure
+    from caikit_core.errors import ConfigError
 
-    return structure(values, spec.config_cls)
+    try:
+        return structure(values, spec.config_cls)
+    except Exception as exc:  # every bad setting, one line each, naming the key
+        raise ConfigError(f"config of {spec.role} '{spec.name}'", describe_error(exc)) from None
 
 
 def make_context(
@@ -107,13 +111,14 @@ def make_context(
     }
     if role not in KINDS:
         raise PluginError(f"unknown role '{role}' (roles: {', '.join(KINDS)})")
-    folder = workdir or Path(tempfile.mkdtemp(prefix=f"caikit-check-{role}-"))
     if isinstance(target, str):
         target = _spec(role, target)
     if isinstance(target, PluginSpec):
         if config is None or isinstance(config, dict):
             config = _default_config(target, config)
+        folder = workdir or Path(tempfile.mkdtemp(prefix=f"caikit-check-{role}-"))
         return CheckContext(role, target.name, target, config, folder, **factories)
+    folder = workdir or Path(tempfile.mkdtemp(prefix=f"caikit-check-{role}-"))
     name = type(target).__name__
     return CheckContext(role, name, None, config, folder, given_instance=target, **factories)
 
@@ -272,7 +277,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     except ImportError:
         pass
-    results = check_plugin(args.role, args.name, config=config, pattern=args.k)
+    with tempfile.TemporaryDirectory(prefix=f"caikit-check-{args.role}-") as workdir:
+        ctx = make_context(args.role, args.name, config=config, workdir=Path(workdir))
+        results = check_plugin(args.role, args.name, context=ctx, pattern=args.k)
     print(format_report(args.role, args.name, results))
     return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -406,6 +406,7 @@ class HFGenerator:
             return []
         for req in requests:
             self._check_request(req)
+            self._check_fits_context(req)
 
         texts = self._context_texts([(r.messages, r.response_prefix) for r in requests])
         prompts = self._encode(texts)
@@ -465,6 +466,19 @@ class HFGenerator:
                 )
             )
         return out
+
+    def _check_fits_context(self, req: GenerationRequest) -> None:
+        """Refuse a ``max_new_tokens`` that leaves no room for any prompt in the context:
+        every response would be skipped, so it is a setting to fix, not a warning."""
+        limit = self.context_length
+        max_new = req.sampling.max_new_tokens
+        if limit is not None and max_new >= limit:
+            raise PluginError(
+                f"hf generator: max_new_tokens={max_new} is at or above the context of "
+                f"{self.model_name} ({limit} tokens), so no prompt fits and every response "
+                "would be empty; lower max_new_tokens (sl.sampling, rl.sampling or the "
+                "critic's settings) or raise the generator's max_context"
+            )
 
     @staticmethod
     def _check_request(req: GenerationRequest) -> None:

@@ -180,10 +180,9 @@ class JaxPreferenceModel:
         self.metrics = metrics
         self._write_record(out, str(folder))
         log.info(
-            "preference model (jax): %d comparisons, loss %.4f, saved to %s",
+            "preference model (jax): %d comparisons, loss %.4f",
             len(train),
             metrics.get("loss", float("nan")),
-            out,
         )
         # the training loss per logged step: the manifest's history, the report's curve
         history = [{"step": float(step), "loss": loss} for step, loss in self.losses]

@@ -128,11 +128,10 @@ def train_sft(
     )
     write_record(out / SFT_RECORD, folder, cfg, metrics, losses)
     log.info(
-        "sft (jax): %d steps, loss %.4f -> %.4f, saved to %s",
+        "sft (jax): %d steps, loss %.4f -> %.4f",
         int(metrics["steps"]),
         metrics["loss_first"],
         metrics["loss_last"],
-        out,
     )
     return FitReport(str(out), metrics), losses
 

@@ -30,11 +30,17 @@ def build_report(run_dir: Path, out: Path | None = None, evals: Sequence[Path] =
         missing stage is named), or an evaluation folder has no readable result;
         nothing is written then.
     """
+    from caikit_core.errors import CaikitError
     from caikit_report.page import write_report
     from caikit_report.rundir import read_run
 
     view = read_run(run_dir, evals)
-    return write_report(view, out if out is not None else run_dir / DEFAULT_OUT)
+    target = out if out is not None else run_dir / DEFAULT_OUT
+    try:
+        return write_report(view, target)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+        raise CaikitError(f"--out {target}: cannot write the report: {reason or exc}") from exc
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

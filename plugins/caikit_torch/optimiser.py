@@ -107,11 +107,10 @@ class TorchOptimiser:
         }
         (out / SFT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         log.info(
-            "sft: %d steps, loss %.4f -> %.4f, saved to %s",
+            "sft: %d steps, loss %.4f -> %.4f",
             int(metrics["steps"]),
             metrics["loss_first"],
             metrics["loss_last"],
-            out,
         )
         return FitReport(str(out), metrics)
 
@@ -180,5 +179,5 @@ class TorchOptimiser:
                 raise
         metrics["seconds"] = time.perf_counter() - started
         run.write_record(metrics)
-        log.info("%s: done in %.1fs, saved to %s", cfg.algorithm, metrics["seconds"], out)
+        log.info("%s: done in %.1fs", cfg.algorithm, metrics["seconds"])
         return FitReport(str(out), metrics, history=run.history)

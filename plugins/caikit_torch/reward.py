@@ -279,11 +279,10 @@ class TorchPreferenceModel:
         self.metrics = metrics
         self._write_record(out, str(folder))
         log.info(
-            "preference model: %d comparisons, loss %.4f, accuracy %s, saved to %s",
+            "preference model: %d comparisons, loss %.4f, accuracy %s",
             len(train),
             metrics.get("loss", float("nan")),
             f"{metrics['accuracy']:.3f}" if "accuracy" in metrics else "n/a",
-            out,
         )
         # the training loss per logged step: the manifest's history, the report's curve
         history = [{"step": float(step), "loss": loss} for step, loss in self.losses]
@@ -463,7 +462,9 @@ class TorchPreferenceModel:
             model: Any = transformers.AutoModelForSequenceClassification.from_pretrained(
                 folder, dtype=weights_dtype, local_files_only=True
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:  # corrupt weights raise safetensors' own error type
             raise PluginError(f"{_WHO}: cannot load the preference model {folder}: {exc}") from exc
         if int(model.config.num_labels) != 1:
             raise PluginError(
@@ -544,7 +545,9 @@ class TorchPreferenceModel:
             tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
                 folder, local_files_only=True
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:
             raise PluginError(f"{_WHO}: cannot load the tokenizer of {folder}: {exc}") from exc
         if need_template and not getattr(tokenizer, "chat_template", None):
             raise PluginError(
@@ -562,7 +565,9 @@ class TorchPreferenceModel:
                 model: Any = transformers.AutoModelForSequenceClassification.from_pretrained(
                     folder, num_labels=1, dtype=dtype, local_files_only=True
                 )
-        except (OSError, ValueError, KeyError) as exc:
+        except CaikitError:
+            raise
+        except Exception as exc:  # corrupt weights raise safetensors' own error type
             raise PluginError(f"{_WHO}: cannot load the trunk {folder}: {exc}") from exc
         self._set_padding(model, tokenizer)
         return model
