@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise StoreError(f"{store.run_file}: has no recorded run file to resume from")
             source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
             run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
+            _show_enabled(run, store)
             if run.output_path() != store.root:
                 # the run directory was moved: keep working where it is now
                 log.info("run directory moved from %s to %s", run.output_path(), store.root)
@@ -143,6 +144,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     raw = read_file(path)
     run = check_run_data(raw, str(path), registry, path.resolve().parent)
+    from caikit_core.security import risky_settings
+
+    for note in risky_settings(run):
+        log.warning("%s: %s", path, note)
     store = RunStore(run.output_path())
     try:
         recorded = json.loads(json.dumps(raw, allow_nan=False))
@@ -161,6 +166,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         store.write_run(info)
         return _execute(run, store, args)
+
+
+def _show_enabled(run: ResolvedRun, store: RunStore) -> None:
+    """Warn what a recorded run file enables before ``--resume`` re-runs it."""
+    from caikit_core.security import enabled
+
+    notes = enabled(run, store.root)
+    if notes:
+        log.warning(
+            "resuming %s: %s enables:\n%s",
+            store.root,
+            run.source,
+            "\n".join(f"  - {note}" for note in notes),
+        )
 
 
 def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:

@@ -5,11 +5,12 @@ writes nothing outside its run directory."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import pip_install_target, run_cli
+from tests.shared import ROOT, pip_install_target, run_cli
 
 
 def _evil_distribution(root: Path, name: str, entry_point: str) -> Path:
@@ -74,3 +75,86 @@ def test_an_allow_list_leaves_other_distributions_unimported(tmp_path: Path) -> 
     # without the allow-list it is imported: the marker proves the side effect works
     assert run_cli("plugins", pythonpath=[site], env_extra=env).returncode == 0
     assert marker.read_text() == "imported"
+
+
+HF_RUN = """\
+output_dir = "out"
+phases = ["sl"]
+
+[sl]
+sft = false
+
+[models]
+policy = "./no-such-model"
+
+[data]
+prompts = "prompts.txt"
+
+[generator]
+plugin = "hf"
+device = "cpu"
+trust_remote_code = true
+allow_pickle = true
+
+[critic]
+plugin = "shout"
+"""
+
+
+def test_trust_remote_code_is_logged_and_resume_shows_what_the_recorded_file_enables(
+    tmp_path: Path, echo_site: Path
+) -> None:
+    (tmp_path / "prompts.txt").write_text("how are you?\n")
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(HF_RUN)
+    first = run_cli("run", str(run_file), pythonpath=[ROOT, ROOT / "plugins", echo_site])
+    assert first.returncode == 2  # the model folder does not exist: after the warnings
+    said = " ".join(first.stderr.split())  # rich pads and wraps log lines
+    assert (
+        f"WARNING {run_file}: generator.trust_remote_code = true (runs Python code shipped with "
+        f"the model) WARNING {run_file}: generator.allow_pickle = true (loads pickle weights, "
+        "which can run code when read)" in said
+    )
+    assert "resuming" not in said
+    out = tmp_path / "out"
+    assert (out / "run.json").is_file()
+    resumed = run_cli("run", "--resume", str(out), pythonpath=[ROOT, ROOT / "plugins", echo_site])
+    assert resumed.returncode == 2
+    said = " ".join(resumed.stderr.split())
+    assert (
+        f"WARNING resuming {out}: {out / 'run.json'} (recorded from {run_file}) enables: "
+        "- generator.trust_remote_code = true (runs Python code shipped with the model) "
+        "- generator.allow_pickle = true (loads pickle weights, which can run code when read) "
+        "- critic: plugin 'echo' from distribution 'caikit-echo' 0.0.1, not bundled with caikit "
+        f"- data.prompts = 'prompts.txt' reads {tmp_path / 'prompts.txt'}, outside the run "
+        f"directory - models.policy = './no-such-model' reads {tmp_path / 'no-such-model'}, "
+        "outside the run directory INFO" in said
+    )
+
+
+def test_a_plain_bundled_run_inside_its_folder_enables_nothing(
+    tmp_path: Path, echo_site: Path
+) -> None:
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.security import enabled, risky_settings
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "prompts.txt").write_text("hi\n")
+    run_file = out / "run.toml"
+    text = HF_RUN.replace("trust_remote_code = true\nallow_pickle = true\n", "")
+    text = text.replace('output_dir = "out"', 'output_dir = "."')
+    text = text.replace("./no-such-model", "org/m")
+    run_file.write_text(text.replace('plugin = "shout"', 'plugin = "shout"\nrevisions = 1'))
+    sys.path.insert(0, str(echo_site))
+    try:
+        plugins.reset()
+        run = load_run(run_file, plugins.get_registry())
+        assert risky_settings(run) == []
+        assert enabled(run, out) == [
+            "critic: plugin 'echo' from distribution 'caikit-echo' 0.0.1, not bundled with caikit"
+        ]
+    finally:
+        sys.path.remove(str(echo_site))
+        plugins.reset()

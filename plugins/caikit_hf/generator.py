@@ -245,8 +245,7 @@ class HFGenerator:
         source = model if folder is None else str(folder)
         if config.trust_remote_code:
             logger.warning(
-                "hf generator: trust_remote_code = true: transformers may run code shipped "
-                "with %s",
+                "hf generator: trust_remote_code = true: transformers may run code shipped with %s",
                 model,
             )
 

@@ -272,7 +272,8 @@ def test_weights_are_read_from_safetensors_only_and_trust_remote_code_is_logged(
     assert seen[-1]["use_safetensors"] is True
     assert "trust_remote_code" not in caplog.text
     with caplog.at_level("WARNING", logger="caikit"):
-        build_generator(HFGeneratorConfig(device="cpu", trust_remote_code=True), model=str(tiny_path))
+        trusting = HFGeneratorConfig(device="cpu", trust_remote_code=True)
+        build_generator(trusting, model=str(tiny_path))
     assert seen[-1]["trust_remote_code"] is True
     assert (
         "hf generator: trust_remote_code = true: transformers may run code shipped with "
