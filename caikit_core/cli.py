@@ -232,6 +232,14 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
     console = Console(file=sys.stdout, width=200)
     console.print(table)
     console.print(f"run directory: {summary.run_dir}")
+    for s in summary.stages:
+        if s.skipped:
+            console.print(
+                f'{s.name}: {s.skipped} record(s) skipped on error (on_error = "skip"), '
+                f"listed in {s.path / 'skipped.parquet'}",
+                markup=False,
+                highlight=False,
+            )
     ctx = summary.context
     for s in summary.stages:
         for line in ctx.stages[s.name]().summary(ctx, s):
