@@ -139,6 +139,11 @@ def hub_revision(model: str) -> str | None:
     return text if ok else None
 
 
+def shard_file_name(index: int) -> str:
+    """The file name of shard ``index`` in its stage folder (the only one it can have)."""
+    return f"shard-{index:05d}.parquet"
+
+
 @attrs.frozen
 class ShardInfo:
     """One complete shard."""
@@ -342,6 +347,13 @@ class RunStore:
         folder = self.stage_dir(manifest.stage, manifest.fingerprint)
         bad: dict[int, str] = {}
         for shard in manifest.shards:
+            if shard.file != shard_file_name(shard.index):
+                # a name the store never writes (an absolute path, '..'): never opened
+                bad[shard.index] = (
+                    f"listed under a name the store never writes ({shard.file!r}, not "
+                    f"{shard_file_name(shard.index)})"
+                )
+                continue
             path = folder / shard.file
             if not path.is_file():
                 bad[shard.index] = f"missing ({path.name})"
@@ -367,7 +379,7 @@ class RunStore:
 
     def write_shard(self, stage: str, fp: str, index: int, table: pa.Table) -> str:
         """Write one shard atomically; returns its file name."""
-        name = f"shard-{index:05d}.parquet"
+        name = shard_file_name(index)
         self._write_parquet(stage, fp, name, table)
         return name
 
@@ -413,7 +425,10 @@ class RunStore:
         if manifest is None:
             return []
         folder = self.stage_dir(stage, fp)
-        return [folder / s.file for s in sorted(manifest.shards, key=lambda s: s.index)]
+        return [
+            folder / shard_file_name(s.index)
+            for s in sorted(manifest.shards, key=lambda s: s.index)
+        ]
 
     def artifact_dir(self, stage: str, fp: str) -> Path:
         return self.stage_dir(stage, fp) / "artifact"

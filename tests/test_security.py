@@ -158,3 +158,55 @@ def test_a_plain_bundled_run_inside_its_folder_enables_nothing(
     finally:
         sys.path.remove(str(echo_site))
         plugins.reset()
+
+
+def _tree(root: Path, skip: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``root`` but ``skip``: its sha256 and mtime."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_relative_to(skip)
+    }
+
+
+def test_paths_in_a_tampered_manifest_are_never_used_to_write_delete_or_read(
+    echo_run: Path, with_echo: Path
+) -> None:
+    import json
+
+    from caikit_core.cli import main
+    from tests.test_plugin_faults import _rows, _stage_dir
+
+    out = echo_run.parent / "out"
+    assert main(["run", str(echo_run)]) == 0
+    expected = {s: _rows(out, s) for s in ("responses", "revisions", "pairs", "labels")}
+    outside = echo_run.parent / "outside"  # beside the run file, outside the run directory
+    outside.mkdir()
+    folder = _stage_dir(out, "responses")
+    # a victim outside that equals shard 0 byte for byte (so its sha256 matches)
+    (outside / "victim.parquet").write_bytes((folder / "shard-00000.parquet").read_bytes())
+    (outside / "victim-dir").mkdir()
+    (outside / "victim-dir" / "keep.txt").write_text("keep")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = str(outside / "victim.parquet")
+    depth = len(folder.relative_to(outside.parent).parts)
+    manifest["shards"][1]["file"] = "../" * depth + f"{outside.name}/victim.parquet"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    sft = _stage_dir(out, "sft")
+    sft_manifest = json.loads((sft / "manifest.json").read_text())
+    sft_manifest["artifact"] = str(outside / "victim-dir")
+    (sft / "manifest.json").write_text(json.dumps(sft_manifest))
+    around = echo_run.parent  # the run file's folder, holding the run directory
+    before = _tree(around, out)
+    assert main(["run", "--resume", str(out)]) == 0
+    assert _tree(around, out) == before  # nothing outside the run directory changed
+    assert (outside / "victim-dir" / "keep.txt").read_text() == "keep"
+    repaired = json.loads((folder / "manifest.json").read_text())
+    assert [s["file"] for s in repaired["shards"]] == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+        "shard-00002.parquet",
+    ]
+    assert {s: _rows(out, s) for s in expected} == expected
