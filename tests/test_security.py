@@ -210,3 +210,39 @@ def test_paths_in_a_tampered_manifest_are_never_used_to_write_delete_or_read(
         "shard-00002.parquet",
     ]
     assert {s: _rows(out, s) for s in expected} == expected
+
+
+#: the one module allowed to unpickle: the ray executor, reading the batches and results
+#: it pickled itself inside one run (never a file)
+PICKLE_ALLOWED = {"plugins/caikit_ray/executor.py"}
+
+
+def test_sources_deserialise_nothing_unsafely() -> None:
+    """Every ``torch.load`` passes ``weights_only=True``; YAML is never read with
+    ``yaml.load``/``full_load``/``unsafe_load``; ``pickle.load(s)`` only where listed."""
+    import ast
+
+    found = []
+    for folder in ("caikit_core", "plugins", "contrib"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if "/tests/" in rel:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                owner = node.func.value
+                name = f"{owner.id if isinstance(owner, ast.Name) else '?'}.{node.func.attr}"
+                safe = any(
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
+                    for k in node.keywords
+                )
+                if name == "torch.load" and not safe:
+                    found.append(f"{rel}:{node.lineno}: torch.load without weights_only=True")
+                if name in ("yaml.load", "yaml.full_load", "yaml.unsafe_load"):
+                    found.append(f"{rel}:{node.lineno}: {name}")
+                if name in ("pickle.load", "pickle.loads") and rel not in PICKLE_ALLOWED:
+                    found.append(f"{rel}:{node.lineno}: {name}")
+    assert found == []
