@@ -161,7 +161,10 @@ class BatchRunner:
                 spec = ref.spec()
             except CaikitError:
                 continue
-            package = spec.factory.__module__.partition(".")[0]
+            factory = getattr(spec.factory, "func", spec.factory)  # a functools.partial's
+            package = str(getattr(factory, "__module__", None) or "").partition(".")[0]
+            if not package:
+                continue
             by_package.setdefault(package, []).append((f"{ref.role} '{spec.name}'", spec.origin()))
         for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
             package = str(frame.f_globals.get("__name__", "")).partition(".")[0]
