@@ -143,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             source = f"{store.run_file} (recorded from {info.get('config_source', '?')})"
             run = check_run_data(info["config"], source, registry, Path(info["base_dir"]))
             check_inputs(run)
+            _show_enabled(run, store)
             if run.output_path() != store.root:
                 # the run directory was moved: keep working where it is now
                 log.info("run directory moved from %s to %s", run.output_path(), store.root)
@@ -153,6 +154,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     raw = read_file(path)
     run = check_run_data(raw, str(path), registry, path.resolve().parent)
     check_inputs(run)
+    from caikit_core.security import risky_settings
+
+    for note in risky_settings(run):
+        log.warning("%s: %s", path, note)
     store = RunStore(_usable_output_dir(run, path))
     try:
         recorded = json.loads(json.dumps(raw, allow_nan=False))
@@ -207,6 +212,20 @@ def _usable_output_dir(run: ResolvedRun, path: Path) -> Path:
     return root
 
 
+def _show_enabled(run: ResolvedRun, store: RunStore) -> None:
+    """Warn what a recorded run file enables before ``--resume`` re-runs it."""
+    from caikit_core.security import enabled
+
+    notes = enabled(run, store.root)
+    if notes:
+        log.warning(
+            "resuming %s: %s enables:\n%s",
+            store.root,
+            run.source,
+            "\n".join(f"  - {note}" for note in notes),
+        )
+
+
 def _check_same_run_file(info: dict[str, Any], path: Path, store: RunStore) -> None:
     """Refuse a run directory whose run.json records another run file.
 
@@ -257,6 +276,14 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
     console = Console(file=sys.stdout, width=200)
     console.print(table)
     console.print(f"run directory: {summary.run_dir}")
+    for s in summary.stages:
+        if s.skipped:
+            console.print(
+                f'{s.name}: {s.skipped} record(s) skipped on error (on_error = "skip"), '
+                f"listed in {s.path / 'skipped.parquet'}",
+                markup=False,
+                highlight=False,
+            )
     ctx = summary.context
     for s in summary.stages:
         for line in ctx.stages[s.name]().summary(ctx, s):

@@ -116,6 +116,19 @@ class RLConfig:
     rollouts: Literal["optimiser", "generator"] = "optimiser"
 
 
+@attrs.frozen
+class StageConfig:
+    """Settings of one map stage, ``[stages.NAME]``.
+
+    ``on_error``: ``"stop"`` (a batch whose plugin raises fails the stage, naming the
+    plugin and the records; complete shards are kept for ``--resume``) or ``"skip"``
+    (the batch is run again one record at a time and each record that still fails is
+    left out, its id and reason listed in the stage's ``skipped.parquet``).
+    """
+
+    on_error: Literal["stop", "skip"] = "stop"
+
+
 #: the keys of ``[eval]`` itself; every other key is an instrument's settings table
 EVAL_KEYS = ("instruments", "checkpoints", "preference_model")
 
@@ -158,6 +171,8 @@ class RunConfig:
     policy_optimiser: RoleConfig | None = None
     executor: RoleConfig = RoleConfig("local")
     eval: EvalConfig | None = None
+    #: per-stage settings by stage name (``[stages.responses] on_error = "skip"``)
+    stages: Mapping[str, StageConfig] = attrs.field(factory=dict)
 
 
 def _role_hook(value: Any, _type: Any) -> RoleConfig:

@@ -8,12 +8,26 @@ plugin's ``caikit models fetch`` (:mod:`caikit_hf.models`).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from caikit_core.errors import PluginError
 
-__all__ = ["TOKENIZER_FILES", "cache_dir", "local_checkpoint", "looks_local", "resolve_alias"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "TOKENIZER_FILES",
+    "cache_dir",
+    "check_weights",
+    "local_checkpoint",
+    "looks_local",
+    "resolve_alias",
+]
+
+log = logging.getLogger("caikit.models")
+
+#: weight files read with pickle, which can run code when loaded
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 #: Files any of which marks a folder as holding a tokenizer.
 TOKENIZER_FILES = (
@@ -54,14 +68,41 @@ def looks_local(model: str) -> bool:
     )
 
 
-def local_checkpoint(model: str, who: str) -> Path | None:
-    """The folder ``model`` names, checked to exist and hold a tokenizer, or ``None``
-    for a hub id; what a generator plugin checks before loading (``who`` starts the
-    error, e.g. ``"hf generator"``).
+def check_weights(folder: Path, who: str, *, allow_pickle: bool = False) -> None:
+    """Refuse a model folder whose weights are only pickle files (``pytorch_model.bin``,
+    ``*.pt``, ``*.ckpt``, ``*.pkl``, ...) and no ``*.safetensors``, naming the file,
+    unless ``allow_pickle`` (then say so in the log).
 
-    :raises PluginError: the folder is missing or holds no tokenizer, or (with
-        ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set) ``model`` is neither a
-        folder nor a hub id in the local Hugging Face cache.
+    :raises PluginError: the folder holds pickle weights only and ``allow_pickle`` is off.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if not pickles:
+        return
+    shown = ", ".join(pickles[:4]) + (" ..." if len(pickles) > 4 else "")
+    if allow_pickle:
+        log.warning(
+            "%s: loading pickle weights %s from %s (allow_pickle = true)", who, shown, folder
+        )
+        return
+    raise PluginError(
+        f"{who}: {folder} holds its weights only as pickle ({shown}), which can run code "
+        "when loaded; convert it to safetensors, or set allow_pickle = true in the "
+        "plugin's table of the run file for a checkpoint you trust"
+    )
+
+
+def local_checkpoint(model: str, who: str, *, allow_pickle: bool = False) -> Path | None:
+    """The folder ``model`` names, checked to exist, hold a tokenizer and hold weights
+    other than pickle only (:func:`check_weights`), or ``None`` for a hub id; what a
+    generator plugin checks before loading (``who`` starts the error, e.g.
+    ``"hf generator"``).
+
+    :raises PluginError: the folder is missing, holds no tokenizer, or holds pickle
+        weights only and ``allow_pickle`` is off; or (with ``HF_HUB_OFFLINE`` or
+        ``TRANSFORMERS_OFFLINE`` set) ``model`` is neither a folder nor a hub id in the
+        local Hugging Face cache.
     """
     if not looks_local(model):
         offline = [
@@ -83,4 +124,5 @@ def local_checkpoint(model: str, who: str) -> Path | None:
         raise PluginError(
             f"{who}: no tokenizer in {model} (expected one of {', '.join(TOKENIZER_FILES)})"
         )
+    check_weights(folder, who, allow_pickle=allow_pickle)
     return folder

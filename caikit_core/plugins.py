@@ -203,23 +203,46 @@ class PluginManager:
                 )
 
     def load_entry_points(self) -> None:
-        """Load the entry points of group ``caikit``, honouring ``CAIKIT_LOAD_PLUGINS``."""
+        """Load the entry points of group ``caikit``, honouring ``CAIKIT_LOAD_PLUGINS``.
+
+        Names and distributions come from the installed metadata, without importing
+        anything: an entry point the allow-list leaves out is never imported, and an
+        entry-point name two distributions declare (or one already registered in this
+        process) is refused before either module is imported, so a second distribution
+        declaring ``hf`` runs no code.
+        """
         allow = allowed_plugins()
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_key):
+        chosen: dict[str, tuple[importlib.metadata.EntryPoint, str, str]] = {}
+        eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_ep_key)
+        for ep in eps:
             if allow is not None and ep.name not in allow:
                 continue
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
             version = ep.dist.version if ep.dist is not None else ""
-            if ep.name in self._origins and self._origins[ep.name].distribution == dist:
+            prev = self._origins.get(ep.name)
+            if prev is not None and prev.distribution == dist:
+                continue  # registered already (the same distribution seen twice on sys.path)
+            if ep.name in chosen and chosen[ep.name][1] == dist:
                 continue  # the same distribution seen twice on sys.path
+            if prev is None and ep.name in chosen:
+                prev = _Origin(chosen[ep.name][1], chosen[ep.name][2])
+            if prev is not None:
+                raise PluginError(
+                    f"two plugins use the entry-point name '{ep.name}': distribution "
+                    f"'{prev.distribution}' {prev.version} and '{dist}' {version} "
+                    "(neither was imported; uninstall one, or leave its name out of "
+                    "CAIKIT_LOAD_PLUGINS)"
+                )
+            chosen[ep.name] = (ep, dist, version)
+        for name, (ep, dist, version) in chosen.items():
             try:
                 module = ep.load()
             except Exception as exc:
                 raise PluginError(
-                    f"plugin '{ep.name}' from distribution '{dist}' {version} failed to import "
+                    f"plugin '{name}' from distribution '{dist}' {version} failed to import "
                     f"({ep.value}): {type(exc).__name__}: {exc}"
                 ) from exc
-            self.register(module, ep.name, distribution=dist, version=version)
+            self.register(module, name, distribution=dist, version=version)
 
     # tracing --------------------------------------------------------------------
     def enable_tracing(self, stream: Any = None) -> None:

@@ -37,18 +37,26 @@ import attrs
 
 from caikit_core import __version__
 from caikit_core.config import ResolvedRun
-from caikit_core.errors import StageError, TrainingStopped
+from caikit_core.errors import ConfigError, StageError, TrainingStopped
 from caikit_core.records import to_arrow
 from caikit_core.stages import STAGES, stage_names
 from caikit_core.stages.base import (
     BatchFailed,
     Context,
     Key,
+    Skipped,
     Stage,
     StageResult,
     release_instances,
 )
-from caikit_core.store import RunStore, ShardInfo, StageManifest, fingerprint, storage_error
+from caikit_core.store import (
+    SKIPPED_FILE,
+    RunStore,
+    ShardInfo,
+    StageManifest,
+    fingerprint,
+    storage_error,
+)
 
 log = logging.getLogger("caikit.runner")
 
@@ -95,6 +103,7 @@ class Runner:
         if {"critic", "labeller"} & set(self.run.roles):
             _ = self.ctx.constitution  # a bad constitution fails before any stage runs
         planned = stage_names(self.run.config)
+        self._check_stage_tables()
         for name in planned:
             STAGES[name]().precheck(self.ctx, planned)
         with self.store.lock():
@@ -116,6 +125,21 @@ class Runner:
             finally:
                 release_instances()
             return RunSummary(self.store.root, results, self.ctx)
+
+    def _check_stage_tables(self) -> None:
+        """``[stages.NAME]`` names a map stage (the only kind with per-stage settings)."""
+        maps = [name for name, cls in STAGES.items() if cls.kind == "map"]
+        problems = [
+            f"stages.{name}: expected the name of a map stage ({', '.join(maps)}), found '{name}'"
+            for name in self.run.config.stages
+            if name not in maps
+        ]
+        if problems:
+            raise ConfigError(self.run.source, problems)
+
+    def _on_error(self, stage: Stage) -> str:
+        table = self.run.config.stages.get(stage.name)
+        return table.on_error if table is not None else "stop"
 
     def _write_run_info(self, *, final: bool) -> None:
         """Record the stages' fingerprints: until the last stage is done, those reached
@@ -180,6 +204,8 @@ class Runner:
             "settings": stage.settings(self.ctx),
             "seed": self.ctx.seed,
         }
+        if self._on_error(stage) == "skip":  # its output may lack rows: not "stop"'s result
+            config_payload["on_error"] = "skip"
         if self._uses_constitution(stage):
             config_payload["constitution"] = self.ctx.constitution.content_hash()
         config_fp = fingerprint(config_payload, what=f"the settings of stage '{stage.name}'")
@@ -243,7 +269,9 @@ class Runner:
             damaged = self.store.damaged_shards(existing)
             if not damaged:
                 log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
-                return StageResult(stage.name, "skipped", existing.rows, 0.0, fp, path)
+                return StageResult(
+                    stage.name, "skipped", existing.rows, 0.0, fp, path, skipped=existing.skipped
+                )
             for index, why in sorted(damaged.items()):
                 log.warning(
                     "%s: shard %d of a complete stage is %s: recomputing it", stage.name, index, why
@@ -294,7 +322,7 @@ class Runner:
             outputs: Iterator[tuple[Key, list[Any]]] = iter(batches.items())
         else:
             outputs = self.executor.map(
-                stage.worker(self.ctx),
+                attrs.evolve(stage.worker(self.ctx), on_error=self._on_error(stage)),
                 iter(batches.items()),
                 total=sum(len(b) for b in batches.values()),
                 describe=stage.name,
@@ -308,7 +336,13 @@ class Runner:
                 raise
             ids = [stage.item_id(x) for x in batches.get(failure.key, [])]
             shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
-            message = f"stage '{stage.name}' failed on records [{shown}]: {failure}"
+            kept = len(manifest.shards)
+            message = (
+                f"stage '{stage.name}' failed on records [{shown}]: {failure} ({kept} of "
+                f"{len(shards)} shards complete and kept; once fixed, `caikit run --resume "
+                f"{self.store.root}` continues from them, or set [stages.{stage.name}] "
+                'on_error = "skip" to leave failing records out)'
+            )
             raise StageError(message) from (failure.__cause__ or failure)
         if writer.missing():
             raise StageError(
@@ -317,13 +351,22 @@ class Runner:
             )
         manifest.complete = True
         manifest.rows = sum(s.rows for s in manifest.shards)
+        manifest.skipped = sum(len(s.skipped) for s in manifest.shards)
         manifest.finished_at = time.time()
         elapsed = time.perf_counter() - started
         manifest.timings["seconds"] = manifest.timings.get("seconds", 0.0) + elapsed
+        self.store.write_skipped(manifest)  # before the manifest says complete
         self.store.write_manifest(manifest)
+        if manifest.skipped:
+            log.warning(
+                "%s: %d record(s) skipped on error, listed in %s",
+                stage.name, manifest.skipped, self.store.stage_dir(stage.name, fp) / SKIPPED_FILE,
+            )  # fmt: skip
         status = "resumed" if done else "ran"
         path = self.store.stage_dir(stage.name, fp)
-        return StageResult(stage.name, status, manifest.rows, elapsed, fp, path)
+        return StageResult(
+            stage.name, status, manifest.rows, elapsed, fp, path, skipped=manifest.skipped
+        )
 
     def _run_fit(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         release_instances()  # free the generators' models before training
@@ -439,7 +482,7 @@ class _ShardWriter:
         index = self.place[key][0]
         if key not in self.waiting.get(index, ()):
             return  # a batch the executor ran again (at-least-once): already have it
-        self._check_sources(key, outputs)
+        self._check_sources(key, [r for r in outputs if not isinstance(r, Skipped)])
         self.waiting[index].discard(key)
         self.received[index][key] = outputs
         if not self.waiting[index]:
@@ -465,7 +508,9 @@ class _ShardWriter:
         """Rows in item order (by batch offset); two records with one id are an error
         (a retried batch never gets here twice: :meth:`add` keeps one copy)."""
         assert self.stage.record_type is not None
-        rows = [r for key in sorted(parts, key=lambda k: self.place[k][1]) for r in parts[key]]
+        out = [r for key in sorted(parts, key=lambda k: self.place[k][1]) for r in parts[key]]
+        rows = [r for r in out if not isinstance(r, Skipped)]
+        skipped = tuple((r.id, r.reason) for r in out if isinstance(r, Skipped))
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -479,7 +524,13 @@ class _ShardWriter:
         digest = self.store.shard_digest(self.stage.name, self.fp, file)
         self.manifest.shards.append(
             ShardInfo(
-                index, file, table.num_rows, len(self.shards[index]), now - self.started, digest
+                index,
+                file,
+                table.num_rows,
+                len(self.shards[index]),
+                now - self.started,
+                digest,
+                skipped,
             )
         )
         self.manifest.shards.sort(key=lambda s: s.index)

@@ -48,6 +48,8 @@ FINGERPRINT_LENGTH = 16
 
 #: the run directory's metrics log (see :meth:`RunStore.append_metrics`)
 METRICS_FILE = "metrics.jsonl"
+#: a map stage's items left out under ``on_error = "skip"``, beside its shards
+SKIPPED_FILE = "skipped.parquet"
 
 
 def fingerprint(payload: Any, *, what: str) -> str:
@@ -138,6 +140,11 @@ def hub_revision(model: str) -> str | None:
     return text if ok else None
 
 
+def shard_file_name(index: int) -> str:
+    """The file name of shard ``index`` in its stage folder (the only one it can have)."""
+    return f"shard-{index:05d}.parquet"
+
+
 @attrs.frozen
 class ShardInfo:
     """One complete shard."""
@@ -149,6 +156,8 @@ class ShardInfo:
     seconds: float
     #: the file's sha256 when it was written (``None`` in manifests of caikit 0.1.0)
     sha256: str | None = None
+    #: the items of this shard left out under ``on_error = "skip"``: (id, reason) each
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.define
@@ -169,6 +178,8 @@ class StageManifest:
     shards: list[ShardInfo] = attrs.field(factory=list)
     complete: bool = False
     rows: int = 0
+    #: items left out under ``on_error = "skip"`` (listed in ``skipped.parquet``)
+    skipped: int = 0
     artifact: str | None = None
     metrics: dict[str, float] = attrs.field(factory=dict)
     #: a fit stage's per-step metrics (e.g. PPO's reward and KL), when its plugin reports them
@@ -388,6 +399,13 @@ class RunStore:
         folder = self.stage_dir(manifest.stage, manifest.fingerprint)
         bad: dict[int, str] = {}
         for shard in manifest.shards:
+            if shard.file != shard_file_name(shard.index):
+                # a name the store never writes (an absolute path, '..'): never opened
+                bad[shard.index] = (
+                    f"listed under a name the store never writes ({shard.file!r}, not "
+                    f"{shard_file_name(shard.index)})"
+                )
+                continue
             path = folder / shard.file
             if not path.is_file():
                 bad[shard.index] = f"missing ({path.name})"
@@ -413,9 +431,13 @@ class RunStore:
 
     def write_shard(self, stage: str, fp: str, index: int, table: pa.Table) -> str:
         """Write one shard atomically; returns its file name."""
+        name = shard_file_name(index)
+        self._write_parquet(stage, fp, name, table)
+        return name
+
+    def _write_parquet(self, stage: str, fp: str, name: str, table: pa.Table) -> None:
         folder = self.stage_dir(stage, fp)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"shard-{index:05d}.parquet"
         tmp = folder / f".{name}.tmp-{os.getpid()}"
         try:
             pq.write_table(table, tmp)
@@ -425,7 +447,26 @@ class RunStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return name
+
+    def write_skipped(self, manifest: StageManifest) -> Path | None:
+        """Write ``skipped.parquet`` (columns ``shard``, ``id``, ``reason``) beside the
+        shards from the manifest's skipped items, or remove a stale one when there are
+        none; returns its path when written."""
+        path = self.stage_dir(manifest.stage, manifest.fingerprint) / SKIPPED_FILE
+        rows = [(s.index, i, why) for s in manifest.shards for i, why in s.skipped]
+        if not rows:
+            path.unlink(missing_ok=True)
+            return None
+        shard, ids, reasons = (list(col) for col in zip(*rows, strict=True))
+        table = pa.table(
+            {
+                "shard": pa.array(shard, pa.int64()),
+                "id": pa.array(ids, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+            }
+        )
+        self._write_parquet(manifest.stage, manifest.fingerprint, SKIPPED_FILE, table)
+        return path
 
     def read_shard(self, stage: str, fp: str, file: str) -> pa.Table:
         path = self.stage_dir(stage, fp) / file
@@ -440,7 +481,10 @@ class RunStore:
         if manifest is None:
             return []
         folder = self.stage_dir(stage, fp)
-        return [folder / s.file for s in sorted(manifest.shards, key=lambda s: s.index)]
+        return [
+            folder / shard_file_name(s.index)
+            for s in sorted(manifest.shards, key=lambda s: s.index)
+        ]
 
     def artifact_dir(self, stage: str, fp: str) -> Path:
         return self.stage_dir(stage, fp) / "artifact"

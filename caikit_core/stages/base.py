@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import traceback
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -103,15 +104,31 @@ class BatchFailed(Exception):
         return self.message
 
 
+@attrs.frozen
+class Skipped:
+    """An item a batch left out under ``on_error = "skip"``: its id and the reason.
+    Returned among the batch's records; the runner lists it in ``skipped.parquet``."""
+
+    id: str
+    reason: str
+
+
 class BatchRunner:
     """A built worker as an executor calls it: ``runner(key, batch) -> outputs``.
 
     An exception other than a :class:`CaikitError` (which already says what went
-    wrong) is raised as :class:`BatchFailed` with the batch's key.
+    wrong) is raised as :class:`BatchFailed` with the batch's key, its message naming
+    the plugin the exception came from (``roles``: the worker's plugins). Under
+    ``on_error = "skip"`` the batch is instead run again one item at a time, and each
+    item that still raises is returned as a :class:`Skipped` among the records.
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(
+        self, worker: Worker, roles: Sequence[RoleRef] = (), on_error: str = "stop"
+    ) -> None:
         self.worker = worker
+        self.roles = tuple(roles)
+        self.on_error = on_error
 
     def __call__(self, key: Key, batch: list[Any]) -> list[Any]:
         try:
@@ -119,7 +136,42 @@ class BatchRunner:
         except CaikitError:
             raise
         except Exception as exc:
-            raise BatchFailed(key, f"{type(exc).__name__}: {exc}") from exc
+            if self.on_error != "skip":
+                raise BatchFailed(key, self.describe(exc)) from exc
+            log.info("a batch of %d items raised; running them one at a time", len(batch))
+        out: list[Any] = []
+        for item in batch:
+            try:
+                out.extend(self.worker([item]))
+            except CaikitError:
+                raise
+            except Exception as exc:
+                out.append(Skipped(str(getattr(item, "id", item)), self.describe(exc)))
+        return out
+
+    def describe(self, exc: BaseException) -> str:
+        """``exc`` as ``generator 'echo' (plugin 'echo' from distribution 'caikit-echo'
+        0.0.1) raised ValueError: ...``: the worker's plugin whose package holds the
+        innermost frame of the traceback that lies in any of theirs (the exception's
+        type and message alone when none does)."""
+        what = f"{type(exc).__name__}: {exc}"
+        by_package: dict[str, list[tuple[str, str]]] = {}
+        for ref in self.roles:
+            try:
+                spec = ref.spec()
+            except CaikitError:
+                continue
+            factory = getattr(spec.factory, "func", spec.factory)  # a functools.partial's
+            package = str(getattr(factory, "__module__", None) or "").partition(".")[0]
+            if not package:
+                continue
+            by_package.setdefault(package, []).append((f"{ref.role} '{spec.name}'", spec.origin()))
+        for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+            package = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+            if package in by_package:
+                names = sorted({name for name, _ in by_package[package]})
+                return f"{' or '.join(names)} ({by_package[package][0][1]}) raised {what}"
+        return what
 
 
 @attrs.frozen
@@ -128,10 +180,13 @@ class WorkerSpec:
 
     worker: type
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``"stop"`` (a raising batch fails the stage) or ``"skip"`` (see :class:`BatchRunner`)
+    on_error: str = "stop"
 
     def build(self) -> BatchRunner:
         """Build the worker here (plugins come from this process's cache)."""
-        return BatchRunner(self.worker(**self.kwargs))
+        roles = [v for v in self.kwargs.values() if isinstance(v, RoleRef)]
+        return BatchRunner(self.worker(**self.kwargs), roles, self.on_error)
 
 
 def check_count(stage: str, role: RoleRef, got: Sequence[Any], want: int) -> None:
@@ -251,6 +306,8 @@ class StageResult:
     artifact: Path | None = None
     metrics: dict[str, float] = attrs.field(factory=dict)
     history: list[dict[str, float]] = attrs.field(factory=list)
+    #: records a map stage left out under ``on_error = "skip"``
+    skipped: int = 0
 
 
 class Context:

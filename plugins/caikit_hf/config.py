@@ -40,7 +40,11 @@ class HFGeneratorConfig:
     :ivar device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``
         or ``"cuda:N"``.
     :ivar trust_remote_code: let transformers run code shipped with the checkpoint.
-        Off by default; turn it on only for checkpoints you trust.
+        Off by default; turn it on only for checkpoints you trust (logged when on).
+    :ivar allow_pickle: load weights stored only as pickle (``pytorch_model.bin``,
+        ``*.pt``, ...), which can run code when read. Off by default: such a local
+        folder is refused naming the file, and weights are read from safetensors only
+        (``use_safetensors=True``, also for hub ids). Logged when on.
     :ivar max_batch_size: the most sequences in one forward pass: a generation
         request counts ``n`` sequences and a score request one per continuation.
         Larger inputs are split into micro-batches.
@@ -68,6 +72,7 @@ class HFGeneratorConfig:
     dtype: str = attrs.field(default="auto", validator=validators.one_of(DTYPES))
     device: str = attrs.field(default="auto", validator=device)
     trust_remote_code: bool = attrs.field(default=False, validator=validators.boolean)
+    allow_pickle: bool = attrs.field(default=False, validator=validators.boolean)
     max_batch_size: int = attrs.field(default=32, validator=validators.positive_int)
     truncation: str = attrs.field(default="left", validator=validators.one_of(TRUNCATION_POLICIES))
     chat_template: str | None = attrs.field(

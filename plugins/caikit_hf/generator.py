@@ -241,8 +241,13 @@ class HFGenerator:
         self.device = self._resolve_device(config.device)
         self.dtype = self._resolve_dtype(config.dtype, self.device)
 
-        folder = local_checkpoint(model, "hf generator")
+        folder = local_checkpoint(model, "hf generator", allow_pickle=config.allow_pickle)
         source = model if folder is None else str(folder)
+        if config.trust_remote_code:
+            logger.warning(
+                "hf generator: trust_remote_code = true: transformers may run code shipped with %s",
+                model,
+            )
 
         common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
         if config.revision is not None:
@@ -257,6 +262,8 @@ class HFGenerator:
         except Exception as exc:
             raise PluginError(f"hf generator: cannot load a tokenizer from {model}: {exc}") from exc
         model_kwargs: dict[str, Any] = dict(common, dtype=self.dtype)
+        if not config.allow_pickle:
+            model_kwargs["use_safetensors"] = True
         if config.attn_implementation is not None:
             model_kwargs["attn_implementation"] = config.attn_implementation
         try:

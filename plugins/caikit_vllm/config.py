@@ -59,6 +59,9 @@ class VLLMGeneratorConfig:
         text depends on it.
     :ivar trust_remote_code: let vLLM and transformers run code shipped with the
         checkpoint. Off by default; turn it on only for checkpoints you trust.
+    :ivar allow_pickle: load a local folder whose weights are only pickle files
+        (``pytorch_model.bin``, ...); off by default: such a folder is refused naming
+        the file. Logged when on.
     :ivar revision: the hub revision (branch, tag or commit) of a hub model id.
     :ivar max_num_seqs: the most sequences vLLM runs in one step; ``None``: vLLM's default.
     """
@@ -85,6 +88,7 @@ class VLLMGeneratorConfig:
     enforce_eager: bool = attrs.field(default=False, validator=validators.boolean)
     seed: int = attrs.field(default=0, validator=validators.non_negative_int)
     trust_remote_code: bool = attrs.field(default=False, validator=validators.boolean)
+    allow_pickle: bool = attrs.field(default=False, validator=validators.boolean)
     revision: str | None = attrs.field(
         default=None, validator=validators.optional(validators.non_empty_string)
     )

@@ -106,7 +106,7 @@ class VLLMGenerator:
     def __init__(self, config: VLLMGeneratorConfig, *, model: str) -> None:
         self.config = config
         self.model_name = model
-        folder = local_checkpoint(model, "vllm generator")
+        folder = local_checkpoint(model, "vllm generator", allow_pickle=config.allow_pickle)
         source = model if folder is None else str(folder.resolve())
         self._check_devices(config.tensor_parallel_size)
 

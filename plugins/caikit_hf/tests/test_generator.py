@@ -228,6 +228,59 @@ def test_trust_remote_code_passed_as_false(
     assert all(kwargs["trust_remote_code"] is False for kwargs in seen)
 
 
+def test_a_pickle_only_model_folder_is_refused_unless_allowed(
+    tiny_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder whose weights are only ``pytorch_model.bin`` is refused naming the file;
+    ``allow_pickle = true`` loads it (logged); the same weights as safetensors load
+    without it; weights are asked for as safetensors (``use_safetensors=True``)."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_path, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(PluginError) as info:
+        build_generator(HFGeneratorConfig(device="cpu"), model=str(folder))
+    assert str(info.value) == (
+        f"hf generator: {folder} holds its weights only as pickle (pytorch_model.bin), which "
+        "can run code when loaded; convert it to safetensors, or set allow_pickle = true in "
+        "the plugin's table of the run file for a checkpoint you trust"
+    )
+    with caplog.at_level("WARNING", logger="caikit"):
+        gen = build_generator(HFGeneratorConfig(device="cpu", allow_pickle=True), model=str(folder))
+    assert isinstance(gen, HFGenerator)
+    assert f"loading pickle weights pytorch_model.bin from {folder} (allow_pickle = true)" in (
+        caplog.text
+    )
+
+
+def test_weights_are_read_from_safetensors_only_and_trust_remote_code_is_logged(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[dict[str, Any]] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    with caplog.at_level("WARNING", logger="caikit"):
+        build_generator(HFGeneratorConfig(device="cpu"), model=str(tiny_path))
+    assert seen[-1]["use_safetensors"] is True
+    assert "trust_remote_code" not in caplog.text
+    with caplog.at_level("WARNING", logger="caikit"):
+        trusting = HFGeneratorConfig(device="cpu", trust_remote_code=True)
+        build_generator(trusting, model=str(tiny_path))
+    assert seen[-1]["trust_remote_code"] is True
+    assert (
+        "hf generator: trust_remote_code = true: transformers may run code shipped with "
+        f"{tiny_path}" in caplog.text
+    )
+
+
 def test_missing_folder_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(PluginError, match="does not exist") as info:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -171,9 +172,32 @@ def test_a_plugin_raising_in_an_actor_fails_the_stage_as_local_does(
     echo_run.write_text(text)
     local = _failure(_with_output(echo_run, "out-local"), capsys)
     on_ray = _failure(_with_output(echo_run, "out-ray", RAY_TABLE), capsys)
-    assert on_ray == local
+    # the same but for the kept shards (ray runs batches in parallel) and the run folder
+    kept = re.compile(r" \(\d+ of 3 shards complete and kept; .*\)$")
+    assert kept.search(on_ray) and kept.search(local)
+    assert kept.sub("", on_ray) == kept.sub("", local)
     assert "stage 'responses' failed on records [" in on_ray
     assert make_prompt(PROMPTS[5]).id in on_ray and "ValueError: echo cannot answer" in on_ray
+    assert "generator 'echo' (plugin 'echo' from distribution 'caikit-echo' 0.0.1) raised" in on_ray
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_on_error_skip_on_ray_skips_what_local_skips(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow.parquet as pq
+
+    text = echo_run.read_text().replace('plugin = "echo"', 'plugin = "echo"\nfail_on = "number 5:"')
+    text += '\n[stages.responses]\non_error = "skip"\n\n[stages.pairs]\non_error = "skip"\n'
+    echo_run.write_text(text)
+    skipped = {}
+    for name, table in (("out-local", ""), ("out-ray", RAY_TABLE)):
+        assert main(["run", str(_with_output(echo_run, name, table))]) == 0
+        files = sorted((echo_run.parent / name / "stages").glob("*/*/skipped.parquet"))
+        skipped[name] = [pq.read_table(f).to_pylist() for f in files]
+    capsys.readouterr()
+    assert len(skipped["out-local"]) == 2 and len(skipped["out-local"][0]) == 1
+    assert skipped["out-ray"] == skipped["out-local"]
 
 
 class _KillableRayPlugin:
