@@ -41,11 +41,16 @@ class JaxOptimiser:
         Metrics as the ``torch`` optimiser reports them (``train_loss``,
         ``loss_first``, ``loss_last``, ``examples``, ``traces``, ``skipped_empty``,
         ``skipped_marked``, ``too_long``, ``steps``, ``seconds``) and
-        ``compile_seconds`` (the first step, which includes XLA compilation).
+        ``compile_seconds`` (the first step, which includes XLA compilation) and
+        ``time/compile`` (the seconds JAX spent compiling, :mod:`caikit_jax.compilation`).
+        What the stage leaves in memory is freed when it returns
+        (:func:`caikit_jax.memory.release`).
         """
+        from caikit_jax.memory import release
         from caikit_jax.sft import train_sft
 
         report, self.losses = train_sft(self.config, policy, examples, out)
+        release()
         return report
 
     # RL-CAI -------------------------------------------------------------------------------
@@ -59,7 +64,14 @@ class JaxOptimiser:
         out: Path,
     ) -> FitReport:
         """Optimise ``policy`` with ``config.algorithm`` (``"ppo"`` or ``"dpo"``), keeping
-        it close to ``reference``; save it to ``out``."""
+        it close to ``reference``; save it to ``out``.
+
+        The metrics include ``time/compile``, the seconds JAX spent compiling (or
+        loading from the persistent cache, :mod:`caikit_jax.compilation`); what the
+        stage leaves in memory is freed before this returns
+        (:func:`caikit_jax.memory.release`)."""
+        from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
+        from caikit_jax.memory import release
         from caikit_jax.model import check_device
 
         cfg = self.config
@@ -69,21 +81,27 @@ class JaxOptimiser:
         reference_folder = checkpoint_folder(reference, "reference")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.algorithm == "dpo":
-            from caikit_jax.dpo import train_dpo
+        use_persistent_cache()
+        with CompileClock() as clock:
+            if cfg.algorithm == "dpo":
+                from caikit_jax.dpo import train_dpo
 
-            metrics, self.losses = train_dpo(cfg, policy_folder, reference_folder, labelled, out)
-        else:
-            from caikit_jax.ppo import train_ppo
+                metrics, self.losses = train_dpo(
+                    cfg, policy_folder, reference_folder, labelled, out
+                )
+            else:
+                from caikit_jax.ppo import train_ppo
 
-            metrics = train_ppo(
-                cfg,
-                policy=policy_folder,
-                reference=reference_folder,
-                reward=reward,
-                prompts=prompts,
-                out=out,
-            )
+                metrics = train_ppo(
+                    cfg,
+                    policy=policy_folder,
+                    reference=reference_folder,
+                    reward=reward,
+                    prompts=prompts,
+                    out=out,
+                )
+        release()
+        metrics[COMPILE_METRIC] = clock.seconds
         metrics["seconds"] = time.perf_counter() - started
         write_record(out / RL_RECORD, policy_folder, cfg, metrics, self.losses)
         return FitReport(str(out), metrics)
