@@ -60,8 +60,7 @@ def live_bytes() -> int:
 def signature(model: Any) -> Signature:
     """The shapes and dtypes of ``model``'s parameters (``nnx.Param``), with counts."""
     return Counter(
-        (tuple(int(d) for d in a.shape), str(a.dtype))
-        for a in _arrays(nnx.state(model, nnx.Param))
+        (tuple(int(d) for d in a.shape), str(a.dtype)) for a in _arrays(nnx.state(model, nnx.Param))
     )
 
 

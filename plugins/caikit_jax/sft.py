@@ -31,8 +31,8 @@ from caikit_core.errors import CaikitError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import RevisionTrace
 from caikit_core.training.data import require_sft_examples
-from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.common import SFT_RECORD, WHO, bucket, checkpoint_folder, write_record
+from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.config import JaxOptimiserConfig
 from caikit_jax.model import (
     check_device,

@@ -107,9 +107,7 @@ def test_sft_step_donates_the_old_weights_and_moments(tiny: Path, signatures: An
     assert state_bytes(optimizer.opt_state) >= 2 * state_bytes(model, nnx.Param)
 
 
-def test_sft_frees_the_model_and_its_optimiser(
-    tiny: Path, signatures: Any, tmp_path: Path
-) -> None:
+def test_sft_frees_the_model_and_its_optimiser(tiny: Path, signatures: Any, tmp_path: Path) -> None:
     sig, _, _ = signatures
     gc.collect()
     optimiser = JaxOptimiser(sft_config(learning_rate=1e-2, max_steps=2, batch_size=4))
