@@ -55,14 +55,15 @@ def cache_folder() -> Path | None:
 def use_persistent_cache() -> Path | None:
     """Turn on JAX's persistent compilation cache in :func:`cache_folder` (unless it is
     off or JAX already has a cache folder); the folder in use, or ``None``."""
-    current = jax.config.jax_compilation_cache_dir
+    config: Any = jax.config  # untyped in jax 0.10
+    current = config.jax_compilation_cache_dir
     if current:
         return Path(current)
     folder = cache_folder()
     if folder is None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    config.update("jax_compilation_cache_dir", str(folder))
     return folder
 
 
@@ -78,10 +79,10 @@ class CompileClock:
         self.seconds = 0.0
         self._lock = threading.Lock()
 
-    def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
+    def _listen(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event in _COMPILE_EVENTS:
             with self._lock:
-                self.seconds += float(duration)
+                self.seconds += float(duration_secs)
 
     def __enter__(self) -> CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._listen)

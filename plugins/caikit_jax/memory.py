@@ -34,6 +34,9 @@ __all__ = [
     "state_bytes",
 ]
 
+_live_arrays: Any = jax.live_arrays  # untyped in jax 0.10
+_clear_caches: Any = jax.clear_caches
+
 #: How many of a model's parameters have each ``(shape, dtype)``.
 Signature = Counter[tuple[tuple[int, ...], str]]
 
@@ -45,7 +48,7 @@ def _arrays(tree: Any) -> list[jax.Array]:
 def state_bytes(obj: Any, *filters: Any) -> int:
     """Bytes of the arrays in ``obj``'s nnx state (restricted to ``filters``, e.g.
     ``nnx.Param``); each array is counted once, whatever shares it."""
-    state = nnx.state(obj, *filters) if filters else nnx.state(obj)
+    state: Any = nnx.state(obj, *filters) if filters else nnx.state(obj)
     if isinstance(state, tuple):  # several filters give one state each
         state = list(state)
     unique = {id(a): a for a in _arrays(state)}
@@ -54,7 +57,8 @@ def state_bytes(obj: Any, *filters: Any) -> int:
 
 def live_bytes() -> int:
     """Bytes of every array alive in the process (each counted once, global size)."""
-    return sum(int(a.nbytes) for a in jax.live_arrays())
+    arrays: list[jax.Array] = _live_arrays()
+    return sum(int(a.nbytes) for a in arrays)
 
 
 def signature(model: Any) -> Signature:
@@ -78,7 +82,7 @@ def model_copies(sig: Signature, arrays: list[jax.Array] | None = None) -> int:
         return 0
     found: Signature = Counter(
         (tuple(int(d) for d in a.shape), str(a.dtype))
-        for a in (jax.live_arrays() if arrays is None else arrays)
+        for a in (_live_arrays() if arrays is None else arrays)
     )
     return min(found[key] // count for key, count in sig.items())
 
@@ -94,4 +98,4 @@ def release(*, compiled: bool = True) -> None:
     """
     gc.collect()
     if compiled:
-        jax.clear_caches()
+        _clear_caches()
