@@ -50,7 +50,7 @@ class JaxOptimiser:
         from caikit_jax.sft import train_sft
 
         report, self.losses = train_sft(self.config, policy, examples, out)
-        release()
+        release(compiled=False)  # its compiled step stays for another fit in this process
         return report
 
     # RL-CAI -------------------------------------------------------------------------------
