@@ -1,4 +1,5 @@
-"""JAX vs PyTorch on the CPU: a preference-model training step and a DPO step.
+"""JAX vs PyTorch on the CPU: a preference-model training step and a DPO step, or
+whole stages (``--stages``).
 
 Both backends train the same tiny random Llama (``build_tiny_llama``, written once
 to a temporary folder) on the same token ids (drawn once, from ``--seed``, and
@@ -69,6 +70,18 @@ is what gives both backends the same cores. On a machine other jobs share,
 steps slowed several-fold and erratically whenever another job ran (probably its
 OpenMP threads waiting on a descheduled peer; not verified).
 
+**Whole stages** (``--stages sft pm ppo``): each backend runs each stage through its
+plugin's own entry point (``JaxOptimiser.sft`` / ``TorchOptimiser.sft``, the
+preference model's ``fit``, the optimiser's ``optimise`` with PPO) on the tiny model
+and caikit's toy data (``toy_traces``, ``toy_preferences``, three prompts; PPO is
+rewarded by response length, so no preference model shares its process), each in a
+fresh subprocess, one after another. Reported per side and stage: wall time, the
+stage's ``time/compile`` (JAX's compilation, 0 for torch), the seconds per step
+without it, and the peak RSS (``VmHWM``, and ``ru_maxrss`` of the parent's waited
+children)::
+
+    python benchmarks/jax_vs_torch.py --stages sft pm ppo [--stage-steps 4]
+
 Tunix imports torch if it can (``tunix.sft`` -> ``metrax`` -> ``tensorboardX``);
 the JAX subprocess blocks that import so that its RSS is JAX's alone, as in an
 install without torch. RSS is what is measured, not allocator-internal peaks:
@@ -97,6 +110,151 @@ ROOT = HERE.parent
 TASKS = ("pm", "dpo")
 SIDES = ("jax", "torch")
 BETA = 0.1
+
+
+# --- whole stages (each in its own subprocess) -----------------------------------------
+STAGES = ("sft", "pm", "ppo")
+
+
+class _LengthReward:
+    """PPO's reward in ``--stages``: ``min(len, 40) / 40``, no model of its own."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def fit(self, labelled: Any, out: Path) -> Any:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> None:
+        pass
+
+    def score(self, samples: Any) -> list[float]:
+        return [min(len(s.response), 40) / 40 for s in samples]
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM``), in MiB."""
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stage_worker(args: argparse.Namespace) -> None:
+    """Run one stage on one backend; print one JSON line with its measurements."""
+    import importlib.util
+
+    if importlib.util.find_spec("caikit_jax") is None:
+        sys.path.insert(0, str(ROOT / "plugins"))
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[: args.threads])
+    from caikit_core.records import Prompt, conversation
+    from caikit_core.testing.checks import toy_preferences, toy_traces
+    from caikit_core.training.settings import PPOSettings, SFTSettings
+
+    if args.side == "jax":
+        sys.modules["torch"] = None  # type: ignore[assignment]  # no torch in JAX's RSS
+        from caikit_jax.optimiser import JaxOptimiser as Optimiser
+        from caikit_jax.plugin import JaxOptimiserConfig as OptimiserConfig
+        from caikit_jax.plugin import JaxPreferenceConfig as PreferenceConfig
+        from caikit_jax.reward import JaxPreferenceModel as PreferenceModel
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        from caikit_torch.optimiser import TorchOptimiser as Optimiser
+        from caikit_torch.plugin import TorchOptimiserConfig as OptimiserConfig
+        from caikit_torch.plugin import TorchPreferenceConfig as PreferenceConfig
+        from caikit_torch.reward import TorchPreferenceModel as PreferenceModel
+    model, out, steps = args.model, Path(args.out), args.stage_steps
+    started = time.perf_counter()
+    if args.stage == "sft":
+        config = OptimiserConfig(
+            seed=0, sft=SFTSettings(max_steps=steps, batch_size=4, max_length=256)
+        )
+        metrics = Optimiser(config).sft(model, toy_traces(), out).metrics
+    elif args.stage == "pm":
+        pm = PreferenceModel(PreferenceConfig(max_steps=steps, batch_size=4), model=model)
+        metrics = pm.fit(toy_preferences(), out).metrics
+    else:
+        questions = ("What is the capital of France?", "Why is the sky blue?", "Say hi.")
+        prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(questions)]
+        ppo = PPOSettings(
+            steps=steps,
+            rollout_batch_size=2,
+            mini_batch_size=2,
+            epochs=1,
+            max_new_tokens=6,
+            max_length=64,
+        )
+        config = OptimiserConfig(algorithm="ppo", seed=0, ppo=ppo)
+        optimiser = Optimiser(config)
+        metrics = optimiser.optimise(model, model, _LengthReward(), prompts, [], out).metrics
+    seconds = time.perf_counter() - started
+    compile_s = float(metrics.get("time/compile", 0.0))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "compile_s": compile_s,
+                "steps": steps,
+                "step_s_after_compile": (seconds - compile_s) / steps,
+                "peak_rss_mib": _peak_rss_mib(),
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_stages(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, Any]:
+    """Every stage on every side, each in a fresh subprocess; the measurements."""
+    results: dict[str, Any] = {}
+    for stage in args.stages:
+        results[stage] = {}
+        for side in SIDES:
+            cmd = [sys.executable, __file__, "--stage-worker", "--side", side]
+            cmd += ["--stage", stage, "--model", str(model), "--out", str(tmp / side / stage)]
+            cmd += ["--stage-steps", str(args.stage_steps), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                sys.stderr.write(done.stderr)
+                raise SystemExit(f"{side} {stage}: exit {done.returncode}")
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            found["children_max_rss_mib"] = children
+            results[stage][side] = found
+            print(f"{stage} {side}: done", file=sys.stderr, flush=True)
+    return results
+
+
+def stages_main(args: argparse.Namespace) -> None:
+    """``--stages``: build the tiny model, run the stages, print a table and a record."""
+    from caikit_core.testing.tiny_models import build_tiny_llama
+
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        model = build_tiny_llama(tmp / "model", seed=args.seed)
+        results = run_stages(args, model, tmp)
+    head = (
+        f"{'stage':5s} {'side':6s} {'wall s':>8s} {'compile s':>10s} "
+        f"{'s/step w/o compile':>19s} {'peak RSS MiB':>13s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for stage, found in results.items():
+        for side in SIDES:
+            r = found[side]
+            print(
+                f"{stage:5s} {side:6s} {r['seconds']:8.2f} {r['compile_s']:10.2f} "
+                f"{r['step_s_after_compile']:19.3f} {r['peak_rss_mib']:13.0f}"
+            )
+    record = {
+        "benchmark": "jax_vs_torch_stages",
+        "threads": args.threads,
+        "stage_steps": args.stage_steps,
+        "loadavg": os.getloadavg(),
+        "results": results,
+    }
+    print(json.dumps(record))
 
 
 # --- the batch ---------------------------------------------------------------------------
@@ -450,7 +608,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, help="run whole stages instead of steps"
+    )
+    parser.add_argument("--stage-steps", type=int, default=4, help="steps per whole stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=TASKS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -458,6 +623,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.stage_worker:
+        stage_worker(args)
+        return
+    if args.stages:
+        stages_main(args)
         return
 
     from caikit_core.testing.tiny_models import build_tiny_llama

@@ -52,11 +52,16 @@ class JaxOptimiser:
         Metrics as the ``torch`` optimiser reports them (``train_loss``,
         ``loss_first``, ``loss_last``, ``examples``, ``traces``, ``skipped_empty``,
         ``skipped_marked``, ``too_long``, ``steps``, ``seconds``) and
-        ``compile_seconds`` (the first step, which includes XLA compilation).
+        ``compile_seconds`` (the first step, which includes XLA compilation) and
+        ``time/compile`` (the seconds JAX spent compiling, :mod:`caikit_jax.compilation`).
+        What the stage leaves in memory is freed when it returns
+        (:func:`caikit_jax.memory.release`).
         """
+        from caikit_jax.memory import release
         from caikit_jax.sft import train_sft
 
         report, self.losses = train_sft(self.config, policy, examples, out, checkpoint_dir)
+        release(compiled=False)  # its compiled step stays for another fit in this process
         return report
 
     # RL-CAI -------------------------------------------------------------------------------
@@ -74,7 +79,14 @@ class JaxOptimiser:
         """Optimise ``policy`` with ``config.algorithm`` (``"ppo"`` or ``"dpo"``), keeping
         it close to ``reference``; save it to ``out``. DPO is resumable with
         ``checkpoint_dir`` (:mod:`caikit_jax.checkpoints`); PPO saves no checkpoint and
-        logs a warning when given one."""
+        logs a warning when given one.
+
+        The metrics include ``time/compile``, the seconds JAX spent compiling (or
+        loading from the persistent cache, :mod:`caikit_jax.compilation`); what the
+        stage leaves in memory is freed before this returns
+        (:func:`caikit_jax.memory.release`)."""
+        from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
+        from caikit_jax.memory import release
         from caikit_jax.model import check_device
 
         cfg = self.config
@@ -84,30 +96,34 @@ class JaxOptimiser:
         reference_folder = checkpoint_folder(reference, "reference")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.algorithm == "dpo":
-            from caikit_jax.dpo import train_dpo
+        use_persistent_cache()
+        with CompileClock() as clock:
+            if cfg.algorithm == "dpo":
+                from caikit_jax.dpo import train_dpo
 
-            metrics, self.losses = train_dpo(
-                cfg, policy_folder, reference_folder, labelled, out, checkpoint_dir
-            )
-        else:
-            from caikit_jax.ppo import train_ppo
-
-            if checkpoint_dir is not None:
-                log.warning(
-                    "%s: PPO on jax saves no resumable checkpoint; a killed run restarts "
-                    "from step 0",
-                    WHO,
+                metrics, self.losses = train_dpo(
+                    cfg, policy_folder, reference_folder, labelled, out, checkpoint_dir
                 )
+            else:
+                from caikit_jax.ppo import train_ppo
 
-            metrics = train_ppo(
-                cfg,
-                policy=policy_folder,
-                reference=reference_folder,
-                reward=reward,
-                prompts=prompts,
-                out=out,
-            )
+                if checkpoint_dir is not None:
+                    log.warning(
+                        "%s: PPO on jax saves no resumable checkpoint; a killed run restarts "
+                        "from step 0",
+                        WHO,
+                    )
+
+                metrics = train_ppo(
+                    cfg,
+                    policy=policy_folder,
+                    reference=reference_folder,
+                    reward=reward,
+                    prompts=prompts,
+                    out=out,
+                )
+        release()
+        metrics[COMPILE_METRIC] = clock.seconds
         metrics["seconds"] = time.perf_counter() - started
         write_record(out / RL_RECORD, policy_folder, cfg, metrics, self.losses)
         return FitReport(str(out), metrics)

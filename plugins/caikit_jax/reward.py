@@ -41,7 +41,9 @@ from caikit_core.records import Conversation, LabelledComparison, Sample
 from caikit_core.training.metrics import check_soft_labels, comparison_metrics, held_out_split
 from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import bucket
+from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.config import PM_CAPABILITIES, JaxPreferenceConfig
+from caikit_jax.memory import release
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -84,7 +86,7 @@ def _soft_loss(scores: jax.Array, p_a: jax.Array) -> jax.Array:
     return -(p_a * jax.nn.log_sigmoid(margin) + (1.0 - p_a) * jax.nn.log_sigmoid(-margin))
 
 
-@nnx.jit
+@nnx.jit(donate_argnames=("model", "optimizer"))  # new weights over the old ones
 def _train_step(
     model: _RewardModel,
     optimizer: nnx.Optimizer[_RewardModel],
@@ -139,7 +141,10 @@ class JaxPreferenceModel:
         Metrics as the ``torch`` preference model reports them: ``loss``,
         ``accuracy``, ``calibration``, ``brier``, ``examples``, ``eval_*`` (with
         ``eval_fraction``), ``ties``, ``truncated``, ``train_loss``, ``loss_first``,
-        ``loss_last``, ``steps``, ``compile_seconds`` and ``seconds``.
+        ``loss_last``, ``steps``, ``compile_seconds``, ``time/compile`` (the seconds JAX
+        spent compiling the training, :mod:`caikit_jax.compilation`) and ``seconds``.
+        The optimiser's state is freed before this returns; the model is kept for
+        :meth:`score`.
 
         :raises CaikitError: no comparisons, or a label outside [0, 1].
         :raises TrainingStopped: a non-finite loss (naming the step and comparisons).
@@ -159,17 +164,23 @@ class JaxPreferenceModel:
         folder = _folder(self.trunk, "trunk")
         self._tokenizer = read_tokenizer(folder, who=_WHO)
         self._mesh = make_mesh()
-        trunk = load_model(folder, mesh=self._mesh, dtype=param_dtype(cfg.dtype), trunk_only=True)
-        head = nnx.Linear(
-            trunk.config.embed_dim,
-            1,
-            use_bias=False,
-            kernel_init=nnx.initializers.normal(stddev=0.02),
-            rngs=nnx.Rngs(cfg.seed),
-        )
-        self._model = _RewardModel(trunk, head)
-        self._source = folder
-        metrics = self._train(train, checkpoint_dir)
+        use_persistent_cache()
+        with CompileClock() as clock:
+            trunk = load_model(
+                folder, mesh=self._mesh, dtype=param_dtype(cfg.dtype), trunk_only=True
+            )
+            head = nnx.Linear(
+                trunk.config.embed_dim,
+                1,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(stddev=0.02),
+                rngs=nnx.Rngs(cfg.seed),
+            )
+            self._model = _RewardModel(trunk, head)
+            self._source = folder
+            metrics = self._train(train, checkpoint_dir)
+        release(compiled=False)  # the optimiser's moments; scoring keeps its compiled step
+        metrics[COMPILE_METRIC] = clock.seconds
         out = Path(out)
         self.save(out, base=str(folder))
         metrics.update(comparison_metrics(self.score, train))

@@ -1,0 +1,175 @@
+"""What the jax plugins hold in memory, counted in live arrays (:mod:`caikit_jax.memory`),
+and the persistent compilation cache (:mod:`caikit_jax.compilation`).
+
+Counts, not RSS: a model copy is a whole set of arrays with the tiny model's parameter
+shapes, so a change that keeps one more copy (a model, an optimiser moment) fails here.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("tunix")
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from caikit_core.records import Sample
+from caikit_core.testing.checks import toy_traces
+from caikit_core.testing.tiny_models import build_tiny_llama
+from caikit_jax.compilation import CACHE_ENV, COMPILE_METRIC, cache_folder
+from caikit_jax.memory import Signature, model_copies, signature, state_bytes
+from caikit_jax.model import load_model, make_mesh, place_on_mesh
+from caikit_jax.optimiser import JaxOptimiser
+from caikit_jax.sft import sft_step
+from caikit_jax.tests.test_optimiser import sft_config
+from caikit_jax.tests.test_ppo import FractionalLengthReward, _config, _prompts
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("jax-memory") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def signatures(tiny: Path) -> tuple[Signature, Signature, Signature]:
+    """The tiny model's parameters: all of them, the trunk's, and the untied ``lm_head``'s."""
+    model = load_model(tiny, mesh=make_mesh())
+    sig = signature(model)
+    head = ((model.config.embed_dim, model.config.vocab_size), "float32")
+    assert sig[head] == 1 and not model.config.weight_tying
+    del model
+    gc.collect()
+    trunk = Counter(sig)
+    del trunk[head]
+    return sig, trunk, Counter({head: 1})
+
+
+class CountingReward(FractionalLengthReward):
+    """Counts the model copies alive each time PPO asks for scores (after a rollout)."""
+
+    def __init__(self, trunk: Signature, head: Signature) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+        self.copies: list[tuple[int, int]] = []
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        self.copies.append((model_copies(self.trunk), model_copies(self.head)))
+        return super().score(samples)
+
+
+def test_ppo_holds_the_copies_its_design_needs_and_frees_them(
+    tiny: Path, signatures: Any, tmp_path: Path
+) -> None:
+    sig, trunk, head = signatures
+    gc.collect()
+    assert model_copies(sig) == 0
+    reward = CountingReward(trunk, head)
+    report = JaxOptimiser(_config()).optimise(
+        str(tiny), str(tiny), reward, _prompts(), [], tmp_path / "ppo"
+    )
+    # the trunk: the actor + its two AdamW moments, Tunix's anchor snapshot of the actor
+    # (pinned host memory), the reference, the critic + its two moments; lm_head: the
+    # same less the critic's (it has a one-output head instead)
+    assert reward.copies == [(8, 5), (8, 5)]
+    # nothing is left for the next stage (without memory.release: 6 copies until a gc)
+    assert model_copies(sig) == 0
+    assert report.metrics[COMPILE_METRIC] > 0
+
+
+def test_sft_step_donates_the_old_weights_and_moments(tiny: Path, signatures: Any) -> None:
+    sig, _, _ = signatures
+    gc.collect()
+    mesh = make_mesh()
+    model = load_model(tiny, mesh=mesh)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    place_on_mesh(mesh, model, optimizer)
+    old = [a for a in jax.tree_util.tree_leaves(nnx.state((model, optimizer))) if a.size > 1]
+    ids = jnp.ones((2, 16), dtype=jnp.int32)
+    loss_mask = jnp.zeros((2, 16), dtype=jnp.int32).at[:, 8:].set(1)
+    float(sft_step(model, optimizer, ids, jnp.ones_like(ids), loss_mask))
+    assert old and all(a.is_deleted() for a in old)
+    assert model_copies(sig) == 3  # the model and its two moments, never two generations
+    assert state_bytes(optimizer.opt_state) >= 2 * state_bytes(model, nnx.Param)
+
+
+def test_sft_frees_the_model_and_its_optimiser(tiny: Path, signatures: Any, tmp_path: Path) -> None:
+    sig, _, _ = signatures
+    gc.collect()
+    optimiser = JaxOptimiser(sft_config(learning_rate=1e-2, max_steps=2, batch_size=4))
+    report = optimiser.sft(str(tiny), toy_traces(), tmp_path / "sft")
+    assert model_copies(sig) == 0
+    assert report.metrics[COMPILE_METRIC] > 0
+
+
+_COMPILE = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp
+    from caikit_jax.compilation import CompileClock, use_persistent_cache
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None
+    )
+    folder = use_persistent_cache()
+    with CompileClock() as clock:
+        jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
+    print(json.dumps({"folder": str(folder), "hits": len(hits), "seconds": clock.seconds}))
+    """
+)
+
+
+def _compile_in_subprocess(env: dict[str, str]) -> dict[str, Any]:
+    import json
+
+    path = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE],
+        env={**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_second_process_loads_its_compiled_steps_from_the_cache(tmp_path: Path) -> None:
+    env = {
+        CACHE_ENV: str(tmp_path / "xla"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_COMPILATION_CACHE_DIR": "",
+    }
+    first = _compile_in_subprocess(env)
+    assert first["folder"] == str(tmp_path / "xla") and first["hits"] == 0
+    assert first["seconds"] > 0 and any((tmp_path / "xla").iterdir())
+    second = _compile_in_subprocess(env)
+    assert second["hits"] > 0  # every executable the first compiled, loaded
+
+
+def test_the_cache_folder_follows_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("CAIKIT_CACHE", str(tmp_path))
+    assert cache_folder() == tmp_path / "jax-compilation"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_folder() == tmp_path / "mine"
+    for off in ("off", "0", "False", "no"):
+        monkeypatch.setenv(CACHE_ENV, off)
+        assert cache_folder() is None
