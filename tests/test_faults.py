@@ -320,9 +320,14 @@ def test_sigint_in_each_stage_stops_cleanly_and_resumes(
         )
         assert proc.returncode == 130, proc.stderr
         assert "Traceback" not in proc.stderr
-        assert proc.stderr.strip().splitlines() == [
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1] == (
             f"interrupted during stage '{stage}'; resume with: caikit run --resume {out}"
-        ]
+        )
+        # before it, a resume lists what the recorded run file enables (the echo
+        # fixture's plugins are not bundled with caikit) and nothing else
+        if len(lines) > 1:
+            assert index > 0 and lines[0].startswith(f"WARNING  resuming {out}:"), lines
         assert set(ALL_STAGES[:index]) <= set(verified(out))
     final = caikit(start_or_resume(run_file), root=out, echo_site=echo_site)
     assert final.returncode == 0, final.stderr
@@ -407,10 +412,17 @@ def test_a_read_only_run_directory_is_a_clear_error_and_changes_nothing(
         assert proc.returncode == 2, proc.stderr
         (line,) = proc.stderr.strip().splitlines()
         assert "Traceback" not in proc.stderr
-        assert line.startswith(
-            f"error: {out}/.lock: Read-only file system; what is complete is kept: free space "
-            f"or make the run directory writable, then resume with: caikit run --resume {out}"
-        )
+        if args[1] == "--resume":
+            assert line.startswith(
+                f"error: {out}/.lock: Read-only file system; what is complete is kept: free "
+                f"space or make the run directory writable, then resume with: caikit run "
+                f"--resume {out}"
+            )
+        else:  # the run file's output_dir is checked before the lock is taken
+            assert line == (
+                f"error: {run_file}: output_dir: cannot write the run into {out}: "
+                "Read-only file system"
+            )
     assert digests(small_disk) == before
     remount(small_disk, "rw")
     final = caikit(start_or_resume(run_file), root=out, echo_site=echo_site)
