@@ -48,11 +48,14 @@ revisions = 1
 
 @pytest.fixture
 def openai_plugin() -> Iterator[None]:
-    """The plugin registered in this process's plugin manager, beside the bundled ones."""
+    """The plugin registered in this process's plugin manager, beside the bundled ones
+    (unless an earlier test's pip install made its entry point visible: then that one)."""
     plugins.reset()
-    plugins.get_plugin_manager().register(
-        caikit_openai.plugin, "openai", distribution="caikit-openai", version="test"
-    )
+    manager = plugins.get_plugin_manager()
+    if manager.pm.get_plugin("openai") is None:
+        manager.register(
+            caikit_openai.plugin, "openai", distribution="caikit-openai", version="test"
+        )
     yield
     release_instances()
     plugins.reset()
