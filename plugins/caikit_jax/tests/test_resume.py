@@ -130,6 +130,7 @@ def test_killed_and_resumed_sft_equals_an_uninterrupted_run_bitwise(
     assert_same_weights(tmp_path / "straight", tmp_path / "b", "sft")
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_preference_model_equals_an_uninterrupted_run_bitwise(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,6 +161,7 @@ def test_killed_and_resumed_preference_model_equals_an_uninterrupted_run_bitwise
     assert_same_weights(tmp_path / "straight", tmp_path / "b", "preference model")
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_dpo_equals_an_uninterrupted_run_bitwise(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,6 +273,7 @@ def with_jax(with_echo: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     plugins.reset()
 
 
+@pytest.mark.slow
 def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_jax: None
 ) -> None:

@@ -247,6 +247,7 @@ def test_a_worker_that_raises_fails_the_fit_naming_its_rank_and_leaves_no_proces
     assert no_workers_left() == []
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_by_a_signal_is_named_and_the_others_are_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +274,7 @@ def test_a_worker_that_dies_by_a_signal_is_named_and_the_others_are_stopped(
     assert no_workers_left() == []
 
 
+@pytest.mark.slow
 def test_workers_exit_when_the_launching_process_is_killed(tmp_path: Path) -> None:
     """SIGKILL the process that launched two workers (blocked in a barrier, as training
     would be): both are gone within seconds, no orphan left behind."""
