@@ -114,6 +114,9 @@ BETA = 0.1
 
 # --- whole stages (each in its own subprocess) -----------------------------------------
 STAGES = ("sft", "pm", "ppo")
+#: the quickstart's steps per stage (``--run``): ``max_steps`` of SFT and the preference
+#: model, PPO's ``steps``.
+QUICKSTART_STEPS = {"sft": 8, "pm": 8, "ppo": 4}
 
 
 class _LengthReward:
@@ -137,6 +140,23 @@ def _peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_records(run: Path, stage: str) -> list[Any]:
+    """The records of ``run``'s complete ``stage`` (``--run``), in shard order."""
+    from caikit_core import records
+    from caikit_core.store import RunStore
+
+    store = RunStore(run)
+    fp = store.read_run()["stages"][stage]
+    manifest = store.read_manifest(stage, fp)
+    if manifest is None or not manifest.complete:
+        raise SystemExit(f"{run}: stage {stage!r} is not complete")
+    cls = getattr(records, manifest.record_type)
+    found: list[Any] = []
+    for path in store.shard_paths(stage, fp):
+        found.extend(records.from_arrow(store.read_shard(stage, fp, path.name), cls))
+    return found
 
 
 def stage_worker(args: argparse.Namespace) -> None:
@@ -166,29 +186,64 @@ def stage_worker(args: argparse.Namespace) -> None:
         from caikit_torch.plugin import TorchPreferenceConfig as PreferenceConfig
         from caikit_torch.reward import TorchPreferenceModel as PreferenceModel
     model, out, steps = args.model, Path(args.out), args.stage_steps
+    run = Path(args.run) if args.run else None
     started = time.perf_counter()
     if args.stage == "sft":
+        traces = _run_records(run, "revisions") if run else toy_traces()
         config = OptimiserConfig(
-            seed=0, sft=SFTSettings(max_steps=steps, batch_size=4, max_length=256)
+            seed=0,
+            sft=SFTSettings(
+                max_steps=steps, batch_size=4, max_length=320 if run else 256, learning_rate=2e-5
+            ),
         )
-        metrics = Optimiser(config).sft(model, toy_traces(), out).metrics
+        metrics = Optimiser(config).sft(model, traces, out).metrics
     elif args.stage == "pm":
-        pm = PreferenceModel(PreferenceConfig(max_steps=steps, batch_size=4), model=model)
-        metrics = pm.fit(toy_preferences(), out).metrics
-    else:
-        questions = ("What is the capital of France?", "Why is the sky blue?", "Say hi.")
-        prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(questions)]
-        ppo = PPOSettings(
-            steps=steps,
-            rollout_batch_size=2,
-            mini_batch_size=2,
-            epochs=1,
-            max_new_tokens=6,
-            max_length=64,
+        if run:  # each label joined to its pair, as the labels stage hands them over
+            from caikit_core.records import LabelledComparison
+
+            pairs = {c.id: c for c in _run_records(run, "pairs")}
+            labels = _run_records(run, "labels")
+            labelled = [LabelledComparison(pairs[x.comparison_id], x) for x in labels]
+        else:
+            labelled = toy_preferences()
+        settings = {"max_length": 320, "learning_rate": 2e-5} if run else {}
+        pm = PreferenceModel(
+            PreferenceConfig(max_steps=steps, batch_size=4, **settings), model=model
         )
+        metrics = pm.fit(labelled, out).metrics
+    else:
+        reward: Any = _LengthReward()
+        if run:  # the quickstart's: the SFT model, rewarded by this side's preference model
+            prompts = _run_records(run, "prompts")[:16]
+            pm_folder = Path(args.out).parent / "pm"
+            reward = PreferenceModel(PreferenceConfig(max_length=320), model=model)
+            reward.load(pm_folder)
+            policy = str(Path(args.out).parent / "sft")
+            ppo = PPOSettings(
+                steps=steps,
+                rollout_batch_size=8,
+                mini_batch_size=4,
+                epochs=1,
+                max_new_tokens=32,
+                max_length=320,
+                kl_coef=0.05,
+                learning_rate=2e-5,
+            )
+        else:
+            questions = ("What is the capital of France?", "Why is the sky blue?", "Say hi.")
+            prompts = [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(questions)]
+            policy = model
+            ppo = PPOSettings(
+                steps=steps,
+                rollout_batch_size=2,
+                mini_batch_size=2,
+                epochs=1,
+                max_new_tokens=6,
+                max_length=64,
+            )
         config = OptimiserConfig(algorithm="ppo", seed=0, ppo=ppo)
         optimiser = Optimiser(config)
-        metrics = optimiser.optimise(model, model, _LengthReward(), prompts, [], out).metrics
+        metrics = optimiser.optimise(policy, policy, reward, prompts, [], out).metrics
     seconds = time.perf_counter() - started
     compile_s = float(metrics.get("time/compile", 0.0))
     print(
@@ -213,7 +268,9 @@ def run_stages(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, An
         for side in SIDES:
             cmd = [sys.executable, __file__, "--stage-worker", "--side", side]
             cmd += ["--stage", stage, "--model", str(model), "--out", str(tmp / side / stage)]
-            cmd += ["--stage-steps", str(args.stage_steps), "--threads", str(args.threads)]
+            steps = QUICKSTART_STEPS[stage] if args.run else args.stage_steps
+            cmd += ["--stage-steps", str(steps), "--threads", str(args.threads)]
+            cmd += ["--run", str(args.run)] if args.run else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:
                 sys.stderr.write(done.stderr)
@@ -232,7 +289,10 @@ def stages_main(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        model = build_tiny_llama(tmp / "model", seed=args.seed)
+        if args.model_folder:
+            model = Path(args.model_folder)
+        else:
+            model = build_tiny_llama(tmp / "model", seed=args.seed)
         results = run_stages(args, model, tmp)
     head = (
         f"{'stage':5s} {'side':6s} {'wall s':>8s} {'compile s':>10s} "
@@ -612,6 +672,12 @@ def main() -> None:
         "--stages", nargs="+", choices=STAGES, help="run whole stages instead of steps"
     )
     parser.add_argument("--stage-steps", type=int, default=4, help="steps per whole stage")
+    parser.add_argument(
+        "--model-folder", help="--stages on this model instead of the tiny one (with --run)"
+    )
+    parser.add_argument(
+        "--run", help="--stages on this run directory's revisions, labels and prompts"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)

@@ -422,6 +422,7 @@ def train_ppo(
         tokenizer=adapter,
         cluster_config=cluster_config,
     )
+    shims.drop_anchor_snapshot(cluster)
     shims.reseed_rollouts(cluster.rollout, cfg.seed)
     shims.untempered_reference_logps(cluster.inference_worker)
 

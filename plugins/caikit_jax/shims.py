@@ -3,7 +3,8 @@
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
 upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
-items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7) that shows the defect without it.
+items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7, ``caikit_jax/tests/test_memory.py``
+for 8) that shows the defect without it.
 Nothing else in caikit patches Tunix.
 
 1. :class:`RopeThetaAttention`: ``tunix/models/llama3/model.py``,
@@ -34,6 +35,13 @@ Nothing else in caikit patches Tunix.
    ``RLCluster.get_ref_per_token_logps`` divides the reference's logits by the
    rollout temperature while the policy's are at temperature 1, so the KL of an
    unchanged policy is not 0 when sampling at another temperature.
+8. :func:`drop_anchor_snapshot`: ``tunix/rl/rl_cluster.py``, ``RLCluster`` keeps
+   ``_anchor_policy_state``, a copy of the actor's weights in ``pinned_host``
+   memory, taken when the actor trainer is built and at every ``sync_weights``. Only
+   ``get_actor_per_token_logps`` reads it, and only the agentic GRPO learner calls
+   that; PPO's old log-probabilities come from the rollout model
+   (``get_old_per_token_logps``). For PPO it is one whole model copy held for
+   nothing (on a CPU, ``pinned_host`` is the same RAM).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ __all__ = [
     "SegmentIdsTolerant",
     "auto_mesh",
     "critic_from_actor",
+    "drop_anchor_snapshot",
     "float_zeros_like",
     "patch_ppo_rewards",
     "ppo_critic",
@@ -282,3 +291,28 @@ def untempered_reference_logps(worker: Any) -> None:
 
     get_ref_per_token_logps._caikit_untempered = True  # type: ignore[attr-defined]
     worker.get_ref_per_token_logps = get_ref_per_token_logps
+
+
+# --- 8. the anchor snapshot --------------------------------------------------------------
+
+
+def drop_anchor_snapshot(cluster: Any) -> None:
+    """Free ``cluster``'s anchor copy of the actor and stop it being taken again (item 8).
+
+    ``cluster`` is an ``RLCluster`` driven by the PPO learner, which never reads the
+    anchor. The shim releases the copy made at construction and wraps the instance's
+    ``sync_weights`` to release the one each sync takes. A learner that reads the
+    anchor (``get_actor_per_token_logps``) then fails loudly ("Anchor policy state is
+    not initialized") instead of using a stale copy. Idempotent.
+    """
+    cluster._anchor_policy_state = None
+    original = cluster.sync_weights
+    if getattr(original, "_caikit_no_anchor", False):
+        return
+
+    def sync_weights() -> None:
+        original()
+        cluster._anchor_policy_state = None
+
+    sync_weights._caikit_no_anchor = True  # type: ignore[attr-defined]
+    cluster.sync_weights = sync_weights
