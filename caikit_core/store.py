@@ -158,6 +158,9 @@ class ShardInfo:
     sha256: str | None = None
     #: the items of this shard left out under ``on_error = "skip"``: (id, reason) each
     skipped: tuple[tuple[str, str], ...] = ()
+    #: what the generator warned while this shard's batches ran: (message, count) each,
+    #: most frequent first, bounded (``caikit_core.stages.base.tally``)
+    warnings: tuple[tuple[str, int], ...] = ()
 
 
 @attrs.define
@@ -180,6 +183,8 @@ class StageManifest:
     rows: int = 0
     #: items left out under ``on_error = "skip"`` (listed in ``skipped.parquet``)
     skipped: int = 0
+    #: the shards' generator warnings merged: (message, count) each, bounded
+    warnings: list[tuple[str, int]] = attrs.field(factory=list)
     artifact: str | None = None
     metrics: dict[str, float] = attrs.field(factory=dict)
     #: a fit stage's per-step metrics (e.g. PPO's reward and KL), when its plugin reports them

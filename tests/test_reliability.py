@@ -22,7 +22,7 @@ from caikit_core import hashing, validators
 from caikit_core.cli import main
 from caikit_core.config import load_run
 from caikit_core.converter import InvalidValue
-from caikit_core.plugins import get_registry
+from caikit_core.plugins import get_plugin_manager, get_registry
 from caikit_core.records import from_arrow, to_dict
 from caikit_core.runner import Runner
 from caikit_core.stages import STAGES
@@ -563,3 +563,86 @@ def test_a_failed_resume_keeps_the_stage_map_of_run_json(
     assert main(["run", str(echo_run), "--quiet"]) == 0
     now = json.loads((out / "run.json").read_text())["stages"]
     assert sorted(now) == ["prompts", "responses", "revisions", "sft"]
+
+
+# --- generator warnings reach the summary and the manifest -------------------------------
+
+CUT = "echo: answer cut at max_new_tokens=7"
+
+
+def _warned(echo_run: Path) -> Path:
+    """The echo run with answers cut at 7 "tokens" in the SL stages: every response warns."""
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text + "\n[sl.sampling]\nmax_new_tokens = 7\n")
+    return echo_run.parent / "out"
+
+
+def _manifest(run_dir: Path, stage: str) -> dict[str, Any]:
+    (folder,) = (run_dir / "stages" / stage).iterdir()
+    data: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return data
+
+
+def test_generator_warnings_are_counted_in_the_summary_the_manifest_and_metrics(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _warned(echo_run)
+    assert main(["run", str(echo_run)]) == 0
+    std = capsys.readouterr()
+    (folder,) = (out / "stages" / "responses").iterdir()
+    line = (
+        f"responses: 11 record(s), 11 generator warning(s): '{CUT}' (x11) "
+        f"(all in {folder / 'manifest.json'})"
+    )
+    assert line in std.out.splitlines()
+    assert f"responses: 11 record(s), 11 generator warning(s): '{CUT}' (x11)" in std.err
+    assert "revisions: " not in " ".join(ln for ln in std.out.splitlines() if "warning" in ln)
+    manifest = _manifest(out, "responses")
+    assert manifest["warnings"] == [[CUT, 11]]
+    assert [s["warnings"] for s in manifest["shards"]] == [[[CUT, 4]], [[CUT, 4]], [[CUT, 3]]]
+    assert _manifest(out, "revisions")["warnings"] == []  # the critic's answers are not cut
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (stage,) = [x for x in lines if x["type"] == "stage" and x["stage"] == "responses"]
+    assert stage["generator_warnings"] == [[CUT, 11]]
+    assert all("generator_warnings" not in x for x in lines if x["stage"] != "responses")
+
+    # a rerun that reuses the stage shows them again, from the manifest
+    assert main(["run", str(echo_run)]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+
+
+def test_generator_warnings_are_counted_once_per_record_on_resume_and_retries(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed stage keeps the warnings of the shards it reuses and counts those it
+    recomputes once; an executor that returns every batch twice counts each once."""
+    from tests.test_executors import _ExecutorPlugin
+
+    out = _warned(echo_run)
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    (folder,) = (out / "stages" / "responses").iterdir()
+    (folder / "shard-00001.parquet").unlink()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert _manifest(out, "responses")["warnings"] == [[CUT, 11]]
+
+    get_plugin_manager().register(_ExecutorPlugin(), "test-executors")
+    text = echo_run.read_text().replace('output_dir = "out"', 'output_dir = "retried"')
+    echo_run.write_text(text + '\n[executor]\nplugin = "retrying"\n')
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    assert _manifest(echo_run.parent / "retried", "responses")["warnings"] == [[CUT, 11]]
+    capsys.readouterr()
+
+
+def test_generator_warnings_are_bounded() -> None:
+    """At most 20 distinct messages of at most 300 characters; the rest are counted."""
+    from caikit_core.stages.base import OTHER_WARNINGS, tally
+
+    long = "x" * 1000
+    counts = [(f"warning {i:02d}", 1) for i in range(30)] + [(long, 5), ("warning 03", 2)]
+    kept = tally(counts)
+    assert len(kept) == 21
+    assert kept[0] == ("x" * 297 + "...", 5)
+    assert kept[1] == ("warning 03", 3)
+    assert kept[-1] == (OTHER_WARNINGS, 11)  # 30 + 1 messages, 20 kept
+    assert sum(n for _, n in kept) == 30 + 5 + 2
+    assert tally([*kept, (OTHER_WARNINGS, 4), ("warning 03", 1)])[-1] == (OTHER_WARNINGS, 15)
