@@ -68,10 +68,14 @@ def looks_local(model: str) -> bool:
     )
 
 
-def check_weights(folder: Path, who: str, *, allow_pickle: bool = False) -> None:
+def check_weights(
+    folder: Path, who: str, *, allow_pickle: bool = False, key: str | None = None
+) -> None:
     """Refuse a model folder whose weights are only pickle files (``pytorch_model.bin``,
     ``*.pt``, ``*.ckpt``, ``*.pkl``, ...) and no ``*.safetensors``, naming the file,
-    unless ``allow_pickle`` (then say so in the log).
+    unless ``allow_pickle`` (then say so in the log). ``key`` is the run-file key that
+    allows it (e.g. ``policy_optimiser.allow_pickle``), named in the error; without
+    one the error says "in the plugin's table".
 
     :raises PluginError: the folder holds pickle weights only and ``allow_pickle`` is off.
     """
@@ -86,10 +90,11 @@ def check_weights(folder: Path, who: str, *, allow_pickle: bool = False) -> None
             "%s: loading pickle weights %s from %s (allow_pickle = true)", who, shown, folder
         )
         return
+    where = f"{key} = true in" if key else "allow_pickle = true in the plugin's table of"
     raise PluginError(
         f"{who}: {folder} holds its weights only as pickle ({shown}), which can run code "
-        "when loaded; convert it to safetensors, or set allow_pickle = true in the "
-        "plugin's table of the run file for a checkpoint you trust"
+        f"when loaded; convert it to safetensors, or set {where} the run file for a "
+        "checkpoint you trust"
     )
 
 
