@@ -646,3 +646,79 @@ def test_generator_warnings_are_bounded() -> None:
     assert kept[-1] == (OTHER_WARNINGS, 11)  # 30 + 1 messages, 20 kept
     assert sum(n for _, n in kept) == 30 + 5 + 2
     assert tally([*kept, (OTHER_WARNINGS, 4), ("warning 03", 1)])[-1] == (OTHER_WARNINGS, 15)
+
+
+# --- a misspelt local model path is not a hub id -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "hub_id"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("gpt2", True),
+        ("echo-policy", True),
+        ("my_org/model.v2", True),
+        ("a/b/c", False),
+        ("my model", False),
+        ("org/-model", False),
+        ("org/model.", False),
+        ("org--x/model", False),
+        ("org/model..v2", False),
+        ("org/model.git", False),
+        ("x" * 97, False),
+        ("", False),
+    ],
+)
+def test_what_can_be_a_hub_id(model: str, hub_id: bool) -> None:
+    from caikit_core.models import could_be_hub_id
+
+    assert could_be_hub_id(model) is hub_id
+
+
+def test_a_model_written_as_a_missing_path_is_refused_before_anything_runs(
+    echo_run: Path,
+    with_echo: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Online too (no HF_HUB_OFFLINE): a path that does not exist is one error naming the
+    key, the folder and the closest existing folder beside it, before the run directory
+    exists; a name that may be a hub id is passed on (the echo generator loads none)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    base = echo_run.parent
+    (base / "models" / "smollm2-135m").mkdir(parents=True)
+    (base / "models" / "other").mkdir()
+    (base / "afile").write_text("x", encoding="utf-8")
+    text = echo_run.read_text()
+    cases = {
+        "models/smollm2-135": (
+            f"no such model folder: {base}/models/smollm2-135 (the closest folder there is "
+            f"{base}/models/smollm2-135m)"
+        ),
+        "./models/zzz": f"no such model folder: {base}/models/zzz",
+        f"{base}/nowhere/model": f"no such model folder: {base}/nowhere/model",
+        "x y": f"no such model folder: {base}/x y",
+        "afile": f"{base}/afile is a file, not a model folder",
+    }
+    for model, why in cases.items():
+        echo_run.write_text(text.replace('policy = "echo-policy"', f'policy = "{model}"'))
+        assert main(["run", str(echo_run)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {echo_run}: 1 config problem:\n  models.policy: {why}\n", model
+        assert not (base / "out").exists()
+    # the other model keys and eval checkpoints are checked the same way
+    echo_run.write_text(
+        text.replace('policy = "echo-policy"', 'policy = "echo-policy"\nfeedback = "~/no-such-x"')
+        + '\n[eval]\ncheckpoints = {old = "models/olde"}\n'
+    )
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    home = Path("~/no-such-x").expanduser()
+    assert f"  models.feedback: no such model folder: {home}\n" in err
+    assert f"  eval.checkpoints.old: no such model folder: {base}/models/olde\n" in err
+    # an existing folder, and a well-formed id that may be on the hub, pass
+    for model in ("models/other", "./models/other", "some-org/some-model"):
+        echo_run.write_text(text.replace('policy = "echo-policy"', f'policy = "{model}"'))
+        assert main(["run", str(echo_run), "--quiet"]) == 0, model
+    capsys.readouterr()
