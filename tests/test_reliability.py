@@ -722,3 +722,78 @@ def test_a_model_written_as_a_missing_path_is_refused_before_anything_runs(
         echo_run.write_text(text.replace('policy = "echo-policy"', f'policy = "{model}"'))
         assert main(["run", str(echo_run), "--quiet"]) == 0, model
     capsys.readouterr()
+
+
+# --- the storage-error advice fits the error ------------------------------------------------
+
+
+def test_storage_error_advice_fits_the_error(tmp_path: Path) -> None:
+    """A full disk says to free space; a write refused for permission says which folder
+    to make writable, and nothing about space; a read-only file system, to remount."""
+    import errno
+
+    from caikit_core.store import storage_error
+
+    run_dir = tmp_path / "out"
+    (run_dir / "stages").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}", encoding="utf-8")
+    resume = f"then resume with: caikit run --resume {run_dir}"
+    shard = str(run_dir / "stages" / ".shard-00000.parquet.tmp-1")
+
+    def said(code: int, filename: str | None) -> str:
+        error = storage_error(OSError(code, os.strerror(code), filename), run_dir, "responses")
+        assert error is not None
+        return str(error)
+
+    assert said(errno.ENOSPC, None) == (
+        f"{run_dir} (stage 'responses'): No space left on device; what is complete is kept: "
+        f"free space, {resume}"
+    )
+    for code in (errno.EACCES, errno.EPERM):
+        assert said(code, shard) == (
+            f"{shard} (stage 'responses'): {os.strerror(code)}; what is complete is kept: "
+            f"make {run_dir / 'stages'} writable for this user, {resume}"
+        )
+    assert said(errno.EACCES, None).endswith(f"make {run_dir} writable for this user, {resume}")
+    assert "remount it read-write" in said(errno.EROFS, None)
+    assert storage_error(OSError(errno.ENOENT, "gone"), run_dir) is None
+
+
+def _mode_bits_bind_us(folder: Path) -> bool:
+    """Whether a folder of mode 0o500 refuses this process a new file (not for root,
+    unless it lacks CAP_DAC_OVERRIDE)."""
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").write_text("", encoding="utf-8")
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o700)
+    return False
+
+
+def test_a_run_directory_this_user_cannot_write_is_named_with_how_to_fix_it(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if not _mode_bits_bind_us(tmp_path / "probe"):
+        pytest.skip("this process writes into a folder of mode 0o500 (root): no EACCES to see")
+    out = echo_run.parent / "out"
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text)
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    capsys.readouterr()
+    out.chmod(0o500)
+    try:
+        assert main(["run", "--resume", str(out)]) == 2
+    finally:
+        out.chmod(0o700)
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err
+    assert line.startswith(f"error: {out}/.run.json.tmp-"), err
+    assert line.endswith(
+        f": Permission denied; what is complete is kept: make {out} writable for this user, "
+        f"then resume with: caikit run --resume {out}"
+    )
+    assert "free space" not in line
