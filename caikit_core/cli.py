@@ -269,6 +269,8 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
     from rich.panel import Panel
     from rich.table import Table
 
+    from caikit_core.stages.base import warnings_line
+
     table = Table("stage", "status", "rows", "seconds", "output")
     for s in summary.stages:
         where = s.artifact if s.artifact is not None else s.path
@@ -277,6 +279,14 @@ def _print_summary(summary: Any, show_traces: int = 0) -> None:
     console.print(table)
     console.print(f"run directory: {summary.run_dir}")
     for s in summary.stages:
+        if s.warnings:
+            line = f"{s.name}: {warnings_line(s.rows, s.warnings)}"
+            console.print(
+                f"{line} (all in {s.path / 'manifest.json'})",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         if s.skipped:
             console.print(
                 f'{s.name}: {s.skipped} record(s) skipped on error (on_error = "skip"), '

@@ -582,8 +582,10 @@ def check_run_data(
 def check_inputs(run: ResolvedRun) -> None:
     """Refuse, before any model loads or stage runs, the input files a run would find
     missing or unusable later: ``data.prompts``, ``sl.helpfulness_prompts`` (phase
-    ``sl``) and the constitution (read and validated; it must hold the critique/revision
-    principles a critic needs and the feedback principles a labeller needs).
+    ``sl``), model folders that do not exist (``models.*``, ``eval`` models; written as
+    paths or impossible as hub ids) and the constitution (read and validated; it must
+    hold the critique/revision principles a critic needs and the feedback principles a
+    labeller needs).
 
     :raises ConfigError: one line per problem, naming the key.
     """
@@ -600,6 +602,7 @@ def check_inputs(run: ResolvedRun) -> None:
         if not path.is_file():
             what = "is a folder, not a prompt file" if path.is_dir() else "no such prompt file"
             problems.append(f"{key}: {what}: {path}")
+    problems.extend(_model_problems(run))
     needs = {"critic": "critique_revision", "labeller": "feedback"}
     if needs.keys() & run.roles.keys():
         cfg = config.constitution
@@ -617,6 +620,28 @@ def check_inputs(run: ResolvedRun) -> None:
                     )
     if problems:
         raise ConfigError(run.source, problems)
+
+
+def _model_problems(run: ResolvedRun) -> list[str]:
+    """``models.*`` and ``eval`` models written as paths (or that cannot be hub ids)
+    whose folder does not exist (:func:`caikit_core.models.missing_model_folder`)."""
+    from caikit_core.models import missing_model_folder
+
+    models = run.config.models
+    found = [
+        ("models.policy", models.policy),
+        ("models.feedback", models.feedback),
+        ("models.preference", models.preference),
+    ]
+    if run.config.eval is not None:
+        found.append(("eval.preference_model", run.config.eval.preference_model))
+        found.extend((f"eval.checkpoints.{k}", v) for k, v in run.config.eval.checkpoints.items())
+    problems = []
+    for key, value in found:
+        why = missing_model_folder(value, run.base_dir) if value else None
+        if why is not None:
+            problems.append(f"{key}: {why}")
+    return problems
 
 
 def non_finite_values(data: Any, path: str = "") -> list[tuple[str, float]]:

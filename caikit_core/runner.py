@@ -43,11 +43,14 @@ from caikit_core.stages import STAGES, stage_names
 from caikit_core.stages.base import (
     BatchFailed,
     Context,
+    GeneratorWarnings,
     Key,
     Skipped,
     Stage,
     StageResult,
     release_instances,
+    tally,
+    warnings_line,
 )
 from caikit_core.store import (
     SKIPPED_FILE,
@@ -185,6 +188,8 @@ class Runner:
                 "metrics": _numbers(manifest.metrics),
             }
         )
+        if manifest.warnings:
+            lines[-1]["generator_warnings"] = [list(w) for w in manifest.warnings]
         self.store.append_metrics(lines)
 
     # fingerprints and manifests -----------------------------------------------------------
@@ -270,8 +275,9 @@ class Runner:
             if not damaged:
                 log.info("%s: complete, skipped (%d rows)", stage.name, existing.rows)
                 return StageResult(
-                    stage.name, "skipped", existing.rows, 0.0, fp, path, skipped=existing.skipped
-                )
+                    stage.name, "skipped", existing.rows, 0.0, fp, path,
+                    skipped=existing.skipped, warnings=tuple(existing.warnings),
+                )  # fmt: skip
             for index, why in sorted(damaged.items()):
                 log.warning(
                     "%s: shard %d of a complete stage is %s: recomputing it", stage.name, index, why
@@ -352,6 +358,7 @@ class Runner:
         manifest.complete = True
         manifest.rows = sum(s.rows for s in manifest.shards)
         manifest.skipped = sum(len(s.skipped) for s in manifest.shards)
+        manifest.warnings = list(tally(w for s in manifest.shards for w in s.warnings))
         manifest.finished_at = time.time()
         elapsed = time.perf_counter() - started
         manifest.timings["seconds"] = manifest.timings.get("seconds", 0.0) + elapsed
@@ -362,11 +369,16 @@ class Runner:
                 "%s: %d record(s) skipped on error, listed in %s",
                 stage.name, manifest.skipped, self.store.stage_dir(stage.name, fp) / SKIPPED_FILE,
             )  # fmt: skip
+        if manifest.warnings:
+            log.warning(
+                "%s: %s", stage.name, warnings_line(manifest.rows, tuple(manifest.warnings))
+            )
         status = "resumed" if done else "ran"
         path = self.store.stage_dir(stage.name, fp)
         return StageResult(
-            stage.name, status, manifest.rows, elapsed, fp, path, skipped=manifest.skipped
-        )
+            stage.name, status, manifest.rows, elapsed, fp, path,
+            skipped=manifest.skipped, warnings=tuple(manifest.warnings),
+        )  # fmt: skip
 
     def _run_fit(self, stage: Stage, fp: str, manifest: StageManifest) -> StageResult:
         release_instances()  # free the generators' models before training
@@ -426,6 +438,10 @@ class Runner:
         return target
 
 
+#: what a batch returns among its records that is not a record
+_NOT_RECORDS = (Skipped, GeneratorWarnings)
+
+
 def _batch_failure(exc: BaseException) -> BatchFailed | None:
     """The :class:`BatchFailed` an executor raised, or chained as a cause."""
     seen: BaseException | None = exc
@@ -482,7 +498,7 @@ class _ShardWriter:
         index = self.place[key][0]
         if key not in self.waiting.get(index, ()):
             return  # a batch the executor ran again (at-least-once): already have it
-        self._check_sources(key, [r for r in outputs if not isinstance(r, Skipped)])
+        self._check_sources(key, [r for r in outputs if not isinstance(r, _NOT_RECORDS)])
         self.waiting[index].discard(key)
         self.received[index][key] = outputs
         if not self.waiting[index]:
@@ -509,8 +525,9 @@ class _ShardWriter:
         (a retried batch never gets here twice: :meth:`add` keeps one copy)."""
         assert self.stage.record_type is not None
         out = [r for key in sorted(parts, key=lambda k: self.place[k][1]) for r in parts[key]]
-        rows = [r for r in out if not isinstance(r, Skipped)]
+        rows = [r for r in out if not isinstance(r, _NOT_RECORDS)]
         skipped = tuple((r.id, r.reason) for r in out if isinstance(r, Skipped))
+        warned = tally(c for r in out if isinstance(r, GeneratorWarnings) for c in r.counts)
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -531,6 +548,7 @@ class _ShardWriter:
                 now - self.started,
                 digest,
                 skipped,
+                warned,
             )
         )
         self.manifest.shards.sort(key=lambda s: s.index)

@@ -158,6 +158,9 @@ class ShardInfo:
     sha256: str | None = None
     #: the items of this shard left out under ``on_error = "skip"``: (id, reason) each
     skipped: tuple[tuple[str, str], ...] = ()
+    #: what the generator warned while this shard's batches ran: (message, count) each,
+    #: most frequent first, bounded (``caikit_core.stages.base.tally``)
+    warnings: tuple[tuple[str, int], ...] = ()
 
 
 @attrs.define
@@ -180,6 +183,8 @@ class StageManifest:
     rows: int = 0
     #: items left out under ``on_error = "skip"`` (listed in ``skipped.parquet``)
     skipped: int = 0
+    #: the shards' generator warnings merged: (message, count) each, bounded
+    warnings: list[tuple[str, int]] = attrs.field(factory=list)
     artifact: str | None = None
     metrics: dict[str, float] = attrs.field(factory=dict)
     #: a fit stage's per-step metrics (e.g. PPO's reward and KL), when its plugin reports them
@@ -196,8 +201,8 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCE
 def storage_error(exc: OSError, where: Path, stage: str | None = None) -> StoreError | None:
     """The one-line error for a write that failed because the disk is full or the run
     directory ``where`` cannot be written (``None`` for any other error): the path, the
-    reason, and how to continue. ``where`` stands in for the path when the error names
-    none (pyarrow's do not)."""
+    reason, and how to continue (free space; remount; make the folder writable for this
+    user). ``where`` stands in for the path when the error names none (pyarrow's do not)."""
     if exc.errno not in STORAGE_ERRNOS:
         return None
     path = exc.filename if isinstance(exc.filename, str) else str(where)
@@ -207,10 +212,23 @@ def storage_error(exc: OSError, where: Path, stage: str | None = None) -> StoreE
         if (where / "run.json").is_file()
         else "run it again"
     )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space"
+    elif exc.errno == errno.EROFS:
+        fix = "make the run directory writable (remount it read-write, or move the run)"
+    else:  # EACCES, EPERM: this user may not write there; the disk is not full
+        fix = f"make {_folder_of(Path(path), where)} writable for this user"
     return StoreError(
-        f"{path}{during}: {os.strerror(exc.errno)}; what is complete is kept: free space "
-        f"or make the run directory writable, then {then}"
+        f"{path}{during}: {os.strerror(exc.errno)}; what is complete is kept: {fix}, then {then}"
     )
+
+
+def _folder_of(path: Path, where: Path) -> Path:
+    """The folder to make writable for a failed write of ``path``: the path itself when
+    it is a folder, else the folder holding it (``where`` when it names neither)."""
+    if path.is_dir():
+        return path
+    return path.parent if path.parent.is_dir() else where
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -656,9 +656,20 @@ def plugins_list_with_clashing_plugins(w: Work) -> list[str]:
 # --- model folders --------------------------------------------------------------------
 
 
-@case("hf generator", "model folder does not exist", "nosuch-model")
+@case("models.policy: no such model folder", "nosuch-model")
 def model_folder_missing(w: Work) -> list[str]:
     return ["run", w.hf_run("./nosuch-model")]
+
+
+@case("models.policy: no such model folder", "models/smolm2", "closest folder there is")
+def model_folder_misspelt_under_an_existing_folder(w: Work) -> list[str]:
+    (w.root / "models" / "smollm2").mkdir(parents=True)
+    return ["run", w.hf_run("models/smolm2")]
+
+
+@case("models.policy: no such model folder", "my model--v2")
+def model_name_that_cannot_be_a_hub_id(w: Work) -> list[str]:
+    return ["run", w.hf_run("my model--v2")]
 
 
 @case("hf generator", "model folder does not exist", "HF_HUB_OFFLINE")

@@ -387,6 +387,7 @@ def test_a_full_disk_is_a_clear_error_and_resume_works_once_space_is_back(
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: ") and "Traceback" not in proc.stderr
     assert "No space left on device" in line and str(out) in line
+    assert "what is complete is kept: free space, then resume" in line
     assert f"caikit run --resume {out}" in line
     verified(out)  # every shard written so far verifies
     assert sorted(out.rglob("*.tmp-*")) == []  # the failed write removed its temporary file
@@ -414,9 +415,9 @@ def test_a_read_only_run_directory_is_a_clear_error_and_changes_nothing(
         assert "Traceback" not in proc.stderr
         if args[1] == "--resume":
             assert line.startswith(
-                f"error: {out}/.lock: Read-only file system; what is complete is kept: free "
-                f"space or make the run directory writable, then resume with: caikit run "
-                f"--resume {out}"
+                f"error: {out}/.lock: Read-only file system; what is complete is kept: make "
+                "the run directory writable (remount it read-write, or move the run), then "
+                f"resume with: caikit run --resume {out}"
             )
         else:  # the run file's output_dir is checked before the lock is taken
             assert line == (

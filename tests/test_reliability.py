@@ -22,7 +22,7 @@ from caikit_core import hashing, validators
 from caikit_core.cli import main
 from caikit_core.config import load_run
 from caikit_core.converter import InvalidValue
-from caikit_core.plugins import get_registry
+from caikit_core.plugins import get_plugin_manager, get_registry
 from caikit_core.records import from_arrow, to_dict
 from caikit_core.runner import Runner
 from caikit_core.stages import STAGES
@@ -563,3 +563,237 @@ def test_a_failed_resume_keeps_the_stage_map_of_run_json(
     assert main(["run", str(echo_run), "--quiet"]) == 0
     now = json.loads((out / "run.json").read_text())["stages"]
     assert sorted(now) == ["prompts", "responses", "revisions", "sft"]
+
+
+# --- generator warnings reach the summary and the manifest -------------------------------
+
+CUT = "echo: answer cut at max_new_tokens=7"
+
+
+def _warned(echo_run: Path) -> Path:
+    """The echo run with answers cut at 7 "tokens" in the SL stages: every response warns."""
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text + "\n[sl.sampling]\nmax_new_tokens = 7\n")
+    return echo_run.parent / "out"
+
+
+def _manifest(run_dir: Path, stage: str) -> dict[str, Any]:
+    (folder,) = (run_dir / "stages" / stage).iterdir()
+    data: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return data
+
+
+def test_generator_warnings_are_counted_in_the_summary_the_manifest_and_metrics(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _warned(echo_run)
+    assert main(["run", str(echo_run)]) == 0
+    std = capsys.readouterr()
+    (folder,) = (out / "stages" / "responses").iterdir()
+    line = (
+        f"responses: 11 record(s), 11 generator warning(s): '{CUT}' (x11) "
+        f"(all in {folder / 'manifest.json'})"
+    )
+    assert line in std.out.splitlines()
+    assert f"responses: 11 record(s), 11 generator warning(s): '{CUT}' (x11)" in std.err
+    assert "revisions: " not in " ".join(ln for ln in std.out.splitlines() if "warning" in ln)
+    manifest = _manifest(out, "responses")
+    assert manifest["warnings"] == [[CUT, 11]]
+    assert [s["warnings"] for s in manifest["shards"]] == [[[CUT, 4]], [[CUT, 4]], [[CUT, 3]]]
+    assert _manifest(out, "revisions")["warnings"] == []  # the critic's answers are not cut
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (stage,) = [x for x in lines if x["type"] == "stage" and x["stage"] == "responses"]
+    assert stage["generator_warnings"] == [[CUT, 11]]
+    assert all("generator_warnings" not in x for x in lines if x["stage"] != "responses")
+
+    # a rerun that reuses the stage shows them again, from the manifest
+    assert main(["run", str(echo_run)]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+
+
+def test_generator_warnings_are_counted_once_per_record_on_resume_and_retries(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed stage keeps the warnings of the shards it reuses and counts those it
+    recomputes once; an executor that returns every batch twice counts each once."""
+    from tests.test_executors import _ExecutorPlugin
+
+    out = _warned(echo_run)
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    (folder,) = (out / "stages" / "responses").iterdir()
+    (folder / "shard-00001.parquet").unlink()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert _manifest(out, "responses")["warnings"] == [[CUT, 11]]
+
+    get_plugin_manager().register(_ExecutorPlugin(), "test-executors")
+    text = echo_run.read_text().replace('output_dir = "out"', 'output_dir = "retried"')
+    echo_run.write_text(text + '\n[executor]\nplugin = "retrying"\n')
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    assert _manifest(echo_run.parent / "retried", "responses")["warnings"] == [[CUT, 11]]
+    capsys.readouterr()
+
+
+def test_generator_warnings_are_bounded() -> None:
+    """At most 20 distinct messages of at most 300 characters; the rest are counted."""
+    from caikit_core.stages.base import OTHER_WARNINGS, tally
+
+    long = "x" * 1000
+    counts = [(f"warning {i:02d}", 1) for i in range(30)] + [(long, 5), ("warning 03", 2)]
+    kept = tally(counts)
+    assert len(kept) == 21
+    assert kept[0] == ("x" * 297 + "...", 5)
+    assert kept[1] == ("warning 03", 3)
+    assert kept[-1] == (OTHER_WARNINGS, 11)  # 30 + 1 messages, 20 kept
+    assert sum(n for _, n in kept) == 30 + 5 + 2
+    assert tally([*kept, (OTHER_WARNINGS, 4), ("warning 03", 1)])[-1] == (OTHER_WARNINGS, 15)
+
+
+# --- a misspelt local model path is not a hub id -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "hub_id"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("gpt2", True),
+        ("echo-policy", True),
+        ("my_org/model.v2", True),
+        ("a/b/c", False),
+        ("my model", False),
+        ("org/-model", False),
+        ("org/model.", False),
+        ("org--x/model", False),
+        ("org/model..v2", False),
+        ("org/model.git", False),
+        ("x" * 97, False),
+        ("", False),
+    ],
+)
+def test_what_can_be_a_hub_id(model: str, hub_id: bool) -> None:
+    from caikit_core.models import could_be_hub_id
+
+    assert could_be_hub_id(model) is hub_id
+
+
+def test_a_model_written_as_a_missing_path_is_refused_before_anything_runs(
+    echo_run: Path,
+    with_echo: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Online too (no HF_HUB_OFFLINE): a path that does not exist is one error naming the
+    key, the folder and the closest existing folder beside it, before the run directory
+    exists; a name that may be a hub id is passed on (the echo generator loads none)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    base = echo_run.parent
+    (base / "models" / "smollm2-135m").mkdir(parents=True)
+    (base / "models" / "other").mkdir()
+    (base / "afile").write_text("x", encoding="utf-8")
+    text = echo_run.read_text()
+    cases = {
+        "models/smollm2-135": (
+            f"no such model folder: {base}/models/smollm2-135 (the closest folder there is "
+            f"{base}/models/smollm2-135m)"
+        ),
+        "./models/zzz": f"no such model folder: {base}/models/zzz",
+        f"{base}/nowhere/model": f"no such model folder: {base}/nowhere/model",
+        "x y": f"no such model folder: {base}/x y",
+        "afile": f"{base}/afile is a file, not a model folder",
+    }
+    for model, why in cases.items():
+        echo_run.write_text(text.replace('policy = "echo-policy"', f'policy = "{model}"'))
+        assert main(["run", str(echo_run)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {echo_run}: 1 config problem:\n  models.policy: {why}\n", model
+        assert not (base / "out").exists()
+    # the other model keys and eval checkpoints are checked the same way
+    echo_run.write_text(
+        text.replace('policy = "echo-policy"', 'policy = "echo-policy"\nfeedback = "~/no-such-x"')
+        + '\n[eval]\ncheckpoints = {old = "models/olde"}\n'
+    )
+    assert main(["run", str(echo_run)]) == 2
+    err = capsys.readouterr().err
+    home = Path("~/no-such-x").expanduser()
+    assert f"  models.feedback: no such model folder: {home}\n" in err
+    assert f"  eval.checkpoints.old: no such model folder: {base}/models/olde\n" in err
+    # an existing folder, and a well-formed id that may be on the hub, pass
+    for model in ("models/other", "./models/other", "some-org/some-model"):
+        echo_run.write_text(text.replace('policy = "echo-policy"', f'policy = "{model}"'))
+        assert main(["run", str(echo_run), "--quiet"]) == 0, model
+    capsys.readouterr()
+
+
+# --- the storage-error advice fits the error ------------------------------------------------
+
+
+def test_storage_error_advice_fits_the_error(tmp_path: Path) -> None:
+    """A full disk says to free space; a write refused for permission says which folder
+    to make writable, and nothing about space; a read-only file system, to remount."""
+    import errno
+
+    from caikit_core.store import storage_error
+
+    run_dir = tmp_path / "out"
+    (run_dir / "stages").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}", encoding="utf-8")
+    resume = f"then resume with: caikit run --resume {run_dir}"
+    shard = str(run_dir / "stages" / ".shard-00000.parquet.tmp-1")
+
+    def said(code: int, filename: str | None) -> str:
+        error = storage_error(OSError(code, os.strerror(code), filename), run_dir, "responses")
+        assert error is not None
+        return str(error)
+
+    assert said(errno.ENOSPC, None) == (
+        f"{run_dir} (stage 'responses'): No space left on device; what is complete is kept: "
+        f"free space, {resume}"
+    )
+    for code in (errno.EACCES, errno.EPERM):
+        assert said(code, shard) == (
+            f"{shard} (stage 'responses'): {os.strerror(code)}; what is complete is kept: "
+            f"make {run_dir / 'stages'} writable for this user, {resume}"
+        )
+    assert said(errno.EACCES, None).endswith(f"make {run_dir} writable for this user, {resume}")
+    assert "remount it read-write" in said(errno.EROFS, None)
+    assert storage_error(OSError(errno.ENOENT, "gone"), run_dir) is None
+
+
+def _mode_bits_bind_us(folder: Path) -> bool:
+    """Whether a folder of mode 0o500 refuses this process a new file (not for root,
+    unless it lacks CAP_DAC_OVERRIDE)."""
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").write_text("", encoding="utf-8")
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o700)
+    return False
+
+
+def test_a_run_directory_this_user_cannot_write_is_named_with_how_to_fix_it(
+    echo_run: Path, with_echo: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if not _mode_bits_bind_us(tmp_path / "probe"):
+        pytest.skip("this process writes into a folder of mode 0o500 (root): no EACCES to see")
+    out = echo_run.parent / "out"
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text)
+    assert main(["run", str(echo_run), "--quiet"]) == 0
+    capsys.readouterr()
+    out.chmod(0o500)
+    try:
+        assert main(["run", "--resume", str(out)]) == 2
+    finally:
+        out.chmod(0o700)
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err
+    assert line.startswith(f"error: {out}/.run.json.tmp-"), err
+    assert line.endswith(
+        f": Permission denied; what is complete is kept: make {out} writable for this user, "
+        f"then resume with: caikit run --resume {out}"
+    )
+    assert "free space" not in line

@@ -85,7 +85,7 @@ phases = ["sl"]
 sft = false
 
 [models]
-policy = "./no-such-model"
+policy = "./empty-model"
 
 [data]
 prompts = "prompts.txt"
@@ -105,10 +105,11 @@ def test_trust_remote_code_is_logged_and_resume_shows_what_the_recorded_file_ena
     tmp_path: Path, echo_site: Path
 ) -> None:
     (tmp_path / "prompts.txt").write_text("how are you?\n")
+    (tmp_path / "empty-model").mkdir()
     run_file = tmp_path / "run.toml"
     run_file.write_text(HF_RUN)
     first = run_cli("run", str(run_file), pythonpath=[ROOT, ROOT / "plugins", echo_site])
-    assert first.returncode == 2  # the model folder does not exist: after the warnings
+    assert first.returncode == 2  # the model folder holds no tokenizer: after the warnings
     said = " ".join(first.stderr.split())  # rich pads and wraps log lines
     assert (
         f"WARNING {run_file}: generator.trust_remote_code = true (runs Python code shipped with "
@@ -127,7 +128,7 @@ def test_trust_remote_code_is_logged_and_resume_shows_what_the_recorded_file_ena
         "- generator.allow_pickle = true (loads pickle weights, which can run code when read) "
         "- critic: plugin 'echo' from distribution 'caikit-echo' 0.0.1, not bundled with caikit "
         f"- data.prompts = 'prompts.txt' reads {tmp_path / 'prompts.txt'}, outside the run "
-        f"directory - models.policy = './no-such-model' reads {tmp_path / 'no-such-model'}, "
+        f"directory - models.policy = './empty-model' reads {tmp_path / 'empty-model'}, "
         "outside the run directory INFO" in said
     )
 
@@ -145,7 +146,7 @@ def test_a_plain_bundled_run_inside_its_folder_enables_nothing(
     run_file = out / "run.toml"
     text = HF_RUN.replace("trust_remote_code = true\nallow_pickle = true\n", "")
     text = text.replace('output_dir = "out"', 'output_dir = "."')
-    text = text.replace("./no-such-model", "org/m")
+    text = text.replace("./empty-model", "org/m")
     run_file.write_text(text.replace('plugin = "shout"', 'plugin = "shout"\nrevisions = 1'))
     sys.path.insert(0, str(echo_site))
     try:

@@ -20,7 +20,8 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import Hashable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -83,7 +84,9 @@ def release_instances() -> None:
 
 
 class Worker(Protocol):
-    """Maps one batch of a stage's items to its output records."""
+    """Maps one batch of a stage's items to its output records. A worker that drives a
+    generator holds it as ``generator_warnings``, a :class:`WarningRecorder`, so what
+    the generator warns reaches the stage's manifest and summary."""
 
     def __call__(self, batch: list[Any]) -> list[Any]: ...
 
@@ -113,6 +116,89 @@ class Skipped:
     reason: str
 
 
+#: at most this many distinct generator warnings are kept per batch, shard and stage;
+#: the rest are counted under :data:`OTHER_WARNINGS`
+MAX_WARNINGS = 20
+#: at most this many characters of each warning are kept
+MAX_WARNING_CHARS = 300
+#: the message the warnings beyond :data:`MAX_WARNINGS` are counted under
+OTHER_WARNINGS = "(other warnings)"
+
+
+def tally(counts: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """``(message, count)`` pairs merged by message: the most frequent first (then by
+    message), each message cut to :data:`MAX_WARNING_CHARS`, and those beyond the first
+    :data:`MAX_WARNINGS` counted as :data:`OTHER_WARNINGS` (last), so the result is
+    bounded whatever the plugins say."""
+    merged: Counter[str] = Counter()
+    for message, count in counts:
+        text = (
+            message
+            if len(message) <= MAX_WARNING_CHARS
+            else message[: MAX_WARNING_CHARS - 3] + "..."
+        )
+        merged[text] += count
+    other = merged.pop(OTHER_WARNINGS, 0)
+    ranked = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))
+    other += sum(n for _, n in ranked[MAX_WARNINGS:])
+    kept = tuple(ranked[:MAX_WARNINGS])
+    return (*kept, (OTHER_WARNINGS, other)) if other else kept
+
+
+def warnings_line(rows: int, warnings: tuple[tuple[str, int], ...], shown: int = 3) -> str:
+    """``16 record(s), 3 generator warning(s): 'prompt of ...' (x3)``: the total and the
+    ``shown`` most frequent messages (see :func:`tally`)."""
+    total = sum(n for _, n in warnings)
+    listed = "; ".join(f"{m!r} (x{n})" for m, n in warnings[:shown])
+    more = f"; and {len(warnings) - shown} other message(s)" if len(warnings) > shown else ""
+    return f"{rows} record(s), {total} generator warning(s): {listed}{more}"
+
+
+@attrs.frozen
+class GeneratorWarnings:
+    """What the generator warned while a batch ran (``Generation.warnings``), as
+    :func:`tally` pairs. Returned among the batch's records, so it travels with them
+    from any executor and is kept once per batch when a batch runs twice."""
+
+    counts: tuple[tuple[str, int], ...]
+
+
+class WarningRecorder:
+    """A generator as a worker and the plugins it builds see it: every call of
+    ``generate`` is passed on and the ``warnings`` of its generations are counted, per
+    thread (an executor may run batches of one built worker on several threads); any
+    other attribute is the generator's own."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+        self._local = threading.local()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """The generator's ``generate``, its warnings counted."""
+        generations: list[Generation] = self.generator.generate(requests)
+        counts = self._counts()
+        for generation in generations:
+            counts.update(getattr(generation, "warnings", ()) or ())
+        return generations
+
+    def take(self) -> Counter[str]:
+        """The warnings this thread counted since its last call, and start again."""
+        counts = self._counts()
+        self._local.counts = Counter()
+        return counts
+
+    def _counts(self) -> Counter[str]:
+        counts: Counter[str] | None = getattr(self._local, "counts", None)
+        if counts is None:
+            counts = self._local.counts = Counter()
+        return counts
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("generator", "_local"):  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.generator, name)
+
+
 class BatchRunner:
     """A built worker as an executor calls it: ``runner(key, batch) -> outputs``.
 
@@ -121,6 +207,8 @@ class BatchRunner:
     the plugin the exception came from (``roles``: the worker's plugins). Under
     ``on_error = "skip"`` the batch is instead run again one item at a time, and each
     item that still raises is returned as a :class:`Skipped` among the records.
+    A worker with a ``generator_warnings`` :class:`WarningRecorder` has what its
+    generator warned returned as one :class:`GeneratorWarnings` among the records.
     """
 
     def __init__(
@@ -129,16 +217,19 @@ class BatchRunner:
         self.worker = worker
         self.roles = tuple(roles)
         self.on_error = on_error
+        self.recorder: WarningRecorder | None = getattr(worker, "generator_warnings", None)
 
     def __call__(self, key: Key, batch: list[Any]) -> list[Any]:
+        self._warnings()  # none left from a call that raised
         try:
-            return self.worker(batch)
+            return self.worker(batch) + self._warnings()
         except CaikitError:
             raise
         except Exception as exc:
             if self.on_error != "skip":
                 raise BatchFailed(key, self.describe(exc)) from exc
             log.info("a batch of %d items raised; running them one at a time", len(batch))
+        self._warnings()  # the items run again, and warn again
         out: list[Any] = []
         for item in batch:
             try:
@@ -147,7 +238,12 @@ class BatchRunner:
                 raise
             except Exception as exc:
                 out.append(Skipped(str(getattr(item, "id", item)), self.describe(exc)))
-        return out
+        return out + self._warnings()
+
+    def _warnings(self) -> list[GeneratorWarnings]:
+        """What the generator warned since the last call, as a one-item list (or none)."""
+        counts = self.recorder.take() if self.recorder is not None else None
+        return [GeneratorWarnings(tally(counts.items()))] if counts else []
 
     def describe(self, exc: BaseException) -> str:
         """``exc`` as ``generator 'echo' (plugin 'echo' from distribution 'caikit-echo'
@@ -223,7 +319,8 @@ class SamplingWorker:
         samples: int = 1,
     ) -> None:
         self.generator_role = generator
-        self.generator = plugin_instance(generator, model=model)
+        self.generator_warnings = WarningRecorder(plugin_instance(generator, model=model))
+        self.generator = self.generator_warnings
         self.model = model
         self.sampling = sampling
         self.seed = seed
@@ -270,10 +367,9 @@ class FeedbackWorker:
         seed: int,
     ) -> None:
         self.plugin_role = plugin
+        self.generator_warnings = WarningRecorder(plugin_instance(generator, model=model))
         self.plugin = plugin.spec().build(
-            plugin.config,
-            generator=plugin_instance(generator, model=model),
-            constitution=constitution,
+            plugin.config, generator=self.generator_warnings, constitution=constitution
         )
         self.seed = seed
 
@@ -308,6 +404,8 @@ class StageResult:
     history: list[dict[str, float]] = attrs.field(factory=list)
     #: records a map stage left out under ``on_error = "skip"``
     skipped: int = 0
+    #: what the generator warned while a map stage ran: (message, count), see :func:`tally`
+    warnings: tuple[tuple[str, int], ...] = ()
 
 
 class Context:

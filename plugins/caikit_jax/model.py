@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caikit_core.errors import PluginError
+from caikit_core.models import PICKLE_SUFFIXES
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -223,6 +224,13 @@ def load_model(
     if remat:
         config = dataclasses.replace(config, remat_config=llama3.RematConfig.DECODER)
     if not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:  # there is no allow_pickle here: Tunix's loader reads safetensors only
+            raise PluginError(
+                f"{folder}: holds its weights only as pickle ({', '.join(pickles[:4])}), and "
+                "the jax backend reads *.safetensors only (it never unpickles, so allow_pickle "
+                "does not apply); convert the folder to safetensors"
+            )
         raise PluginError(f"{folder}: no *.safetensors weights (the jax backend reads safetensors)")
     return safetensors_loader.load_and_create_model(
         file_dir=str(folder),

@@ -28,6 +28,7 @@ import trl
 
 from caikit_core.errors import CaikitError, PluginError
 from caikit_core.interfaces import PreferenceModel, RolloutGenerator
+from caikit_core.models import check_weights
 from caikit_core.records import Conversation, Message, Prompt, Sample
 from caikit_core.training.metrics import checked_scores
 from caikit_core.training.settings import REPORT_PACKAGES
@@ -78,8 +79,17 @@ class StepSettings(Protocol):
     def epochs(self) -> float: ...
 
 
-def policy_folder(policy: str, who: str = WHO, what: str = "policy") -> Path:
-    """The checkpoint folder of ``policy``, or a :class:`PluginError` naming the path.
+def policy_folder(
+    policy: str,
+    who: str = WHO,
+    what: str = "policy",
+    *,
+    allow_pickle: bool = False,
+    key: str = "policy_optimiser.allow_pickle",
+) -> Path:
+    """The checkpoint folder of ``policy``, or a :class:`PluginError` naming the path;
+    a folder whose weights are pickle only is refused unless ``allow_pickle``
+    (:func:`caikit_core.models.check_weights`, naming the run-file ``key``).
 
     :param who: the plugin named in errors.
     :param what: what the folder is for (``"policy"``, ``"reference"``, ``"trunk"``).
@@ -96,6 +106,7 @@ def policy_folder(policy: str, who: str = WHO, what: str = "policy") -> Path:
         raise PluginError(
             f"{who}: {what} folder {path} is not a Hugging Face checkpoint (no config.json)"
         )
+    check_weights(path, f"{who} ({what})", allow_pickle=allow_pickle, key=key)
     return path
 
 

@@ -43,6 +43,7 @@ from caikit_core.interfaces import (
 from caikit_core.training.settings import (
     ALGORITHMS,
     DPO_LOSSES,
+    NOT_FINGERPRINTED,
     SFT_TARGETS,
     SMOOTHED_DPO_LOSSES,
     PolicyOptimiserSettings,
@@ -120,6 +121,10 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
         ``"grpo"`` (so a run with SFT across processes names ``"dpo"``).
         ``batch_size`` stays the batch of one process, so the global batch is
         ``batch_size * num_processes * gradient_accumulation_steps``.
+    :ivar allow_pickle: load a policy or reference folder whose weights are only
+        pickle files (``pytorch_model.bin``, ...); off by default: such a folder is
+        refused naming the file. Logged when on. Not fingerprinted: it permits a load,
+        it changes no result.
     """
 
     lora: bool = attrs.field(default=False, validator=v.boolean)
@@ -137,6 +142,7 @@ class TorchOptimiserConfig(PolicyOptimiserSettings):
     )
     gradient_checkpointing: bool = attrs.field(default=False, validator=v.boolean)
     num_processes: int = attrs.field(default=1, validator=v.positive_int)
+    allow_pickle: bool = attrs.field(default=False, validator=v.boolean, metadata=NOT_FINGERPRINTED)
 
     def __attrs_post_init__(self) -> None:
         if self.num_processes > 1 and self.algorithm in SINGLE_PROCESS_ALGORITHMS:
@@ -159,6 +165,8 @@ class TorchPreferenceConfig(PreferenceModelSettings):
     :ivar num_processes: train data-parallel in this many worker processes (as the
         policy optimiser's); the global batch is ``batch_size * num_processes``
         comparisons. Scoring stays in the calling process.
+    :ivar allow_pickle: load a trunk or preference-model folder whose weights are only
+        pickle files (as the policy optimiser's); not fingerprinted.
     """
 
     device: Literal["auto", "cpu", "cuda"] = attrs.field(
@@ -168,3 +176,4 @@ class TorchPreferenceConfig(PreferenceModelSettings):
         default="auto", validator=v.one_of(DTYPES)
     )
     num_processes: int = attrs.field(default=1, validator=v.positive_int)
+    allow_pickle: bool = attrs.field(default=False, validator=v.boolean, metadata=NOT_FINGERPRINTED)

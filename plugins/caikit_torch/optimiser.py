@@ -86,7 +86,7 @@ class TorchOptimiser:
         cfg = self.config
         started = time.perf_counter()
         data = require_sft_examples(examples, cfg.sft.target, who=WHO)
-        folder = policy_folder(policy)
+        folder = policy_folder(policy, allow_pickle=cfg.allow_pickle)
         device = resolve_device(cfg.device)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +152,8 @@ class TorchOptimiser:
         """
         cfg = self.config
         started = time.perf_counter()
-        policy_dir = policy_folder(policy)
-        reference_dir = policy_folder(reference, WHO, "reference")
+        policy_dir = policy_folder(policy, allow_pickle=cfg.allow_pickle)
+        reference_dir = policy_folder(reference, WHO, "reference", allow_pickle=cfg.allow_pickle)
         device = resolve_device(cfg.device)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

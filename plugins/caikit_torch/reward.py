@@ -258,7 +258,7 @@ class TorchPreferenceModel:
                 f"{_WHO}: eval_fraction = {cfg.eval_fraction} held out all {len(labelled)} "
                 "comparisons; lower it or label more pairs"
             )
-        folder = policy_folder(self.trunk, _WHO, "trunk")
+        folder = policy_folder(self.trunk, _WHO, "trunk", **self._pickle())
         self._device = resolve_device(cfg.device, _WHO)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +454,7 @@ class TorchPreferenceModel:
         :raises PluginError: the folder is missing, not a checkpoint, or not a
             one-label sequence classifier.
         """
-        folder = policy_folder(str(path), _WHO, "preference model")
+        folder = policy_folder(str(path), _WHO, "preference model", **self._pickle())
         self._device = resolve_device(self.config.device, _WHO)
         weights_dtype, self._autocast = precision(self.config.dtype, self._device, _WHO)
         tokenizer = self._load_tokenizer(folder, need_template=True)
@@ -539,6 +539,10 @@ class TorchPreferenceModel:
         if len(ids) > limit:
             return ids[-limit:], 1
         return ids, 0
+
+    def _pickle(self) -> dict[str, Any]:
+        """What :func:`policy_folder` needs to honour this model's ``allow_pickle``."""
+        return {"allow_pickle": self.config.allow_pickle, "key": "preference_model.allow_pickle"}
 
     def _load_tokenizer(self, folder: Path, *, need_template: bool) -> Any:
         try:

@@ -261,12 +261,14 @@ class VLLMGenerator:
         the finish reason is ``"eos"`` or ``"length"``. A prompt too long for the
         context is handled by :attr:`VLLMGeneratorConfig.truncation`.
 
-        :raises PluginError: a request with invalid sampling settings.
+        :raises PluginError: a request with invalid sampling settings, or a
+            ``max_new_tokens`` at or above the context (checked before any request runs).
         """
         if not requests:
             return []
         for req in requests:
             self._check_request(req)
+            self._check_fits_context(req)
         prompts = self._context_ids([(r.messages, r.response_prefix) for r in requests])
         warnings: list[list[str]] = [[] for _ in requests]
         skipped: list[str | None] = [None] * len(requests)
@@ -404,6 +406,19 @@ class VLLMGenerator:
             problems.append(f"top_p must be in (0, 1], got {sampling.top_p}")
         if problems:
             raise PluginError(f"vllm generator: request {req.id!r}: " + "; ".join(problems))
+
+    def _check_fits_context(self, req: GenerationRequest) -> None:
+        """Refuse a ``max_new_tokens`` that leaves no room for any prompt in the context
+        (as ``hf`` does): every response would be skipped, so it is a setting to fix."""
+        limit = self.context_length
+        max_new = req.sampling.max_new_tokens
+        if max_new >= limit:
+            raise PluginError(
+                f"vllm generator: max_new_tokens={max_new} is at or above the context of "
+                f"{self.model_name} ({limit} tokens), so no prompt fits and every response "
+                "would be empty; lower max_new_tokens (sl.sampling, rl.sampling or the "
+                "critic's settings) or raise the generator's max_context / max_model_len"
+            )
 
     def _fit_prompt(
         self, req: GenerationRequest, prompt: list[int], warnings: list[str]

@@ -567,3 +567,60 @@ def test_load_weights_makes_the_generator_follow_new_weights(
     other = build_tiny_llama(tmp_path / "wider", hidden_size=64)
     with pytest.raises(PluginError, match=r"cannot load the weights in .*wider"):
         g.load_weights(other)
+
+
+# --- through a run ---------------------------------------------------------------------
+
+
+def test_skipped_prompts_are_counted_in_the_responses_summary(
+    tiny_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt that leaves no room for max_new_tokens is skipped by the generator with
+    the reason in its warnings; the run's summary and the stage's manifest say so."""
+    import json
+
+    from caikit_core.cli import main
+
+    short = [f"Why is the sky blue, question {i}?" for i in range(3)]
+    long = [f"question {i}: " + "the sea is wide and deep " * 12 for i in (1, 2)]
+    (tmp_path / "prompts.txt").write_text("\n".join(short + long) + "\n", encoding="utf-8")
+    run = tmp_path / "run.toml"
+    run.write_text(
+        f"""output_dir = "out"
+phases = ["sl"]
+[models]
+policy = "{tiny_path}"
+[data]
+prompts = "prompts.txt"
+[generator]
+plugin = "hf"
+device = "cpu"
+max_context = 64
+truncation = "skip"
+[critic]
+plugin = "constitutional"
+revisions = 1
+max_new_tokens = 4
+[sl]
+sft = false
+[sl.sampling]
+max_new_tokens = 8
+""",
+        encoding="utf-8",
+    )
+    assert main(["run", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    (folder,) = (tmp_path / "out" / "stages" / "responses").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rows"] == 5 and sum(n for _, n in manifest["warnings"]) == 2
+    (message, count), *_ = manifest["warnings"]
+    assert message.startswith("skipped: prompt of ")
+    assert message.endswith(" tokens plus max_new_tokens=8 exceeds the context of 64 tokens")
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("responses: ")]
+    assert line.startswith(
+        f"responses: 5 record(s), 2 generator warning(s): {message!r} (x{count})"
+    )
+    assert line.endswith(f"(all in {folder / 'manifest.json'})")
+    # the critic drives the same generator: its skipped requests are counted in revisions
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("revisions: ")]
+    assert " generator warning(s): 'skipped: prompt of " in line

@@ -200,6 +200,27 @@ def test_on_error_skip_on_ray_skips_what_local_skips(
     assert skipped["out-ray"] == skipped["out-local"]
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_generator_warnings_on_ray_are_counted_as_local_counts_them(
+    echo_run: Path, with_echo: Path
+) -> None:
+    """The echo generator warns for every answer it cuts; on 2 actors the responses
+    manifest counts the same warnings, shard by shard, as a local run's."""
+    import json
+
+    text = echo_run.read_text().replace('phases = ["sl", "rl"]', 'phases = ["sl"]')
+    echo_run.write_text(text + "\n[sl.sampling]\nmax_new_tokens = 7\n")
+    manifests = {}
+    for name, table in (("out-local", ""), ("out-ray", RAY_TABLE)):
+        Runner(load_run(_with_output(echo_run, name, table), plugins.get_registry())).execute()
+        (folder,) = (echo_run.parent / name / "stages" / "responses").iterdir()
+        data = json.loads((folder / "manifest.json").read_text())
+        manifests[name] = (data["warnings"], [s["warnings"] for s in data["shards"]])
+    cut = "echo: answer cut at max_new_tokens=7"
+    assert manifests["out-local"] == ([[cut, 11]], [[[cut, 4]], [[cut, 4]], [[cut, 3]]])
+    assert manifests["out-ray"] == manifests["out-local"]
+
+
 class _KillableRayPlugin:
     """``ray-pids``: the ray executor, its actors writing their PIDs into a folder and
     taking 0.4 s per batch of the responses stage."""

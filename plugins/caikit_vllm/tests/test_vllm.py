@@ -311,6 +311,39 @@ def test_bad_requests_give_one_error_naming_the_request(vllm_gen: Any) -> None:
     )
 
 
+def test_max_new_tokens_at_or_above_the_context_is_refused_before_any_request_runs(
+    vllm_gen: Any, hf_gen: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the hf generator: every response would be skipped, so it is an error naming the
+    model and the context, raised before the batch's other requests run."""
+    calls: list[int] = []
+    run = vllm_gen._run
+
+    def counting(prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        calls.append(len(prompts))
+        return list(run(prompts, params))
+
+    monkeypatch.setattr(vllm_gen, "_run", counting)
+    for max_new in (2048, 4096):
+        requests = [
+            greedy("ok", PROMPTS[0], max_new=8),
+            greedy("full", PROMPTS[1], max_new=max_new),
+        ]
+        with pytest.raises(PluginError) as info:
+            vllm_gen.generate(requests)
+        assert str(info.value) == (
+            f"vllm generator: max_new_tokens={max_new} is at or above the context of "
+            f"{vllm_gen.model_name} (2048 tokens), so no prompt fits and every response "
+            "would be empty; lower max_new_tokens (sl.sampling, rl.sampling or the "
+            "critic's settings) or raise the generator's max_context / max_model_len"
+        )
+        with pytest.raises(PluginError, match=f"max_new_tokens={max_new} is at or above"):
+            hf_gen.generate(requests)
+    assert calls == []
+    assert len(vllm_gen.generate([greedy("ok", PROMPTS[0], max_new=8)])[0].texts) == 1
+    assert calls == [1]
+
+
 # --- the conformance kit ---------------------------------------------------------------
 
 
