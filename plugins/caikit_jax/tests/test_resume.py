@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -309,3 +310,92 @@ def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
     assert [s for s, _ in b_record["losses"]] == list(range(1, 7))
     assert b_record["losses"] == a_record["losses"]
     assert_same_weights(straight.artifact, resumed.artifact, "sft stage")
+
+
+class KillingReward:
+    """:class:`~caikit_jax.tests.test_ppo.FractionalLengthReward` that raises
+    :class:`Killed` on its call ``kill_at`` (one call per rollout), in Tunix's data
+    thread: a kill in the middle of a PPO step."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, kill_at: int | None = None) -> None:
+        from caikit_jax.tests.test_ppo import FractionalLengthReward
+
+        self.inner, self.kill_at = FractionalLengthReward(), kill_at
+
+    def fit(self, labelled: Any, out: Path) -> Any:
+        return self.inner.fit(labelled, out)
+
+    def load(self, path: Path) -> None:
+        pass
+
+    def score(self, samples: Any) -> list[float]:
+        if self.kill_at is not None and len(self.inner.calls) + 1 == self.kill_at:
+            raise Killed(f"killed in rollout {self.kill_at}")
+        return self.inner.score(samples)
+
+    @property
+    def calls(self) -> list[list[Any]]:
+        return self.inner.calls
+
+
+def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """4 PPO steps of 2 rollouts of 1 prompt, 2 epochs each (16 optimiser steps of the
+    actor and of the critic), adaptive KL; checkpoints every 2 steps; killed in the
+    first rollout of step 4 (resumes at step 2, so the resumed run repeats step 3)."""
+    from caikit_jax.tests.test_ppo import _config, _prompts
+
+    def config(**kw: Any) -> JaxOptimiserConfig:
+        base = _config(steps=4, mini_batch_size=1, epochs=2, adaptive_kl=True, target_kl=0.01)
+        return JaxOptimiserConfig(**{**attrs.asdict(base, recurse=False), "device": "cpu", **kw})
+
+    policy = str(tiny_llama)
+    straight_reward = KillingReward()
+    straight = JaxOptimiser(config())
+    first = straight.optimise(
+        policy, policy, straight_reward, _prompts(), [], tmp_path / "straight"
+    )
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(Killed):
+        JaxOptimiser(config(checkpoint_every_steps=2)).optimise(
+            policy,
+            policy,
+            KillingReward(kill_at=7),
+            _prompts(),
+            [],
+            tmp_path / "a",
+            checkpoint_dir=ckpt,
+        )
+    assert checkpoint_files(ckpt) == [
+        "step-2/actor.json",
+        "step-2/actor.safetensors",
+        "step-2/actor_optimizer.json",
+        "step-2/actor_optimizer.safetensors",
+        "step-2/caikit_checkpoint.json",
+        "step-2/critic.json",
+        "step-2/critic.safetensors",
+        "step-2/critic_optimizer.json",
+        "step-2/critic_optimizer.safetensors",
+        "step-2/loop.json",
+    ]
+    marker = json.loads((ckpt / "step-2" / checkpoints.MARKER).read_text())
+    assert (marker["step"], marker["fit"], marker["backend"]) == (2, "ppo", "jax")
+    resumed_reward = KillingReward()
+    resumed = JaxOptimiser(config(checkpoint_every_steps=2))
+    second = resumed.optimise(
+        policy, policy, resumed_reward, _prompts(), [], tmp_path / "b", checkpoint_dir=ckpt
+    )
+    # the same responses were sampled in steps 3 and 4 (the rollouts' seed counter)
+    assert resumed_reward.calls == straight_reward.calls[4:]
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == [1, 2, 3, 4]
+    assert resumed.losses == straight.losses  # bitwise on CPU
+    assert list(second.history) == list(first.history)
+    assert first.history[-1]["beta"] != first.history[0]["beta"]  # the controller moved
+    timing = {"seconds", "seconds_per_step", "time/compile"}
+    assert {k: v for k, v in second.metrics.items() if k not in timing} == {
+        k: v for k, v in first.metrics.items() if k not in timing
+    }
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo")
