@@ -344,8 +344,9 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
     """4 PPO steps of 2 rollouts of 1 prompt, 2 epochs each (16 optimiser steps of the
-    actor and of the critic), adaptive KL; checkpoints every 2 steps; killed in the
-    first rollout of step 4 (resumes at step 2, so the resumed run repeats step 3)."""
+    actor and of the critic), adaptive KL; a checkpoint after every step; killed in the
+    first rollout of step 3 (resumes at step 2; the resumed run saves step 3, which
+    must hold steps 1 and 2's records too)."""
     from caikit_jax.tests.test_ppo import _config, _prompts
 
     def config(**kw: Any) -> JaxOptimiserConfig:
@@ -360,10 +361,10 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
     )
     ckpt = tmp_path / "checkpoints"
     with pytest.raises(Killed):
-        JaxOptimiser(config(checkpoint_every_steps=2)).optimise(
+        JaxOptimiser(config(checkpoint_every_steps=1)).optimise(
             policy,
             policy,
-            KillingReward(kill_at=7),
+            KillingReward(kill_at=5),
             _prompts(),
             [],
             tmp_path / "a",
@@ -384,10 +385,15 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
     marker = json.loads((ckpt / "step-2" / checkpoints.MARKER).read_text())
     assert (marker["step"], marker["fit"], marker["backend"]) == (2, "ppo", "jax")
     resumed_reward = KillingReward()
-    resumed = JaxOptimiser(config(checkpoint_every_steps=2))
+    resumed = JaxOptimiser(config(checkpoint_every_steps=1))
     second = resumed.optimise(
         policy, policy, resumed_reward, _prompts(), [], tmp_path / "b", checkpoint_dir=ckpt
     )
+    # saved after the resume: the whole run's records so far, not only the resumed part
+    saved = json.loads((ckpt / "step-3" / checkpoints.LOOP).read_text())
+    assert saved["step"] == 3 and saved["rollout_calls"] == 6 and len(saved["rollouts"]) == 6
+    per_step = [float(np.mean(saved["histories"]["actor/loss"][i : i + 4])) for i in (0, 4, 8)]
+    assert per_step == [loss for _, loss in straight.losses[:3]]
     # the same responses were sampled in steps 3 and 4 (the rollouts' seed counter)
     assert resumed_reward.calls == straight_reward.calls[4:]
     assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == [1, 2, 3, 4]
