@@ -405,3 +405,91 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
         k: v for k, v in first.metrics.items() if k not in timing
     }
     assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo")
+
+
+RL_RUN = """\
+output_dir = "{out}"
+phases = ["sl", "rl"]
+seed = 1
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+
+[sl]
+sft = false
+
+[generator]
+plugin = "echo"
+
+[critic]
+plugin = "shout"
+revisions = 1
+
+[labeller]
+plugin = "length"
+
+[preference_model]
+plugin = "wordcount"
+
+[policy_optimiser]
+plugin = "jax"
+device = "cpu"
+algorithm = "ppo"
+checkpoint_every_steps = {every}
+
+[policy_optimiser.ppo]
+steps = 3
+rollout_batch_size = 2
+mini_batch_size = 1
+max_new_tokens = 6
+learning_rate = 1e-3
+max_length = 128
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_jax_ppo_policy_stage_resumes_on_rerun_through_the_runner(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_jax: None
+) -> None:
+    """The policy stage (jax PPO, 3 steps of 2 rollouts, the echo plugins' wordcount
+    preference model) killed in the second rollout of step 2, with a checkpoint after
+    every step: stages/policy/<fp>/checkpoints keeps step-1, and a rerun finishes the
+    stage with per-step history, losses and weights bitwise equal to an uninterrupted
+    run's, and removes the folder."""
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.runner import Runner
+    from caikit_jax import ppo
+    from caikit_jax.common import RL_RECORD
+    from tests.shared import PROMPTS
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    def runner(out: str, every: int) -> Runner:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(RL_RUN.format(out=out, policy=tiny_llama, every=every), encoding="utf-8")
+        return Runner(load_run(path, plugins.get_registry()))
+
+    straight = runner("straight", 100).execute().stage("policy")
+    with monkeypatch.context() as m:
+        kill_after(m, ppo, "_scores", 3)  # the 4th rollout: step 2's second
+        with pytest.raises(Killed):
+            runner("killed", 1).execute()
+    stage_dirs = list((tmp_path / "killed" / "stages" / "policy").iterdir())
+    assert [p.name for p in stage_dirs] == [straight.path.name]  # the same fingerprint
+    kept = stage_dirs[0] / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-1"]
+    resumed = runner("killed", 1).execute().stage("policy")
+    assert resumed.status == "ran" and not kept.exists()
+    assert straight.artifact is not None and resumed.artifact is not None
+    a_record = json.loads((straight.artifact / RL_RECORD).read_text())
+    b_record = json.loads((resumed.artifact / RL_RECORD).read_text())
+    assert [s for s, _ in b_record["losses"]] == [1, 2, 3]
+    assert b_record["losses"] == a_record["losses"]
+    assert len(resumed.history) == 3 and resumed.history == straight.history
+    assert_same_weights(straight.artifact, resumed.artifact, "policy stage")
