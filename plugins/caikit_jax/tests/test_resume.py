@@ -5,6 +5,11 @@ resumed in a fresh call from the checkpoint :mod:`caikit_jax.checkpoints` saved.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +317,14 @@ def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
     assert_same_weights(straight.artifact, resumed.artifact, "sft stage")
 
 
+def ppo_config(**kw: Any) -> JaxOptimiserConfig:
+    """4 PPO steps of 2 rollouts of 1 prompt, 2 epochs each, adaptive KL."""
+    from caikit_jax.tests.test_ppo import _config
+
+    base = _config(steps=4, mini_batch_size=1, epochs=2, adaptive_kl=True, target_kl=0.01)
+    return JaxOptimiserConfig(**{**attrs.asdict(base, recurse=False), "device": "cpu", **kw})
+
+
 class KillingReward:
     """:class:`~caikit_jax.tests.test_ppo.FractionalLengthReward` that raises
     :class:`Killed` on its call ``kill_at`` (one call per rollout), in Tunix's data
@@ -347,11 +360,9 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
     actor and of the critic), adaptive KL; a checkpoint after every step; killed in the
     first rollout of step 3 (resumes at step 2; the resumed run saves step 3, which
     must hold steps 1 and 2's records too)."""
-    from caikit_jax.tests.test_ppo import _config, _prompts
+    from caikit_jax.tests.test_ppo import _prompts
 
-    def config(**kw: Any) -> JaxOptimiserConfig:
-        base = _config(steps=4, mini_batch_size=1, epochs=2, adaptive_kl=True, target_kl=0.01)
-        return JaxOptimiserConfig(**{**attrs.asdict(base, recurse=False), "device": "cpu", **kw})
+    config = ppo_config
 
     policy = str(tiny_llama)
     straight_reward = KillingReward()
@@ -405,6 +416,65 @@ def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
         k: v for k, v in first.metrics.items() if k not in timing
     }
     assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo")
+
+
+PPO_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from caikit_jax.optimiser import JaxOptimiser
+    from caikit_jax.tests.test_ppo import FractionalLengthReward, _prompts
+    from caikit_jax.tests.test_resume import ppo_config
+    tiny, out, ckpt, kill_at = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    class Reward(FractionalLengthReward):
+        def score(self, samples):
+            if len(self.calls) + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().score(samples)
+    JaxOptimiser(ppo_config(checkpoint_every_steps=1)).optimise(
+        tiny, tiny, Reward(), _prompts(), [], out, checkpoint_dir=ckpt)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_jax_ppo_process_resumes_to_the_same_weights(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A real SIGKILL (in the second rollout of step 3, from Tunix's data thread), then
+    a fresh process resumes from step-2: its record (per-step losses, metrics) and
+    weights equal an uninterrupted run's."""
+    from caikit_jax.common import RL_RECORD
+    from caikit_jax.tests.test_ppo import FractionalLengthReward, _prompts
+
+    policy = str(tiny_llama)
+    JaxOptimiser(ppo_config()).optimise(
+        policy, policy, FractionalLengthReward(), _prompts(), [], tmp_path / "straight"
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}"}
+    script = tmp_path / "ppo_run.py"
+    script.write_text(PPO_SCRIPT)
+    ckpt = tmp_path / "checkpoints"
+    args = [sys.executable, str(script), policy]
+    killed = subprocess.run(
+        [*args, str(tmp_path / "a"), str(ckpt), "6"], env=env, capture_output=True, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2"]
+    done = subprocess.run(
+        [*args, str(tmp_path / "b"), str(ckpt), "0"], env=env, capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    a = json.loads((tmp_path / "straight" / RL_RECORD).read_text())
+    b = json.loads((tmp_path / "b" / RL_RECORD).read_text())
+    assert [s for s, _ in b["losses"]] == [1, 2, 3, 4]
+    assert b["losses"] == a["losses"]
+    timing = {"seconds", "seconds_per_step", "time/compile"}
+    assert {k: v for k, v in b["metrics"].items() if k not in timing} == {
+        k: v for k, v in a["metrics"].items() if k not in timing
+    }
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo after SIGKILL")
 
 
 RL_RUN = """\
