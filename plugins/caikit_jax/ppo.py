@@ -42,6 +42,16 @@ exceeds it, the policy that sampled it is saved to ``out`` and
 :class:`~caikit_core.errors.TrainingStopped` is raised with that checkpoint. The
 preference model is called from Tunix's data-loading thread.
 
+Resumable: ``PPOLearner.train`` runs its whole loop with no step boundary, so
+:func:`train_ppo` calls it once per step (the cluster config's ``max_steps`` ends
+each call at the step's last optimiser step; ``_cluster_class`` turns the cluster's
+``close`` at the end of each call into a flush of the buffered metrics). Between two
+calls, with ``checkpoint_dir``, :class:`~caikit_jax.checkpoints.Checkpointer` saves the
+actor, the critic and both optimisers, and ``loop.json`` what Tunix carries from step
+to step (:func:`_loop_state`); a resume loads them into the freshly built learner
+(:func:`_resume`) and trains the remaining steps, bitwise as an uninterrupted run on
+CPU (docs/reliability.md#resumable-training).
+
 This module imports JAX, Tunix and transformers' tokenizers (not torch models).
 """
 
@@ -412,8 +422,14 @@ def train_ppo(
     :param prompts: conversations ending with a user turn.
     :param out: where the trained policy is saved (a Hugging Face folder, with the
         policy's tokenizer files).
-    :returns: ``steps``, ``rollouts``, ``prompts``, ``too_long``; ``kl_first`` and
-        ``kl_last`` (the mean over a step's responses of ``sum_t (logp - logp_ref)``,
+    :param checkpoint_dir: where to save checkpoints (``checkpoint_every_steps`` /
+        ``checkpoint_every_minutes``, counted in PPO steps) and resume from the newest
+        (see the module); ``None``: neither.
+    :returns: the metrics and one history row per step (``step``, ``loss``: the step's
+        mean policy loss, ``value_loss``, ``kl``, ``reward``: the mean score, ``beta``,
+        ``response_length``, ``grad_norm``). The metrics: ``steps``, ``rollouts``,
+        ``prompts``, ``too_long``; ``kl_first`` and ``kl_last`` (the mean over a step's
+        responses of ``sum_t (logp - logp_ref)``,
         from the policy that sampled them), ``score_first`` / ``score_last`` (the mean
         preference-model score; also as ``reward_first`` / ``reward_last``, the torch
         optimiser's names), ``rlhf_reward_first`` / ``rlhf_reward_last`` (score minus
@@ -421,7 +437,8 @@ def train_ppo(
         ``loss_first`` / ``loss_last`` (the step's mean policy loss),
         ``value_loss_first`` / ``value_loss_last``, ``pg_clipfrac_last``,
         ``vf_clipfrac_last``, ``grad_norm_last``, ``response_length_last`` (tokens, no
-        end-of-sequence), ``entropy_last`` and ``seconds_per_step``.
+        end-of-sequence), ``entropy_last`` and ``seconds_per_step`` (of the steps this
+        call ran).
     :raises CaikitError: invalid settings, no prompts or none short enough, or a
         preference model returning the wrong number of scores or non-finite ones.
     :raises PluginError: a tokenizer that cannot be loaded or has no chat template.
@@ -590,7 +607,6 @@ def train_ppo(
             if saver.due(step + 1, cfg.ppo.steps):
                 saver.save(step + 1, trained, _loop_state(learner, cluster, step + 1, before))
     except _KLBoundExceeded as stop:
-        learner.executor.shutdown(wait=False)
         save_checkpoint(cluster.actor_trainer.model, out, source=policy)
         message = (
             f"{_WHO}: stopped at step {stop.step}: mean KL to the reference {stop.kl:.6g} "
@@ -598,7 +614,8 @@ def train_ppo(
             f"saved to {out}"
         )
         raise TrainingStopped(message, checkpoint=str(out)) from None
-    learner.executor.shutdown(wait=False)  # Tunix's data thread, idle now
+    finally:
+        learner.executor.shutdown(wait=False)  # Tunix's data thread, idle now
     histories = _histories(cluster, before)
     cluster.finish()
     save_checkpoint(cluster.actor_trainer.model, out, source=policy)
