@@ -1,4 +1,4 @@
-"""Resumable checkpoints of the ``jax`` fits (SFT, DPO, the preference model):
+"""Resumable checkpoints of the ``jax`` fits (SFT, DPO, PPO, the preference model):
 safetensors plus JSON, never pickle.
 
 The folder layout is :mod:`caikit_core.training.checkpoints`' (``step-<N>/``, written
@@ -7,12 +7,14 @@ removed after). A checkpoint holds:
 
 - ``<name>.safetensors`` per Flax NNX object (``model``: its ``nnx.Param`` leaves;
   ``optimizer``: the ``nnx.Optimizer``'s step and optax state, ``MultiSteps``'
-  accumulators included), each leaf under its pytree path
+  accumulators included; PPO: ``actor``, ``critic`` and their ``actor_optimizer``,
+  ``critic_optimizer``), each leaf under its pytree path
   (``['opt_state'][0]['mu']['layers'][0]...``), written with ``safetensors.flax``;
   ``<name>.json`` lists the paths and dtypes, and a load refuses a checkpoint whose
   paths, shapes or dtypes differ from the freshly built object's;
 - ``loop.json``: the loop's own state (the data cursor: step and the NumPy
-  generator's state and queued order, and the per-step losses so far);
+  generator's state and queued order, and the per-step losses so far; PPO's:
+  :func:`caikit_jax.ppo._loop_state`);
 - :data:`MARKER`: the step, the fit and its settings; a checkpoint saved with other
   settings is refused.
 

@@ -54,8 +54,8 @@ __all__ = [
 
 #: The RL algorithms the JAX optimiser implements.
 JAX_ALGORITHMS = ("ppo", "dpo")
-#: SFT, PPO against a reward, and DPO; SFT and DPO save resumable checkpoints (PPO
-#: takes ``checkpoint_dir`` and saves none, see :mod:`caikit_jax.ppo`).
+#: SFT, PPO against a reward, and DPO; all three save resumable checkpoints
+#: (:mod:`caikit_jax.checkpoints`).
 CAPABILITIES = frozenset({SUPPORTS_SFT, SUPPORTS_PPO, SUPPORTS_PREFERENCE_LOSS, RESUMABLE})
 #: The preference model's fits save resumable checkpoints.
 PM_CAPABILITIES: frozenset[str] = frozenset({RESUMABLE})

@@ -34,7 +34,7 @@ class JaxOptimiser:
 
     def __init__(self, config: JaxOptimiserConfig) -> None:
         self.config = config
-        #: ``(step, loss)`` of every step of the last :meth:`sft` or DPO run.
+        #: ``(step, loss)`` of every step of the last run (PPO: the mean policy loss).
         self.losses: list[tuple[int, float]] = []
 
     # SL-CAI -------------------------------------------------------------------------------
@@ -77,9 +77,11 @@ class JaxOptimiser:
         checkpoint_dir: Path | None = None,
     ) -> FitReport:
         """Optimise ``policy`` with ``config.algorithm`` (``"ppo"`` or ``"dpo"``), keeping
-        it close to ``reference``; save it to ``out``. DPO is resumable with
-        ``checkpoint_dir`` (:mod:`caikit_jax.checkpoints`); PPO saves no checkpoint and
-        logs a warning when given one.
+        it close to ``reference``; save it to ``out``. Both are resumable with
+        ``checkpoint_dir`` (:mod:`caikit_jax.checkpoints`). :attr:`losses` holds each
+        step's loss (PPO: the step's mean policy loss), and PPO's report a ``history``
+        row per step (``loss``, ``value_loss``, ``kl``, ``reward``, ``beta``,
+        ``response_length``, ``grad_norm``).
 
         The metrics include ``time/compile``, the seconds JAX spent compiling (or
         loading from the persistent cache, :mod:`caikit_jax.compilation`); what the
@@ -97,6 +99,7 @@ class JaxOptimiser:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         use_persistent_cache()
+        history: list[dict[str, float]] = []
         with CompileClock() as clock:
             if cfg.algorithm == "dpo":
                 from caikit_jax.dpo import train_dpo
@@ -107,23 +110,18 @@ class JaxOptimiser:
             else:
                 from caikit_jax.ppo import train_ppo
 
-                if checkpoint_dir is not None:
-                    log.warning(
-                        "%s: PPO on jax saves no resumable checkpoint; a killed run restarts "
-                        "from step 0",
-                        WHO,
-                    )
-
-                metrics = train_ppo(
+                metrics, history = train_ppo(
                     cfg,
                     policy=policy_folder,
                     reference=reference_folder,
                     reward=reward,
                     prompts=prompts,
                     out=out,
+                    checkpoint_dir=checkpoint_dir,
                 )
+                self.losses = [(int(row["step"]), row["loss"]) for row in history]
         release()
         metrics[COMPILE_METRIC] = clock.seconds
         metrics["seconds"] = time.perf_counter() - started
         write_record(out / RL_RECORD, policy_folder, cfg, metrics, self.losses)
-        return FitReport(str(out), metrics)
+        return FitReport(str(out), metrics, history=history)

@@ -42,6 +42,16 @@ exceeds it, the policy that sampled it is saved to ``out`` and
 :class:`~caikit_core.errors.TrainingStopped` is raised with that checkpoint. The
 preference model is called from Tunix's data-loading thread.
 
+Resumable: ``PPOLearner.train`` runs its whole loop with no step boundary, so
+:func:`train_ppo` calls it once per step (the cluster config's ``max_steps`` ends
+each call at the step's last optimiser step; ``_cluster_class`` turns the cluster's
+``close`` at the end of each call into a flush of the buffered metrics). Between two
+calls, with ``checkpoint_dir``, :class:`~caikit_jax.checkpoints.Checkpointer` saves the
+actor, the critic and both optimisers, and ``loop.json`` what Tunix carries from step
+to step (:func:`_loop_state`); a resume loads them into the freshly built learner
+(:func:`_resume`) and trains the remaining steps, bitwise as an uninterrupted run on
+CPU (docs/reliability.md#resumable-training).
+
 This module imports JAX, Tunix and transformers' tokenizers (not torch models).
 """
 
@@ -62,6 +72,7 @@ from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import PreferenceModel
 from caikit_core.records import Prompt, Sample, stable_id
 from caikit_core.training.metrics import checked_scores
+from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.config import JaxOptimiserConfig
 
 __all__ = ["KL_HORIZON", "MAX_GRAD_NORM", "train_ppo"]
@@ -205,7 +216,6 @@ def _learner_class() -> type:
                     "length": float(mask.sum(-1).mean()),
                     "entropy": float((-old * mask).sum(-1).mean()),
                     "beta": beta,
-                    "time": time.perf_counter(),
                 }
             )
             cfg = self.caikit_cfg
@@ -219,12 +229,92 @@ def _learner_class() -> type:
     return CaikitPPOLearner
 
 
+def _cluster_class() -> type:
+    """``RLCluster`` whose ``close`` (the end of each ``PPOLearner.train`` call) only
+    writes the buffered metrics, so that :func:`train_ppo` can call ``train`` once per
+    step; :meth:`finish` closes it for good."""
+    from tunix.rl import rl_cluster as rl_cluster_lib
+
+    class CaikitRLCluster(rl_cluster_lib.RLCluster):  # type: ignore[misc]
+        def close(self) -> None:
+            # RLCluster.close less closing the trainers and their metrics logger (which
+            # clears every JAX listener): log the step's buffered metrics and forget them
+            # (close leaves them buffered, and the next step would log them again), and
+            # write each trainer's last optimiser step (Tunix writes one step late)
+            for buffered in (self._buffered_train_metrics, self._buffered_eval_metrics):
+                for metrics in buffered:
+                    self._log_metrics(metrics)
+                buffered.clear()
+            for trainer in (self.actor_trainer, self.critic_trainer):
+                trainer._write_train_metrics()
+
+        def finish(self) -> None:
+            super().close()
+
+    return CaikitRLCluster
+
+
+#: The metric histories (Tunix's ``prefix``, ``name``) the metrics are computed from:
+#: one value per optimiser step, the rewards' one per rollout.
+_HISTORIES = (
+    ("actor", "loss"),
+    ("critic", "loss"),
+    ("actor", "pg_clipfrac"),
+    ("critic", "vf_clipfrac"),
+    ("actor", "grad_norm"),
+    ("rewards", "reward/mean"),
+)
+
+
 def _history(logger: Any, prefix: str, name: str) -> list[float]:
     try:
         values = logger.get_metric_history(prefix, name, "train")
     except (ValueError, KeyError):
         return []
     return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def _histories(cluster: Any, before: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each of :data:`_HISTORIES`: ``before`` (a checkpoint's) then this run's."""
+    logger = cluster._rl_metrics_logger
+    return {
+        f"{prefix}/{name}": [*before.get(f"{prefix}/{name}", []), *_history(logger, prefix, name)]
+        for prefix, name in _HISTORIES
+    }
+
+
+def _loop_state(learner: Any, cluster: Any, step: int, before: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds besides the models and optimisers (``loop.json``): the
+    step, Tunix's step counters, the KL coefficient, the data-shuffle key, the rollouts'
+    seed counter, the rollout records and the metric histories so far."""
+    key = learner._data_shuffle_seed
+    return {
+        "step": step,
+        "global_steps": int(cluster.global_steps),
+        "iter_steps": int(learner._iter_steps),
+        "trainers": {
+            role: [int(t._train_steps), int(t._iter_steps)]
+            for role, t in (("actor", cluster.actor_trainer), ("critic", cluster.critic_trainer))
+        },
+        "beta": float(learner.algo_config.beta),
+        "shuffle_key": None if key is None else [int(x) for x in np.asarray(key).reshape(-1)],
+        "rollout_calls": int(cluster.rollout.generate.calls),
+        "rollouts": learner.rollouts,
+        "histories": _histories(cluster, before),
+    }
+
+
+def _resume(learner: Any, cluster: Any, loop: dict[str, Any]) -> None:
+    """Set what :func:`_loop_state` saved (the models and optimisers are loaded)."""
+    cluster.global_steps = int(loop["global_steps"])
+    learner._iter_steps = int(loop["iter_steps"])
+    for role, trainer in (("actor", cluster.actor_trainer), ("critic", cluster.critic_trainer)):
+        trainer._train_steps, trainer._iter_steps = (int(x) for x in loop["trainers"][role])
+    learner.algo_config.beta = float(loop["beta"])
+    if loop["shuffle_key"] is not None:
+        learner._data_shuffle_seed = jnp.asarray(np.array(loop["shuffle_key"], dtype=np.uint32))
+    cluster.rollout.generate.calls = int(loop["rollout_calls"])
+    learner.rollouts = [{k: float(v) for k, v in r.items()} for r in loop["rollouts"]]
 
 
 def _per_step(values: list[float], per_step: int, steps: int) -> list[float]:
@@ -237,9 +327,14 @@ def _per_step(values: list[float], per_step: int, steps: int) -> list[float]:
 
 
 def _metrics(
-    learner: Any, cluster: Any, cfg: JaxOptimiserConfig, kept: int, too_long: int, started: float
-) -> dict[str, float]:
-    """The run's metrics (see :func:`train_ppo`)."""
+    learner: Any,
+    histories: dict[str, list[float]],
+    cfg: JaxOptimiserConfig,
+    kept: int,
+    too_long: int,
+    seconds_per_step: float,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The run's metrics and its per-step history (see :func:`train_ppo`)."""
     by_step: dict[int, list[dict[str, float]]] = {}
     for r in learner.rollouts:
         by_step.setdefault(int(r["step"]), []).append(r)
@@ -250,15 +345,16 @@ def _metrics(
         total = sum(r["n"] for r in rows)
         return float(sum(r[key] * r["n"] for r in rows) / total)
 
-    logger = cluster._rl_metrics_logger
     per_step = (cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size) * cfg.ppo.epochs
-    policy_loss = _per_step(_history(logger, "actor", "loss"), per_step, len(steps))
-    value_loss = _per_step(_history(logger, "critic", "loss"), per_step, len(steps))
-    clipfrac = _per_step(_history(logger, "actor", "pg_clipfrac"), per_step, len(steps))
-    vf_clipfrac = _per_step(_history(logger, "critic", "vf_clipfrac"), per_step, len(steps))
-    grad_norm = _per_step(_history(logger, "actor", "grad_norm"), per_step, len(steps))
+
+    def each_step(key: str) -> list[float]:
+        return _per_step(histories[key], per_step, len(steps))
+
+    policy_loss, value_loss = each_step("actor/loss"), each_step("critic/loss")
+    clipfrac, vf_clipfrac = each_step("actor/pg_clipfrac"), each_step("critic/vf_clipfrac")
+    grad_norm = each_step("actor/grad_norm")
     # Tunix's per-token reward tensor summed over each response: score - beta * KL.
-    rlhf = _history(logger, "rewards", "reward/mean")
+    rlhf = histories["rewards/reward/mean"]
     first, last = steps[0], steps[-1]
     metrics: dict[str, float] = {
         "steps": float(len(steps)),
@@ -282,12 +378,25 @@ def _metrics(
         "pg_clipfrac_last": clipfrac[-1],
         "vf_clipfrac_last": vf_clipfrac[-1],
         "grad_norm_last": grad_norm[-1],
-        "seconds_per_step": (time.perf_counter() - started) / len(steps),
+        "seconds_per_step": seconds_per_step,
     }
     if len(rlhf) >= len(steps):
         metrics["rlhf_reward_first"] = rlhf[0]
         metrics["rlhf_reward_last"] = rlhf[len(steps) - 1]
-    return metrics
+    history = [
+        {
+            "step": float(i + 1),
+            "loss": policy_loss[i],
+            "value_loss": value_loss[i],
+            "kl": mean(step, "kl"),
+            "reward": mean(step, "score"),
+            "beta": by_step[step][0]["beta"],
+            "response_length": mean(step, "length"),
+            "grad_norm": grad_norm[i],
+        }
+        for i, step in enumerate(steps)
+    ]
+    return metrics, history
 
 
 def train_ppo(
@@ -298,7 +407,8 @@ def train_ppo(
     reward: PreferenceModel,
     prompts: Sequence[Prompt],
     out: Path,
-) -> dict[str, float]:
+    checkpoint_dir: Path | None = None,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Train ``policy`` with Tunix's PPO against ``reward``, penalised by KL to ``reference``.
 
     :param config: the optimiser's settings; PPO reads ``ppo_steps``,
@@ -312,8 +422,14 @@ def train_ppo(
     :param prompts: conversations ending with a user turn.
     :param out: where the trained policy is saved (a Hugging Face folder, with the
         policy's tokenizer files).
-    :returns: ``steps``, ``rollouts``, ``prompts``, ``too_long``; ``kl_first`` and
-        ``kl_last`` (the mean over a step's responses of ``sum_t (logp - logp_ref)``,
+    :param checkpoint_dir: where to save checkpoints (``checkpoint_every_steps`` /
+        ``checkpoint_every_minutes``, counted in PPO steps) and resume from the newest
+        (see the module); ``None``: neither.
+    :returns: the metrics and one history row per step (``step``, ``loss``: the step's
+        mean policy loss, ``value_loss``, ``kl``, ``reward``: the mean score, ``beta``,
+        ``response_length``, ``grad_norm``). The metrics: ``steps``, ``rollouts``,
+        ``prompts``, ``too_long``; ``kl_first`` and ``kl_last`` (the mean over a step's
+        responses of ``sum_t (logp - logp_ref)``,
         from the policy that sampled them), ``score_first`` / ``score_last`` (the mean
         preference-model score; also as ``reward_first`` / ``reward_last``, the torch
         optimiser's names), ``rlhf_reward_first`` / ``rlhf_reward_last`` (score minus
@@ -321,7 +437,8 @@ def train_ppo(
         ``loss_first`` / ``loss_last`` (the step's mean policy loss),
         ``value_loss_first`` / ``value_loss_last``, ``pg_clipfrac_last``,
         ``vf_clipfrac_last``, ``grad_norm_last``, ``response_length_last`` (tokens, no
-        end-of-sequence), ``entropy_last`` and ``seconds_per_step``.
+        end-of-sequence), ``entropy_last`` and ``seconds_per_step`` (of the steps this
+        call ran).
     :raises CaikitError: invalid settings, no prompts or none short enough, or a
         preference model returning the wrong number of scores or non-finite ones.
     :raises PluginError: a tokenizer that cannot be loaded or has no chat template.
@@ -415,7 +532,7 @@ def train_ppo(
         ),
         rollout_config=rollout_config,
     )
-    cluster = rl_cluster_lib.RLCluster(
+    cluster = _cluster_class()(
         actor=actor,
         critic=critic,
         reference=ref_model,
@@ -456,6 +573,20 @@ def train_ppo(
         index = np.array([next(stream) for _ in range(cfg.ppo.rollout_batch_size)], dtype=np.int64)
         batches.append({"prompts": np.array([texts[i] for i in index]), "prompt_index": index})
 
+    saver = Checkpointer(checkpoint_dir, "ppo", cfg)
+    trained = {
+        "actor": cluster.actor_trainer.model,
+        "actor_optimizer": cluster.actor_trainer.optimizer,
+        "critic": cluster.critic_trainer.model,
+        "critic_optimizer": cluster.critic_trainer.optimizer,
+    }
+    loop = saver.restore(trained)
+    done = 0 if loop is None else int(loop["step"])
+    before: dict[str, list[float]] = {} if loop is None else loop["histories"]
+    if loop is not None:
+        _resume(learner, cluster, loop)
+        log.info("ppo: resuming from the checkpoint of step %d of %d", done, cfg.ppo.steps)
+
     log.info(
         "ppo: %d prompts, %d steps of %d x %d responses, %d epochs, beta %g, on %s",
         len(kept),
@@ -467,10 +598,16 @@ def train_ppo(
         jax.default_backend(),
     )
     started = time.perf_counter()
+    bound = cluster.cluster_config.training_config
     try:
-        learner.train(batches)
+        # One PPOLearner.train call per step (max_steps ends it at the step's last
+        # optimiser step), so that a checkpoint can be saved between steps.
+        for step in range(done, cfg.ppo.steps):
+            bound.max_steps = (step + 1) * per_step * cfg.ppo.epochs
+            learner.train(batches[step : step + 1])
+            if saver.due(step + 1, cfg.ppo.steps):
+                saver.save(step + 1, trained, _loop_state(learner, cluster, step + 1, before))
     except _KLBoundExceeded as stop:
-        learner.executor.shutdown(wait=False)
         save_checkpoint(cluster.actor_trainer.model, out, source=policy)
         message = (
             f"{_WHO}: stopped at step {stop.step}: mean KL to the reference {stop.kl:.6g} "
@@ -478,9 +615,13 @@ def train_ppo(
             f"saved to {out}"
         )
         raise TrainingStopped(message, checkpoint=str(out)) from None
-    learner.executor.shutdown(wait=False)  # Tunix's data thread, idle now
+    finally:
+        learner.executor.shutdown(wait=False)  # Tunix's data thread, idle now
+    histories = _histories(cluster, before)
+    cluster.finish()
     save_checkpoint(cluster.actor_trainer.model, out, source=policy)
-    metrics = _metrics(learner, cluster, cfg, len(kept), too_long, started)
+    seconds = (time.perf_counter() - started) / max(1, cfg.ppo.steps - done)
+    metrics, history = _metrics(learner, histories, cfg, len(kept), too_long, seconds)
     log.info(
         "ppo: done, score %.4f -> %.4f, kl %.4f -> %.4f",
         metrics["score_first"],
@@ -488,4 +629,4 @@ def train_ppo(
         metrics["kl_first"],
         metrics["kl_last"],
     )
-    return metrics
+    return metrics, history

@@ -61,6 +61,7 @@ from tunix.models.llama3 import model as llama3
 __all__ = [
     "TUNIX_VERSION",
     "CaikitLlama3",
+    "ReseededGenerate",
     "RopeThetaAttention",
     "SegmentIdsTolerant",
     "auto_mesh",
@@ -237,7 +238,25 @@ def _mix_seed(seed: int, count: int) -> int:
     return (value * 0xC2B2AE3D) & 0x7FFFFFFF
 
 
-def reseed_rollouts(rollout: Any, seed: int) -> None:
+class ReseededGenerate:
+    """A rollout's ``generate`` passing its ``n``-th call the seed ``mix(seed, n)``
+    (:func:`reseed_rollouts`); ``calls`` is ``n`` of the next call, which a resumed
+    PPO run sets to the count its checkpoint saved."""
+
+    def __init__(self, original: Any, seed: int) -> None:
+        self.original, self.seed, self.calls = original, seed, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts: Any, rollout_config: Any, **kwargs: Any) -> Any:
+        import dataclasses
+
+        with self._lock:
+            count, self.calls = self.calls, self.calls + 1
+        seeded = dataclasses.replace(rollout_config, seed=_mix_seed(self.seed, count))
+        return self.original(prompts, seeded, **kwargs)
+
+
+def reseed_rollouts(rollout: Any, seed: int) -> ReseededGenerate:
     """Give each of ``rollout``'s ``generate`` calls a sampling seed of its own (item 6).
 
     Corrects ``tunix/rl/rollout/vanilla_rollout.py``, ``VanillaRollout.generate``: it
@@ -247,25 +266,15 @@ def reseed_rollouts(rollout: Any, seed: int) -> None:
     same response twice. Passing a ``jax.Array`` key instead is no way out:
     ``tunix/generate/sampler.py`` donates the sampling state, key included, to its
     compiled prefill, so the second rollout fails with "Array has been deleted".
-    The shim wraps the instance's ``generate`` to pass the ``n``-th call the integer
-    seed ``mix(seed, n)``. Idempotent.
+    The shim replaces the instance's ``generate`` with a :class:`ReseededGenerate`,
+    which passes the ``n``-th call the integer seed ``mix(seed, n)``, and returns it.
+    Idempotent.
     """
-    original = rollout.generate
-    if getattr(original, "_caikit_reseeded", False):
-        return
-    calls = iter(range(1 << 62))
-    lock = threading.Lock()
-
-    def generate(prompts: Any, rollout_config: Any, **kwargs: Any) -> Any:
-        import dataclasses
-
-        with lock:
-            count = next(calls)
-        seeded = dataclasses.replace(rollout_config, seed=_mix_seed(seed, count))
-        return original(prompts, seeded, **kwargs)
-
-    generate._caikit_reseeded = True  # type: ignore[attr-defined]
-    rollout.generate = generate
+    if isinstance(rollout.generate, ReseededGenerate):
+        return rollout.generate
+    wrapper = ReseededGenerate(rollout.generate, seed)
+    rollout.generate = wrapper
+    return wrapper
 
 
 def untempered_reference_logps(worker: Any) -> None:

@@ -86,7 +86,7 @@ def run(
 ) -> tuple[dict[str, float], Path, FractionalLengthReward]:
     out = tmp_path_factory.mktemp("jax-ppo-out") / "policy"
     reward = FractionalLengthReward()
-    metrics = train_ppo(
+    metrics, _ = train_ppo(
         _config(), policy=tiny, reference=tiny, reward=reward, prompts=_prompts(), out=out
     )
     return metrics, out, reward

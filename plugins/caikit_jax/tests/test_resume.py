@@ -5,9 +5,15 @@ resumed in a fresh call from the checkpoint :mod:`caikit_jax.checkpoints` saved.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -309,3 +315,251 @@ def test_a_killed_jax_sft_stage_resumes_on_rerun_through_the_runner(
     assert [s for s, _ in b_record["losses"]] == list(range(1, 7))
     assert b_record["losses"] == a_record["losses"]
     assert_same_weights(straight.artifact, resumed.artifact, "sft stage")
+
+
+def ppo_config(**kw: Any) -> JaxOptimiserConfig:
+    """4 PPO steps of 2 rollouts of 1 prompt, 2 epochs each, adaptive KL."""
+    from caikit_jax.tests.test_ppo import _config
+
+    base = _config(steps=4, mini_batch_size=1, epochs=2, adaptive_kl=True, target_kl=0.01)
+    return JaxOptimiserConfig(**{**attrs.asdict(base, recurse=False), "device": "cpu", **kw})
+
+
+class KillingReward:
+    """:class:`~caikit_jax.tests.test_ppo.FractionalLengthReward` that raises
+    :class:`Killed` on its call ``kill_at`` (one call per rollout), in Tunix's data
+    thread: a kill in the middle of a PPO step."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, kill_at: int | None = None) -> None:
+        from caikit_jax.tests.test_ppo import FractionalLengthReward
+
+        self.inner, self.kill_at = FractionalLengthReward(), kill_at
+
+    def fit(self, labelled: Any, out: Path) -> Any:
+        return self.inner.fit(labelled, out)
+
+    def load(self, path: Path) -> None:
+        pass
+
+    def score(self, samples: Any) -> list[float]:
+        if self.kill_at is not None and len(self.inner.calls) + 1 == self.kill_at:
+            raise Killed(f"killed in rollout {self.kill_at}")
+        return self.inner.score(samples)
+
+    @property
+    def calls(self) -> list[list[Any]]:
+        return self.inner.calls
+
+
+def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """4 PPO steps of 2 rollouts of 1 prompt, 2 epochs each (16 optimiser steps of the
+    actor and of the critic), adaptive KL; a checkpoint after every step; killed in the
+    first rollout of step 3 (resumes at step 2; the resumed run saves step 3, which
+    must hold steps 1 and 2's records too)."""
+    from caikit_jax.tests.test_ppo import _prompts
+
+    config = ppo_config
+
+    policy = str(tiny_llama)
+    straight_reward = KillingReward()
+    straight = JaxOptimiser(config())
+    first = straight.optimise(
+        policy, policy, straight_reward, _prompts(), [], tmp_path / "straight"
+    )
+    ckpt = tmp_path / "checkpoints"
+    with pytest.raises(Killed):
+        JaxOptimiser(config(checkpoint_every_steps=1)).optimise(
+            policy,
+            policy,
+            KillingReward(kill_at=5),
+            _prompts(),
+            [],
+            tmp_path / "a",
+            checkpoint_dir=ckpt,
+        )
+    assert checkpoint_files(ckpt) == [
+        "step-2/actor.json",
+        "step-2/actor.safetensors",
+        "step-2/actor_optimizer.json",
+        "step-2/actor_optimizer.safetensors",
+        "step-2/caikit_checkpoint.json",
+        "step-2/critic.json",
+        "step-2/critic.safetensors",
+        "step-2/critic_optimizer.json",
+        "step-2/critic_optimizer.safetensors",
+        "step-2/loop.json",
+    ]
+    marker = json.loads((ckpt / "step-2" / checkpoints.MARKER).read_text())
+    assert (marker["step"], marker["fit"], marker["backend"]) == (2, "ppo", "jax")
+    resumed_reward = KillingReward()
+    resumed = JaxOptimiser(config(checkpoint_every_steps=1))
+    second = resumed.optimise(
+        policy, policy, resumed_reward, _prompts(), [], tmp_path / "b", checkpoint_dir=ckpt
+    )
+    # saved after the resume: the whole run's records so far, not only the resumed part
+    saved = json.loads((ckpt / "step-3" / checkpoints.LOOP).read_text())
+    assert saved["step"] == 3 and saved["rollout_calls"] == 6 and len(saved["rollouts"]) == 6
+    per_step = [float(np.mean(saved["histories"]["actor/loss"][i : i + 4])) for i in (0, 4, 8)]
+    assert per_step == [loss for _, loss in straight.losses[:3]]
+    # the same responses were sampled in steps 3 and 4 (the rollouts' seed counter)
+    assert resumed_reward.calls == straight_reward.calls[4:]
+    assert [s for s, _ in resumed.losses] == [s for s, _ in straight.losses] == [1, 2, 3, 4]
+    assert resumed.losses == straight.losses  # bitwise on CPU
+    assert list(second.history) == list(first.history)
+    assert first.history[-1]["beta"] != first.history[0]["beta"]  # the controller moved
+    timing = {"seconds", "seconds_per_step", "time/compile"}
+    assert {k: v for k, v in second.metrics.items() if k not in timing} == {
+        k: v for k, v in first.metrics.items() if k not in timing
+    }
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo")
+
+
+PPO_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from caikit_jax.optimiser import JaxOptimiser
+    from caikit_jax.tests.test_ppo import FractionalLengthReward, _prompts
+    from caikit_jax.tests.test_resume import ppo_config
+    tiny, out, ckpt, kill_at = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+    class Reward(FractionalLengthReward):
+        def score(self, samples):
+            if len(self.calls) + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().score(samples)
+    JaxOptimiser(ppo_config(checkpoint_every_steps=1)).optimise(
+        tiny, tiny, Reward(), _prompts(), [], out, checkpoint_dir=ckpt)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_jax_ppo_process_resumes_to_the_same_weights(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A real SIGKILL (in the second rollout of step 3, from Tunix's data thread), then
+    a fresh process resumes from step-2: its record (per-step losses, metrics) and
+    weights equal an uninterrupted run's."""
+    from caikit_jax.common import RL_RECORD
+    from caikit_jax.tests.test_ppo import FractionalLengthReward, _prompts
+
+    policy = str(tiny_llama)
+    JaxOptimiser(ppo_config()).optimise(
+        policy, policy, FractionalLengthReward(), _prompts(), [], tmp_path / "straight"
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'plugins'}"}
+    script = tmp_path / "ppo_run.py"
+    script.write_text(PPO_SCRIPT)
+    ckpt = tmp_path / "checkpoints"
+    args = [sys.executable, str(script), policy]
+    killed = subprocess.run(
+        [*args, str(tmp_path / "a"), str(ckpt), "6"], env=env, capture_output=True, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2"]
+    done = subprocess.run(
+        [*args, str(tmp_path / "b"), str(ckpt), "0"], env=env, capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    a = json.loads((tmp_path / "straight" / RL_RECORD).read_text())
+    b = json.loads((tmp_path / "b" / RL_RECORD).read_text())
+    assert [s for s, _ in b["losses"]] == [1, 2, 3, 4]
+    assert b["losses"] == a["losses"]
+    timing = {"seconds", "seconds_per_step", "time/compile"}
+    assert {k: v for k, v in b["metrics"].items() if k not in timing} == {
+        k: v for k, v in a["metrics"].items() if k not in timing
+    }
+    assert_same_weights(tmp_path / "straight", tmp_path / "b", "ppo after SIGKILL")
+
+
+RL_RUN = """\
+output_dir = "{out}"
+phases = ["sl", "rl"]
+seed = 1
+batch_size = 4
+shard_size = 4
+
+[models]
+policy = "{policy}"
+
+[data]
+prompts = "prompts.txt"
+
+[sl]
+sft = false
+
+[generator]
+plugin = "echo"
+
+[critic]
+plugin = "shout"
+revisions = 1
+
+[labeller]
+plugin = "length"
+
+[preference_model]
+plugin = "wordcount"
+
+[policy_optimiser]
+plugin = "jax"
+device = "cpu"
+algorithm = "ppo"
+checkpoint_every_steps = {every}
+
+[policy_optimiser.ppo]
+steps = 3
+rollout_batch_size = 2
+mini_batch_size = 1
+max_new_tokens = 6
+learning_rate = 1e-3
+max_length = 128
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_jax_ppo_policy_stage_resumes_on_rerun_through_the_runner(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_jax: None
+) -> None:
+    """The policy stage (jax PPO, 3 steps of 2 rollouts, the echo plugins' wordcount
+    preference model) killed in the second rollout of step 2, with a checkpoint after
+    every step: stages/policy/<fp>/checkpoints keeps step-1, and a rerun finishes the
+    stage with per-step history, losses and weights bitwise equal to an uninterrupted
+    run's, and removes the folder."""
+    from caikit_core import plugins
+    from caikit_core.config import load_run
+    from caikit_core.runner import Runner
+    from caikit_jax import ppo
+    from caikit_jax.common import RL_RECORD
+    from tests.shared import PROMPTS
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    def runner(out: str, every: int) -> Runner:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(RL_RUN.format(out=out, policy=tiny_llama, every=every), encoding="utf-8")
+        return Runner(load_run(path, plugins.get_registry()))
+
+    straight = runner("straight", 100).execute().stage("policy")
+    with monkeypatch.context() as m:
+        kill_after(m, ppo, "_scores", 3)  # the 4th rollout: step 2's second
+        with pytest.raises(Killed):
+            runner("killed", 1).execute()
+    stage_dirs = list((tmp_path / "killed" / "stages" / "policy").iterdir())
+    assert [p.name for p in stage_dirs] == [straight.path.name]  # the same fingerprint
+    kept = stage_dirs[0] / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-1"]
+    resumed = runner("killed", 1).execute().stage("policy")
+    assert resumed.status == "ran" and not kept.exists()
+    assert straight.artifact is not None and resumed.artifact is not None
+    a_record = json.loads((straight.artifact / RL_RECORD).read_text())
+    b_record = json.loads((resumed.artifact / RL_RECORD).read_text())
+    assert [s for s, _ in b_record["losses"]] == [1, 2, 3]
+    assert b_record["losses"] == a_record["losses"]
+    assert len(resumed.history) == 3 and resumed.history == straight.history
+    assert_same_weights(straight.artifact, resumed.artifact, "policy stage")
