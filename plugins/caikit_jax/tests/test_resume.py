@@ -353,6 +353,7 @@ class KillingReward:
         return self.inner.calls
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_ppo_equals_an_uninterrupted_run_bitwise(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
