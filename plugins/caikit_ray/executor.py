@@ -270,26 +270,35 @@ class RayExecutor:
             mapped = self._map_batches(dataset, worker, actors)
         log.info("%s: %d batches on %d Ray actors", describe, len(items), actors)
         rows = iter(mapped.iter_rows())
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except Exception as exc:
-                found = _caikit_cause(exc)
-                if found is None:
-                    first = (str(exc).strip().splitlines() or [""])[0][:500]
-                    raise PluginError(
-                        f"ray executor: stage '{describe}' failed in Ray: "
-                        f"{type(exc).__name__}: {first}"
-                    ) from exc
-                raise found from exc
-            status, key, value, text = pickle.loads(row["item"])
-            if status == "error":
-                if value.__cause__ is None:
-                    value.__cause__ = ActorTraceback(text)
-                raise value
-            yield key, value
+        # Close Ray Data's row iterator here, in this thread, however this ends: left
+        # open after a batch's error it was closed by the garbage collector later, in
+        # whatever thread ran it, and its clean-up then failed with "cannot join current
+        # thread" (an unraisable exception a later test reported as its own error).
+        try:
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    found = _caikit_cause(exc)
+                    if found is None:
+                        first = (str(exc).strip().splitlines() or [""])[0][:500]
+                        raise PluginError(
+                            f"ray executor: stage '{describe}' failed in Ray: "
+                            f"{type(exc).__name__}: {first}"
+                        ) from exc
+                    raise found from exc
+                status, key, value, text = pickle.loads(row["item"])
+                if status == "error":
+                    if value.__cause__ is None:
+                        value.__cause__ = ActorTraceback(text)
+                    raise value
+                yield key, value
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
 
     def _map_batches(self, dataset: Any, worker: WorkerFactory, actors: int) -> Any:
         import ray.data
