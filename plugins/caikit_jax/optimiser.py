@@ -88,11 +88,12 @@ class JaxOptimiser:
         stage leaves in memory is freed before this returns
         (:func:`caikit_jax.memory.release`)."""
         from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
-        from caikit_jax.memory import release
+        from caikit_jax.memory import release, tune_allocator
         from caikit_jax.model import check_device
 
         cfg = self.config
         started = time.perf_counter()
+        tune_allocator()
         check_device(cfg.device, WHO)
         policy_folder = checkpoint_folder(policy, "policy")
         reference_folder = checkpoint_folder(reference, "reference")

@@ -43,7 +43,7 @@ from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import bucket
 from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.config import PM_CAPABILITIES, JaxPreferenceConfig
-from caikit_jax.memory import release
+from caikit_jax.memory import release, tune_allocator
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -151,6 +151,7 @@ class JaxPreferenceModel:
         """
         cfg = self.config
         started = time.perf_counter()
+        tune_allocator()
         if not labelled:
             raise CaikitError(f"{_WHO}: fit was given no labelled comparisons")
         check_soft_labels(labelled, _WHO)

@@ -174,3 +174,65 @@ def test_the_cache_folder_follows_the_environment(
     for off in ("off", "0", "False", "no"):
         monkeypatch.setenv(CACHE_ENV, off)
         assert cache_folder() is None
+
+
+# Frees 32 blocks of 8 MiB after glibc's threshold for mapping a block of its own has
+# risen to 16 MiB (as it does once a mapped block that size is freed), each with a small
+# block kept after it so the heap cannot shrink; prints the bytes of RSS the process keeps.
+_FRAGMENT = textwrap.dedent(
+    """
+    import ctypes, json, os, sys
+    from caikit_jax.memory import tune_allocator
+    tuned = tune_allocator() if sys.argv[1] == "tune" else None
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def block(size):
+        address = libc.malloc(size)
+        ctypes.memset(address, 1, size)
+        return address
+    libc.free(block(16 << 20))
+    before = rss()
+    blocks, kept = [], []
+    for _ in range(32):
+        blocks.append(block(8 << 20))
+        kept.append(block(4096))
+    for address in blocks:
+        libc.free(address)
+    print(json.dumps({"tuned": tuned, "kept": rss() - before}))
+    """
+)
+
+
+def _fragment(arm: str, **env: str) -> dict[str, Any]:
+    import json
+
+    # glibc reads these at start-up (an empty value counts as 0): none of them set
+    unset = ("CAIKIT_JAX_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
+    done = subprocess.run(
+        [sys.executable, "-c", _FRAGMENT, arm],
+        env={**clean, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+)
+def test_tune_allocator_gives_freed_blocks_back_to_the_system() -> None:
+    untouched = _fragment("keep")
+    assert untouched["kept"] > 200 << 20  # glibc's default keeps the 256 MiB freed
+    tuned = _fragment("tune")
+    assert tuned["tuned"] is True and tuned["kept"] < 16 << 20
+    opted_out = _fragment("tune", CAIKIT_JAX_MALLOC="keep")
+    assert opted_out["tuned"] is False and opted_out["kept"] > 200 << 20
