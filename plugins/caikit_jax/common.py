@@ -1,5 +1,5 @@
 """What the ``jax`` plugins' implementation modules share: checkpoint folders, the
-weights' dtype, padded batch widths and the JSON records saved beside checkpoints.
+weights' dtype, padded batch widths (:func:`bucket`) and the JSON records saved beside checkpoints.
 
 This module imports neither JAX nor Tunix at import time; it never imports
 :mod:`caikit_jax.plugin`.
@@ -36,10 +36,20 @@ def checkpoint_folder(name: str, what: str) -> Path:
 
 
 def bucket(length: int, limit: int) -> int:
-    """The padded length for a batch whose longest sequence has ``length`` tokens."""
-    size = 16
-    while size < length:
-        size *= 2
+    """The padded length for a batch whose longest sequence has ``length`` tokens.
+
+    At least 16; above that, ``length`` rounded up to a multiple of a quarter of the
+    largest power of two below it (17-20 -> 20, 65-80 -> 80, 97-112 -> 112, 129-160 ->
+    160): four widths per octave, so a batch is padded by under 25% (powers of two
+    padded the quickstart's SFT batches of 78-99 tokens to 128, 39% more than their
+    tokens) while the step compiles for few shapes. Never above ``limit`` unless
+    ``length`` is.
+    """
+    if length <= 16:
+        size = 16
+    else:
+        step = (1 << ((length - 1).bit_length() - 1)) // 4
+        size = -(-length // step) * step
     return max(length, min(size, limit))
 
 

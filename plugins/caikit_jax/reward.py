@@ -14,8 +14,9 @@ tokenizer) plus ``caikit_pm.json``: the ``torch`` preference model loads it, and
 this one loads the ``torch`` model's folders, so either backend can score the
 other's model.
 
-Sequences are right padded to a length bucket (a power of two, at least 16, at
-most ``max_length``) so that XLA compiles a handful of shapes, not one per batch.
+Sequences are right padded to a length bucket (:func:`caikit_jax.common.bucket`: four
+widths per octave, at least 16, at most ``max_length``) so that XLA compiles a handful
+of shapes, not one per batch.
 """
 
 from __future__ import annotations

@@ -371,6 +371,19 @@ def test_sft_lowers_the_loss_and_saves_a_checkpoint_torch_loads(tiny: Path, tmp_
     assert record["backend"] == "jax" and record["versions"]["tunix"] == shims.TUNIX_VERSION
 
 
+def test_batch_widths_are_bucketed_four_per_octave() -> None:
+    from caikit_jax.common import bucket
+
+    widths = {n: bucket(n, 1024) for n in range(1, 600)}
+    assert [widths[n] for n in (1, 16, 17, 20, 21, 64, 65, 78, 81, 97, 99, 128, 129)] == [
+        16, 16, 20, 20, 24, 64, 80, 80, 96, 112, 112, 128, 160,
+    ]  # fmt: skip
+    assert all(n <= w < 1.25 * n for n, w in widths.items() if n > 16)  # under 25% padding
+    assert {widths[n] for n in range(1, 17)} == {16}
+    assert len({widths[n] for n in range(129, 257)}) == 4  # one octave, four shapes
+    assert bucket(161, 170) == 170 and bucket(300, 256) == 300  # the limit; never below length
+
+
 def test_training_steps_compile_once(tiny: Path, tmp_path: Path) -> None:
     """On one device a second step must not recompile: the new head and optimizer state
     are laid out as the step returns them before the first step (without it, each fit
