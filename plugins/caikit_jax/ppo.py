@@ -6,10 +6,10 @@ step, as :mod:`caikit_torch.ppo` is the torch optimiser's. The pieces:
 - **Models.** The actor is the policy checkpoint, loaded with
   :func:`caikit_jax.model.load_model` (Tunix's ``Llama3`` with caikit's shims); the
   reference is the reference checkpoint loaded the same way and never trained; the
-  critic is a copy of the actor's trunk with a zero-initialised one-output head
-  (:func:`caikit_jax.shims.ppo_critic`), trained by its own optimiser. All share one
-  device mesh (:func:`caikit_jax.model.make_mesh`), and the rollout samples with the
-  actor's own weights.
+  critic is a zero-initialised one-output head on the actor's own trunk
+  (:class:`caikit_jax.shims.SharedTrunkCritic`), its optimiser over the head alone.
+  All share one device mesh (:func:`caikit_jax.model.make_mesh`), and the rollout
+  samples with the actor's own weights.
 - **Prompts** are rendered with the policy tokenizer's chat template (assistant turn
   opened) and tokenized without added special tokens, as the torch PPO does;
   prompts longer than ``max_length - max_new_tokens`` tokens are left out. Each
@@ -31,11 +31,12 @@ step, as :mod:`caikit_torch.ppo` is the torch optimiser's. The pieces:
 
 Where this differs from the torch PPO, by Tunix's design: a response's
 end-of-sequence token is not part of it (Tunix's sampler cuts it off, so it is
-neither trained on nor in the KL), the value model is a separate copy of the trunk
-with its own optimiser (so ``vf_coef``, a weight in a shared loss, has nothing to
-weigh and is not used), and log-probabilities, the KL's included, are those of the
-untempered policy whatever ``temperature`` the rollouts sample at
-(:func:`caikit_jax.shims.untempered_reference_logps`).
+neither trained on nor in the KL), the actor and the critic are trained in separate
+updates (Tunix's actor and critic trainers), so the value loss moves the value head
+only and never the shared trunk (``vf_coef``, the weight of the value loss in the
+torch PPO's shared loss, has nothing to weigh and is not used), and
+log-probabilities, the KL's included, are those of the untempered policy whatever
+``temperature`` the rollouts sample at (:func:`caikit_jax.shims.untempered_reference_logps`).
 
 Guards: ``kl_bound`` is checked on every rollout; when its mean KL per response
 exceeds it, the policy that sampled it is saved to ``out`` and
@@ -577,7 +578,7 @@ def train_ppo(
     trained = {
         "actor": cluster.actor_trainer.model,
         "actor_optimizer": cluster.actor_trainer.optimizer,
-        "critic": cluster.critic_trainer.model,
+        "critic": cluster.critic_trainer.model.value_head,  # its trunk is the actor's
         "critic_optimizer": cluster.critic_trainer.optimizer,
     }
     loop = saver.restore(trained)

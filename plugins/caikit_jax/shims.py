@@ -21,11 +21,16 @@ Nothing else in caikit patches Tunix.
    ``jnp.zeros_like(jax_completion_ids)``, an integer array, so the preference
    model's float scores are truncated towards zero when added to it. The shim gives
    that module a ``jnp`` whose ``zeros_like`` of an integer array is float32.
-4. :func:`critic_from_actor`: ``tunix/rl/utils.py``, ``create_critic_model``
-   replaces ``lm_head`` with a one-output head, and a tied-embedding model (SmolLM2,
-   Llama 3.2) has no ``lm_head``: it decodes through the embedding matrix, so the
-   "critic" would emit vocabulary logits. The shim builds the critic untied.
-5. :class:`SegmentIdsTolerant`: ``tunix/rl/common.py``, ``compute_score`` passes
+4. :class:`SharedTrunkCritic`: ``tunix/rl/utils.py``, ``create_critic_model``
+   copies the actor and replaces its ``lm_head`` with a one-output head. A
+   tied-embedding model (SmolLM2, Llama 3.2) has no ``lm_head`` (it decodes through
+   the embedding matrix), so that "critic" emits vocabulary logits; and the copy is
+   a whole trunk with two AdamW moments of its own, 3 of PPO's 7 trunk copies, whose
+   backward pass doubled each update's work. ``RLCluster`` cannot share a critic's
+   backbone with the actor (``tunix/rl/rl_cluster.py``: "TODO(linchai): maybe
+   support critic backbone sharing"). The shim's critic is a head on the actor's own
+   trunk, trained alone.
+5. The same class: ``tunix/rl/common.py``, ``compute_score`` passes
    ``segment_ids=`` to the critic, which Tunix's own ``Llama3.__call__`` does not
    accept, so PPO with a Llama critic fails on its first rollout.
 6. :func:`reseed_rollouts`: ``tunix/rl/rollout/vanilla_rollout.py``,
@@ -63,9 +68,8 @@ __all__ = [
     "CaikitLlama3",
     "ReseededGenerate",
     "RopeThetaAttention",
-    "SegmentIdsTolerant",
+    "SharedTrunkCritic",
     "auto_mesh",
-    "critic_from_actor",
     "drop_anchor_snapshot",
     "float_zeros_like",
     "patch_ppo_rewards",
@@ -170,49 +174,38 @@ def patch_ppo_rewards() -> None:
     ppo_learner.jnp = _Numpy(**vars(namespace))
 
 
-# --- 4. critics ------------------------------------------------------------------------
+# --- 4.-5. the PPO critic ------------------------------------------------------------
 
 
-def critic_from_actor(actor: llama3.Llama3, *, seed: int = 0) -> llama3.Llama3:
-    """A value model: a copy of ``actor``'s trunk with a one-output head (item 4).
+class SharedTrunkCritic(nnx.Module):
+    """PPO's value model: a one-output head on the actor's own trunk (items 4 and 5).
 
-    Works for tied and untied embeddings alike: the copy is built untied, so its
-    forward pass reads ``lm_head``, which is a fresh zero-initialised ``[D, 1]``
-    projection (values start at 0, as PPO's value head usually does).
-    """
-    import dataclasses
+    The torch PPO's design (a value head on the policy's last hidden state), in place
+    of Tunix's ``create_critic_model`` (a whole copy of the actor). ``actor`` is the
+    actor itself, not a copy: the critic reads the trunk the actor is being trained
+    to, and holds no weights of its own but the ``[D, 1]`` head, zero-initialised so
+    every value starts at 0. The head's kernel is an ``nnx.LoRAParam``, which makes
+    Tunix's trainer (``tunix/sft/peft_trainer.py``: ``is_lora_enabled``) give the
+    critic an optimiser over the head alone and differentiate the value loss with
+    respect to the head alone; the trunk moves only with the actor's optimiser (the
+    torch PPO also sends ``vf_coef`` times the value loss's gradient into it).
 
-    graph, state = nnx.split(actor)
-    copy = nnx.merge(graph, jax.tree.map(jnp.copy, state))
-    copy.config = dataclasses.replace(actor.config, weight_tying=False)
-    head = nnx.Linear(
-        in_features=actor.config.embed_dim,
-        out_features=1,
-        use_bias=False,
-        kernel_init=nnx.initializers.zeros_init(),
-        rngs=nnx.Rngs(seed),
-    )
-    copy.lm_head = head
-    return copy
-
-
-# --- 5.-7. PPO on an RLCluster (used by caikit_jax.ppo; tested in tests/test_ppo.py) ---
-
-
-class SegmentIdsTolerant(nnx.Module):
-    """``model`` called as Tunix's ``Llama3`` is, ignoring a ``segment_ids`` keyword.
-
-    Corrects ``tunix/rl/common.py``, ``compute_score`` (what the PPO critic's values
-    go through, in ``InferenceWorker.get_values`` and ``ppo_value_loss_fn``): it
-    passes ``segment_ids=`` to every model, unlike ``compute_per_token_logps``, which
-    first checks the model's signature, and Tunix's own ``Llama3.__call__`` takes no
-    such argument, so PPO with a Llama critic fails with "unexpected keyword argument
-    'segment_ids'". The attention mask passed alongside already keeps padding out,
-    so dropping the ids changes nothing else.
+    ``__call__`` takes what Tunix's ``compute_score`` passes, ``segment_ids``
+    included (ignored: the attention mask passed with it already keeps padding out),
+    and returns ``([B, T, 1] values, None)``.
     """
 
-    def __init__(self, model: nnx.Module) -> None:
-        self.model = model
+    def __init__(self, actor: llama3.Llama3, *, seed: int = 0) -> None:
+        self.actor = actor
+        head = nnx.Linear(
+            in_features=actor.config.embed_dim,
+            out_features=1,
+            use_bias=False,
+            kernel_init=nnx.initializers.zeros_init(),
+            rngs=nnx.Rngs(seed),
+        )
+        head.kernel = nnx.LoRAParam(head.kernel.value)
+        self.value_head = head
 
     def __call__(
         self,
@@ -221,14 +214,22 @@ class SegmentIdsTolerant(nnx.Module):
         cache: Any,
         attention_mask: jax.Array | None,
         segment_ids: jax.Array | None = None,
-    ) -> Any:
-        del segment_ids  # see the class docstring
-        return self.model(input_tokens, positions, cache, attention_mask)
+    ) -> tuple[jax.Array, None]:
+        del cache, segment_ids  # see the class docstring
+        x = self.actor.embedder.encode(input_tokens)
+        for layer in self.actor.layers:
+            _, x = layer(x, positions, None, attention_mask)
+        hidden = self.actor.final_norm(x)
+        values: jax.Array = self.value_head(hidden.astype(jnp.float32))
+        return values, None
 
 
-def ppo_critic(actor: llama3.Llama3, *, seed: int = 0) -> SegmentIdsTolerant:
-    """:func:`critic_from_actor`, callable by Tunix's ``compute_score`` (item 5)."""
-    return SegmentIdsTolerant(critic_from_actor(actor, seed=seed))
+def ppo_critic(actor: llama3.Llama3, *, seed: int = 0) -> SharedTrunkCritic:
+    """The critic caikit's PPO gives Tunix: :class:`SharedTrunkCritic` on ``actor``."""
+    return SharedTrunkCritic(actor, seed=seed)
+
+
+# --- 6.-8. PPO on an RLCluster (used by caikit_jax.ppo; tested in tests/test_ppo.py) ---
 
 
 def _mix_seed(seed: int, count: int) -> int:

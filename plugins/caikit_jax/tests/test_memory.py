@@ -82,11 +82,11 @@ def test_ppo_holds_the_copies_its_design_needs_and_frees_them(
     report = JaxOptimiser(_config()).optimise(
         str(tiny), str(tiny), reward, _prompts(), [], tmp_path / "ppo"
     )
-    # the trunk: the actor + its two AdamW moments, the reference, the critic + its two
-    # moments; lm_head: the same less the critic's (it has a one-output head instead).
-    # Not Tunix's anchor snapshot of the actor, which PPO never reads (shims item 8):
-    # with it, (8, 5)
-    assert reward.copies == [(7, 4), (7, 4)]
+    # the trunk and lm_head: the actor + its two AdamW moments, and the reference. The
+    # critic is a head on the actor's own trunk, its optimiser over the head alone
+    # (shims item 4: as Tunix's own copy of the actor, (7, 4)); Tunix's anchor snapshot
+    # of the actor, which PPO never reads, is dropped (item 8: with it, (8, 5) then)
+    assert reward.copies == [(4, 4), (4, 4)]
     # nothing is left for the next stage (without memory.release: 6 copies until a gc)
     assert model_copies(sig) == 0
     assert report.metrics[COMPILE_METRIC] > 0

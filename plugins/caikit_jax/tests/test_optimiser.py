@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 from caikit_core import plugins
 from caikit_core.errors import PluginError
@@ -280,18 +281,28 @@ def test_float_rewards_shim() -> None:
     assert ppo_learner.jnp.arange is jnp.arange  # everything else is jax.numpy's
 
 
-def test_critic_shim_gives_one_value_per_token_on_tied_embeddings(tied: Path) -> None:
+def test_critic_shim_gives_one_value_per_token_on_the_actors_own_trunk(tied: Path) -> None:
     from tunix.rl import utils as rl_utils
+    from tunix.sft import utils as sft_utils
 
     actor = jax_model.load_model(tied)
     assert actor.config.weight_tying
     with pytest.raises(AttributeError):
         rl_utils.create_critic_model(actor)  # upstream: looks for lm_head
-    critic = shims.critic_from_actor(actor)
+    critic = shims.SharedTrunkCritic(actor)
     ids, mask = _batch()
     values = jax_model.logits(critic, jnp.asarray(ids), jnp.asarray(mask))
     assert values.shape == (2, 10, 1)
     assert float(jnp.abs(values).max()) == 0.0  # the head starts at zero
+    # no weights of its own but the head: the trunk's arrays are the actor's, not copies
+    actor_arrays = {id(a) for a in jax.tree.leaves(nnx.state(actor, nnx.Param))}
+    critic_params = jax.tree.leaves(nnx.state(critic, nnx.Param))
+    assert len(critic_params) == len(actor_arrays) + 1
+    assert sum(id(a) not in actor_arrays for a in critic_params) == 1
+    # what Tunix's trainer trains: the head alone (LoRA-style), and the actor as a whole
+    assert sft_utils.is_lora_enabled(critic) and not sft_utils.is_lora_enabled(actor)
+    (head,) = jax.tree.leaves(nnx.state(critic, nnx.LoRAParam))
+    assert head.shape == (actor.config.embed_dim, 1)
     # the actor is untouched
     assert _max_diff(tied, actor) < 1e-3
 

@@ -263,7 +263,7 @@ def test_ppo_critic_survives_compute_score_segment_ids(pieces: dict[str, Any]) -
     """``tunix.rl.common.compute_score`` passes ``segment_ids`` that Llama3 refuses."""
     args = (pieces["prompt"], pieces["completion"], pieces["pad"], pieces["eos"])
     with pytest.raises(TypeError, match="segment_ids"):
-        common.compute_score(shims.critic_from_actor(pieces["actor"]), *args)
+        common.compute_score(pieces["actor"], *args)  # a Tunix Llama3 as it is
     values = common.compute_score(shims.ppo_critic(pieces["actor"]), *args)
     assert values.shape == (2, pieces["prompt"].shape[1] + 6)
     assert float(jnp.abs(values).max()) == 0.0  # the head starts at zero
