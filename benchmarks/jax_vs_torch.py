@@ -78,9 +78,14 @@ rewarded by response length, so no preference model shares its process), each in
 fresh subprocess, one after another. Reported per side and stage: wall time, the
 stage's ``time/compile`` (JAX's compilation, 0 for torch), the seconds per step
 without it, and the peak RSS (``VmHWM``, and ``ru_maxrss`` of the parent's waited
-children)::
+children). To split the peak, a thread samples every 0.25 s the RSS and, on the JAX
+side, the bytes of the live arrays (weights, moments, caches, batches; XLA's
+temporaries inside a running step are not arrays): reported are the RSS before the
+stage (the imported libraries), the live bytes at the sampled RSS peak and at their
+own peak, and the RSS after the stage returned. ``--sides jax`` runs one side only
+(e.g. under ``CAIKIT_JAX_MALLOC=keep``, to see what glibc's default allocator keeps)::
 
-    python benchmarks/jax_vs_torch.py --stages sft pm ppo [--stage-steps 4]
+    python benchmarks/jax_vs_torch.py --stages sft pm ppo [--stage-steps 4] [--sides jax]
 
 Tunix imports torch if it can (``tunix.sft`` -> ``metrax`` -> ``tensorboardX``);
 the JAX subprocess blocks that import so that its RSS is JAX's alone, as in an
@@ -99,6 +104,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -140,6 +146,42 @@ def _peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    """This process's resident set now (``VmRSS``), in MiB."""
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _Sampler(threading.Thread):
+    """Every ``interval`` seconds while a stage runs: this process's RSS and, on the JAX
+    side, the bytes of its live arrays (``caikit_jax.memory.live_bytes``: weights,
+    optimiser moments, caches, batches; not XLA's temporaries inside a running step).
+    Keeps the peak RSS, the live bytes at that moment, and the peak live bytes."""
+
+    def __init__(self, live: Callable[[], int] | None, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.live, self.interval = live, interval
+        self.rss_peak = self.live_at_rss_peak = self.live_peak = 0.0
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        rss = _rss_mib()
+        live = self.live() / 2**20 if self.live is not None else 0.0
+        if rss > self.rss_peak:
+            self.rss_peak, self.live_at_rss_peak = rss, live
+        self.live_peak = max(self.live_peak, live)
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
 
 
 def _run_records(run: Path, stage: str) -> list[Any]:
@@ -187,6 +229,12 @@ def stage_worker(args: argparse.Namespace) -> None:
         from caikit_torch.reward import TorchPreferenceModel as PreferenceModel
     model, out, steps = args.model, Path(args.out), args.stage_steps
     run = Path(args.run) if args.run else None
+    live: Callable[[], int] | None = None
+    if args.side == "jax":
+        from caikit_jax.memory import live_bytes as live
+    baseline = _rss_mib()
+    sampler = _Sampler(live)
+    sampler.start()
     started = time.perf_counter()
     if args.stage == "sft":
         traces = _run_records(run, "revisions") if run else toy_traces()
@@ -245,6 +293,7 @@ def stage_worker(args: argparse.Namespace) -> None:
         optimiser = Optimiser(config)
         metrics = optimiser.optimise(policy, policy, reward, prompts, [], out).metrics
     seconds = time.perf_counter() - started
+    sampler.stop()
     compile_s = float(metrics.get("time/compile", 0.0))
     print(
         json.dumps(
@@ -254,6 +303,11 @@ def stage_worker(args: argparse.Namespace) -> None:
                 "steps": steps,
                 "step_s_after_compile": (seconds - compile_s) / steps,
                 "peak_rss_mib": _peak_rss_mib(),
+                "baseline_rss_mib": baseline,  # after the imports, before the stage
+                "sampled_peak_rss_mib": sampler.rss_peak,
+                "live_at_rss_peak_mib": sampler.live_at_rss_peak,
+                "live_peak_mib": sampler.live_peak,
+                "rss_after_mib": _rss_mib(),  # the stage returned and freed what it holds
             }
         ),
         flush=True,
@@ -265,7 +319,7 @@ def run_stages(args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, An
     results: dict[str, Any] = {}
     for stage in args.stages:
         results[stage] = {}
-        for side in SIDES:
+        for side in args.sides:
             cmd = [sys.executable, __file__, "--stage-worker", "--side", side]
             cmd += ["--stage", stage, "--model", str(model), "--out", str(tmp / side / stage)]
             steps = QUICKSTART_STEPS[stage] if args.run else args.stage_steps
@@ -296,16 +350,19 @@ def stages_main(args: argparse.Namespace) -> None:
         results = run_stages(args, model, tmp)
     head = (
         f"{'stage':5s} {'side':6s} {'wall s':>8s} {'compile s':>10s} "
-        f"{'s/step w/o compile':>19s} {'peak RSS MiB':>13s}"
+        f"{'s/step w/o compile':>19s} {'peak RSS MiB':>13s} {'before MiB':>11s} "
+        f"{'live at peak':>13s} {'live peak':>10s} {'after MiB':>10s}"
     )
     print(head)
     print("-" * len(head))
     for stage, found in results.items():
-        for side in SIDES:
+        for side in args.sides:
             r = found[side]
             print(
                 f"{stage:5s} {side:6s} {r['seconds']:8.2f} {r['compile_s']:10.2f} "
-                f"{r['step_s_after_compile']:19.3f} {r['peak_rss_mib']:13.0f}"
+                f"{r['step_s_after_compile']:19.3f} {r['peak_rss_mib']:13.0f} "
+                f"{r['baseline_rss_mib']:11.0f} {r['live_at_rss_peak_mib']:13.0f} "
+                f"{r['live_peak_mib']:10.0f} {r['rss_after_mib']:10.0f}"
             )
     record = {
         "benchmark": "jax_vs_torch_stages",
@@ -672,6 +729,7 @@ def main() -> None:
         "--stages", nargs="+", choices=STAGES, help="run whole stages instead of steps"
     )
     parser.add_argument("--stage-steps", type=int, default=4, help="steps per whole stage")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="--stages")
     parser.add_argument(
         "--model-folder", help="--stages on this model instead of the tiny one (with --run)"
     )

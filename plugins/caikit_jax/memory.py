@@ -12,19 +12,15 @@ counting them (:func:`jax.live_arrays`), deterministically:
   reference, critic trunk, two moments for each trained model) gives an exact number
   a test can hold the implementation to (``caikit_jax/tests/test_memory.py``).
 - :func:`release` frees what a finished stage left behind.
-- :func:`tune_allocator` tells glibc's ``malloc``, which XLA's CPU buffers come from,
-  to give large freed blocks back to the system (below).
+
+What glibc's ``malloc`` keeps of freed buffers is :mod:`caikit_jax.allocator`'s.
 
 This module imports JAX and Flax at import time, nothing of Tunix.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import logging
-import os
-import platform
 from collections import Counter
 from typing import Any
 
@@ -38,23 +34,7 @@ __all__ = [
     "release",
     "signature",
     "state_bytes",
-    "tune_allocator",
 ]
-
-log = logging.getLogger("caikit.jax")
-
-#: ``CAIKIT_JAX_MALLOC=keep`` leaves glibc's allocator as it is.
-MALLOC_ENV = "CAIKIT_JAX_MALLOC"
-#: Blocks of at least this many bytes get their own mapping, unmapped when freed.
-MMAP_THRESHOLD = 128 * 1024
-#: At most this many malloc arenas (glibc's default: 8 per core).
-ARENA_MAX = 2
-# mallopt's parameter numbers (glibc's malloc.h)
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-# the glibc variables that set the same before the process starts
-_GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": _M_MMAP_THRESHOLD, "MALLOC_ARENA_MAX": _M_ARENA_MAX}
-_tuned: bool | None = None
 
 _live_arrays: Any = jax.live_arrays  # untyped in jax 0.10
 _clear_caches: Any = jax.clear_caches
@@ -121,45 +101,3 @@ def release(*, compiled: bool = True) -> None:
     gc.collect()
     if compiled:
         _clear_caches()
-
-
-def tune_allocator() -> bool:
-    """Have glibc's ``malloc`` return large freed blocks to the system; whether it was
-    done (now or earlier in this process).
-
-    XLA's CPU runtime takes every buffer (weights, moments, activations, temporaries)
-    from ``malloc``. glibc maps a block of its own only above a threshold that starts
-    at 128 KiB and rises to the size of each mapped block freed (up to 32 MiB), so
-    after the first step most of a step's buffers come from heaps and per-thread
-    arenas, where freed memory stays in the process. On SmolLM2-135M PPO the live
-    arrays stayed at 3.6 GiB while RSS grew to 9.6 GiB, and 7.0 GiB remained after every
-    array was freed (docs/jax.md). This fixes the threshold at :data:`MMAP_THRESHOLD`
-    (which also stops it moving) and caps the arenas at :data:`ARENA_MAX`, as
-    ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2`` in the environment would
-    before the process starts.
-
-    Process-wide and for the rest of the process. Not done on a C library other
-    than glibc, with ``CAIKIT_JAX_MALLOC=keep``, or for a setting the environment
-    already gives glibc (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``), which wins.
-    """
-    global _tuned
-    if _tuned is not None:
-        return _tuned
-    _tuned = False
-    if os.environ.get(MALLOC_ENV, "").strip().lower() == "keep":
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    wanted = {_M_MMAP_THRESHOLD: MMAP_THRESHOLD, _M_ARENA_MAX: ARENA_MAX}
-    for name, param in _GLIBC_ENV.items():
-        if os.environ.get(name):
-            wanted.pop(param)
-    for param, value in wanted.items():
-        if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
-            log.warning("jax: glibc mallopt(%d, %d) failed; malloc is unchanged", param, value)
-            return False
-    _tuned = True
-    if wanted:
-        log.info("jax: glibc mallopt %s (%s=keep leaves malloc as it is)", wanted, MALLOC_ENV)
-    return True

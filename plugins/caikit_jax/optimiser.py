@@ -19,6 +19,7 @@ from pathlib import Path
 
 from caikit_core.interfaces import FitReport, PreferenceModel
 from caikit_core.records import LabelledComparison, Prompt, RevisionTrace
+from caikit_jax import allocator
 from caikit_jax.common import RL_RECORD, WHO, checkpoint_folder, write_record
 from caikit_jax.config import CAPABILITIES, JaxOptimiserConfig
 
@@ -38,6 +39,7 @@ class JaxOptimiser:
         self.losses: list[tuple[int, float]] = []
 
     # SL-CAI -------------------------------------------------------------------------------
+    @allocator.tuned
     def sft(
         self,
         policy: str,
@@ -65,6 +67,7 @@ class JaxOptimiser:
         return report
 
     # RL-CAI -------------------------------------------------------------------------------
+    @allocator.tuned
     def optimise(
         self,
         policy: str,
@@ -88,12 +91,11 @@ class JaxOptimiser:
         stage leaves in memory is freed before this returns
         (:func:`caikit_jax.memory.release`)."""
         from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
-        from caikit_jax.memory import release, tune_allocator
+        from caikit_jax.memory import release
         from caikit_jax.model import check_device
 
         cfg = self.config
         started = time.perf_counter()
-        tune_allocator()
         check_device(cfg.device, WHO)
         policy_folder = checkpoint_folder(policy, "policy")
         reference_folder = checkpoint_folder(reference, "reference")

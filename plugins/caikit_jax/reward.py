@@ -40,11 +40,12 @@ from caikit_core.errors import CaikitError, PluginError, TrainingStopped
 from caikit_core.interfaces import FitReport
 from caikit_core.records import Conversation, LabelledComparison, Sample
 from caikit_core.training.metrics import check_soft_labels, comparison_metrics, held_out_split
+from caikit_jax import allocator
 from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import bucket
 from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.config import PM_CAPABILITIES, JaxPreferenceConfig
-from caikit_jax.memory import release, tune_allocator
+from caikit_jax.memory import release
 from caikit_jax.model import (
     check_device,
     hidden_states,
@@ -128,6 +129,7 @@ class JaxPreferenceModel:
         self._mesh: jax.sharding.Mesh | None = None
 
     # fit --------------------------------------------------------------------------------
+    @allocator.tuned
     def fit(
         self,
         labelled: Sequence[LabelledComparison],
@@ -152,7 +154,6 @@ class JaxPreferenceModel:
         """
         cfg = self.config
         started = time.perf_counter()
-        tune_allocator()
         if not labelled:
             raise CaikitError(f"{_WHO}: fit was given no labelled comparisons")
         check_soft_labels(labelled, _WHO)

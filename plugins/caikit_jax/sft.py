@@ -35,7 +35,6 @@ from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.common import SFT_RECORD, WHO, bucket, checkpoint_folder, write_record
 from caikit_jax.compilation import COMPILE_METRIC, CompileClock, use_persistent_cache
 from caikit_jax.config import JaxOptimiserConfig
-from caikit_jax.memory import tune_allocator
 from caikit_jax.model import (
     check_device,
     load_model,
@@ -97,7 +96,6 @@ def train_sft(
     """
     sft = cfg.sft
     started = time.perf_counter()
-    tune_allocator()
     data = require_sft_examples(examples, sft.target, who=WHO)
     check_device(cfg.device, WHO)
     folder = checkpoint_folder(policy, "policy")

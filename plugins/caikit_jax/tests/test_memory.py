@@ -182,8 +182,10 @@ def test_the_cache_folder_follows_the_environment(
 _FRAGMENT = textwrap.dedent(
     """
     import ctypes, json, os, sys
-    from caikit_jax.memory import tune_allocator
-    tuned = tune_allocator() if sys.argv[1] == "tune" else None
+    from caikit_jax import allocator
+    tuned = allocator.tune() if sys.argv[1] in ("tune", "restore") else None
+    if sys.argv[1] == "restore":
+        allocator.restore()
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
@@ -229,10 +231,27 @@ def _fragment(arm: str, **env: str) -> dict[str, Any]:
 @pytest.mark.skipif(
     sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
 )
-def test_tune_allocator_gives_freed_blocks_back_to_the_system() -> None:
+def test_the_tuned_allocator_gives_freed_blocks_back_to_the_system_until_restored() -> None:
     untouched = _fragment("keep")
     assert untouched["kept"] > 200 << 20  # glibc's default keeps the 256 MiB freed
     tuned = _fragment("tune")
     assert tuned["tuned"] is True and tuned["kept"] < 16 << 20
+    # after the stage: blocks under 32 MiB come from the heap again (as glibc's default)
+    restored = _fragment("restore")
+    assert restored["tuned"] is True and restored["kept"] > 200 << 20
     opted_out = _fragment("tune", CAIKIT_JAX_MALLOC="keep")
     assert opted_out["tuned"] is False and opted_out["kept"] > 200 << 20
+
+
+def test_jax_stages_tune_the_allocator_while_they_run(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caikit_jax import allocator
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "tune", lambda: calls.append("tune") or True)
+    monkeypatch.setattr(allocator, "restore", lambda: calls.append("restore"))
+    JaxOptimiser(sft_config(max_steps=1, batch_size=2)).sft(
+        str(tiny), toy_traces(), tmp_path / "sft"
+    )
+    assert calls == ["tune", "restore"]
