@@ -134,19 +134,26 @@ _COMPILE = textwrap.dedent(
 )
 
 
-def _compile_in_subprocess(env: dict[str, str]) -> dict[str, Any]:
+def _python(script: str, *args: str, env: dict[str, str], unset: Sequence[str] = ()) -> Any:
+    """Run ``script`` in a fresh interpreter that imports this checkout; the JSON of
+    the last line it prints. ``unset`` names variables left out of its environment."""
     import json
 
     path = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
+    inherited = {k: v for k, v in os.environ.items() if k not in unset}
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE],
-        env={**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **env},
+        [sys.executable, "-c", script, *args],
+        env={**inherited, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **env},
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile_in_subprocess(env: dict[str, str]) -> dict[str, Any]:
+    result: dict[str, Any] = _python(_COMPILE, env=env)
     return result
 
 
@@ -210,21 +217,9 @@ _FRAGMENT = textwrap.dedent(
 
 
 def _fragment(arm: str, **env: str) -> dict[str, Any]:
-    import json
-
     # glibc reads these at start-up (an empty value counts as 0): none of them set
     unset = ("CAIKIT_JAX_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
-    clean = {k: v for k, v in os.environ.items() if k not in unset}
-    path = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
-    done = subprocess.run(
-        [sys.executable, "-c", _FRAGMENT, arm],
-        env={**clean, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = _python(_FRAGMENT, arm, env=env, unset=unset)
     return result
 
 
