@@ -11,10 +11,10 @@ threshold at :data:`MMAP_THRESHOLD` and caps the arenas at :data:`ARENA_MAX` whi
 stage runs, as ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2`` in the environment
 would for a whole process.
 
-Mapping every block of 128 KiB and more made torch's ``generate`` 1.6x slower
+Mapping every block of 128 KiB and more made torch's ``generate`` 1.4-1.6x slower
 (``benchmarks/malloc_tuning.py``), and a jax run's later stages (pairs, labels, eval)
 are torch's, so the threshold is put back when the stage ends (:func:`restore`); the
-arena cap, which cost torch nothing measurable, stays. Nothing is changed on a C
+arena cap, which cost torch nothing measurable (one run), stays. Nothing is changed on a C
 library other than glibc, with ``CAIKIT_JAX_MALLOC=keep``, or for a setting the
 environment already gives glibc (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``),
 which wins.
@@ -70,7 +70,8 @@ def tune() -> bool:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    wanted = {_M_MMAP_THRESHOLD: MMAP_THRESHOLD, _M_ARENA_MAX: ARENA_MAX}
+    # the arena cap first: if only it is set, nothing needs undoing
+    wanted = {_M_ARENA_MAX: ARENA_MAX, _M_MMAP_THRESHOLD: MMAP_THRESHOLD}
     for name, param in _GLIBC_ENV.items():
         if os.environ.get(name):
             wanted.pop(param)
