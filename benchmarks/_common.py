@@ -28,6 +28,19 @@ def prompts(count: int) -> list[str]:
     return [json.loads(line)["prompt"] for line in lines[:count]]
 
 
+def status_mib(field: str, pid: int | str = "self") -> float | None:
+    """``field`` of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in MiB; ``None`` when
+    the process is gone or has no such line."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()

@@ -112,6 +112,10 @@ from pathlib import Path
 from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import status_mib  # noqa: E402
+
 ROOT = HERE.parent
 TASKS = ("pm", "dpo")
 SIDES = ("jax", "torch")
@@ -142,18 +146,13 @@ class _LengthReward:
 
 def _peak_rss_mib() -> float:
     """This process's peak resident set (``VmHWM``), in MiB."""
-    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mib() -> float:
     """This process's resident set now (``VmRSS``), in MiB."""
-    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return status_mib("VmRSS") or 0.0
 
 
 class _Sampler(threading.Thread):

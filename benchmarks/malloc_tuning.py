@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import demo_model, prompts  # noqa: E402
+from _common import demo_model, prompts, status_mib  # noqa: E402
 
 ARMS = ("default", "tuned", "restored")
 
@@ -70,9 +70,7 @@ def worker(args: argparse.Namespace) -> None:
 
     call()  # warm-up
     times = [call() for _ in range(args.calls)]
-    status = Path("/proc/self/status").read_text(encoding="utf-8")
-    peak = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:"))
-    print(json.dumps({"times": times, "peak_rss_mib": peak / 1024}))
+    print(json.dumps({"times": times, "peak_rss_mib": status_mib("VmHWM")}))
 
 
 def main() -> None:

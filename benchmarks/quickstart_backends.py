@@ -40,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import status_mib  # noqa: E402
+
 SIDES = ("torch", "jax")
 #: The stages a backend change reruns, in the run's order.
 RERUN = ("sft", "pairs", "labels", "preference_model", "policy", "eval")
@@ -84,15 +88,11 @@ class RssSampler(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        status = Path(f"/proc/{self.pid}/status")
         while not self._done.wait(self.interval):
-            try:
-                lines = status.read_text(encoding="utf-8").splitlines()
-            except OSError:
+            rss = status_mib("VmRSS", self.pid)
+            if rss is None:
                 return
-            for line in lines:
-                if line.startswith("VmRSS:"):
-                    self.samples.append((time.time(), int(line.split()[1]) / 1024))
+            self.samples.append((time.time(), rss))
 
     def stop(self) -> None:
         self._done.set()
