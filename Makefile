@@ -86,16 +86,17 @@ slow: setup
 # evaluates the checkpoints), then write the run's HTML report and print its path.
 quickstart: setup
 	$(VENV)/bin/caikit models fetch smollm2-135m-instruct
-	$(VENV)/bin/caikit run examples/quickstart.toml
+	$(VENV)/bin/caikit run --new-run examples/quickstart.toml
 	$(VENV)/bin/caikit report runs/quickstart
 
 # The same quickstart with the preference model and the policy optimiser on JAX: the
 # run file differs only in their two `plugin = "torch"` lines. Its output folder is the
-# quickstart's, so stages that do not depend on the backend are reused.
+# quickstart's, so stages that do not depend on the backend are reused; `--new-run`
+# records the run file there (each target's run.json names the other's file otherwise).
 quickstart-jax: setup
 	$(VENV)/bin/caikit models fetch smollm2-135m-instruct
 	sed 's/^plugin = "torch"/plugin = "jax"/' examples/quickstart.toml > examples/quickstart-jax.toml
-	$(VENV)/bin/caikit run examples/quickstart-jax.toml
+	$(VENV)/bin/caikit run --new-run examples/quickstart-jax.toml
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .mypy_cache .ruff_cache .pytest_cache

@@ -9,6 +9,7 @@ lazy import) or under ``if TYPE_CHECKING:``. Tests are not part of the layout.
 from __future__ import annotations
 
 import ast
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +194,15 @@ def test_the_analysis_finds_a_circle_a_lazy_import_and_a_cross_plugin_import(
     edges = graph(tmp_path)
     assert circles(edges) == [["caikit_a.impl", "caikit_a.plugin"]]
     assert cross_plugin_imports(edges) == ["caikit_b.config -> caikit_a.impl"]
+
+
+@pytest.mark.parametrize("target", ["quickstart", "quickstart-jax"])
+def test_the_quickstart_targets_record_their_run_file_in_the_shared_folder(target: str) -> None:
+    """``make quickstart`` and ``make quickstart-jax`` share ``runs/quickstart`` so that
+    the backend-independent stages are reused; without ``--new-run`` the second target
+    stopped with exit 2 ("holds the run of ... quickstart.toml")."""
+    done = subprocess.run(
+        ["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    runs = [line for line in done.stdout.splitlines() if "/caikit run " in line]
+    assert len(runs) == 1 and "caikit run --new-run examples/" in runs[0], runs
