@@ -76,7 +76,7 @@ from caikit_core.training.metrics import checked_scores
 from caikit_jax.checkpoints import Checkpointer
 from caikit_jax.config import JaxOptimiserConfig
 
-__all__ = ["KL_HORIZON", "MAX_GRAD_NORM", "train_ppo"]
+__all__ = ["KL_HORIZON", "MAX_GRAD_NORM", "PHASES", "train_ppo"]
 
 log = logging.getLogger("caikit.jax")
 
@@ -85,6 +85,10 @@ _WHO = "jax ppo"
 KL_HORIZON = 10000
 #: Gradients (actor's and critic's) are clipped to this global norm, as in the torch PPO.
 MAX_GRAD_NORM = 1.0
+#: The phases of a step timed in its ``time/<phase>`` metrics, as the torch PPO's:
+#: sampling the rollouts; the reference's and the policy's log-probabilities, the
+#: values, the scores and the advantages; and the actor's and the critic's updates.
+PHASES = ("generate", "score", "train")
 
 
 class _KLBoundExceeded(Exception):
@@ -186,7 +190,46 @@ def _learner_class() -> type:
             self.caikit_cfg = cfg
             #: one dict per rollout: step, n, kl (summed per response, mean), score, length, beta
             self.rollouts: list[dict[str, float]] = []
+            #: per step (as a string, for loop.json): seconds per phase of :data:`PHASES`
+            self.seconds: dict[str, dict[str, float]] = {}
             self._scores: list[float] = []
+            cluster = self.rl_cluster
+            for name, phase in (
+                ("generate", "generate"),
+                ("update_actor", "train"),
+                ("update_critic", "train"),
+            ):
+                setattr(cluster, name, self._timed(phase, getattr(cluster, name)))
+
+        def _timed(self, phase: str, method: Any) -> Any:
+            """``method`` adding its seconds to ``phase``, waiting for what it computes
+            (JAX dispatches asynchronously: unwaited, a phase's work would be timed in
+            the next one's)."""
+            from flax import nnx
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    out = method(*args, **kwargs)
+                    if phase == "train":  # the trainers return nothing; wait for the models
+                        for trainer in (
+                            self.rl_cluster.actor_trainer,
+                            self.rl_cluster.critic_trainer,
+                        ):
+                            jax.block_until_ready(nnx.state(trainer.model))
+                    return jax.block_until_ready(out)
+                finally:
+                    self._spent(phase, time.perf_counter() - started)
+
+            return timed
+
+        def _spent(self, phase: str, seconds: float) -> float:
+            """Add ``seconds`` to the current step's ``phase``; returns the phase's total."""
+            row = self.seconds.setdefault(
+                str(int(self.rl_cluster.global_steps)), dict.fromkeys(PHASES, 0.0)
+            )
+            row[phase] += seconds
+            return row[phase]
 
         def _compute_rewards(self, *args: Any, **kwargs: Any) -> Any:
             rewards = super()._compute_rewards(*args, **kwargs)
@@ -197,8 +240,12 @@ def _learner_class() -> type:
             from tunix.rl import rl_cluster as rl_cluster_lib
 
             mode = rl_cluster_lib.Mode.TRAIN if mode is None else mode
+            started = time.perf_counter()
+            sampled = self._spent("generate", 0.0)
             beta = float(self.algo_config.beta)
-            example = super()._generate_and_compute_advantage(training_input, mode)
+            example = jax.block_until_ready(
+                super()._generate_and_compute_advantage(training_input, mode)
+            )
             mask = np.asarray(jax.device_get(example.completion_mask), dtype=np.float64)
             old = np.asarray(jax.device_get(example.old_per_token_logps), dtype=np.float64)
             if example.ref_per_token_logps is None:  # pragma: no cover - beta is > 0
@@ -219,6 +266,9 @@ def _learner_class() -> type:
                     "beta": beta,
                 }
             )
+            # everything but the sampling: log-probabilities, values, scores, advantages
+            sampling = self._spent("generate", 0.0) - sampled
+            self._spent("score", time.perf_counter() - started - sampling)
             cfg = self.caikit_cfg
             if cfg.ppo.kl_bound is not None and kl > cfg.ppo.kl_bound:
                 raise _KLBoundExceeded(step, kl)
@@ -301,6 +351,7 @@ def _loop_state(learner: Any, cluster: Any, step: int, before: dict[str, Any]) -
         "shuffle_key": None if key is None else [int(x) for x in np.asarray(key).reshape(-1)],
         "rollout_calls": int(cluster.rollout.generate.calls),
         "rollouts": learner.rollouts,
+        "seconds": learner.seconds,
         "histories": _histories(cluster, before),
     }
 
@@ -316,6 +367,10 @@ def _resume(learner: Any, cluster: Any, loop: dict[str, Any]) -> None:
         learner._data_shuffle_seed = jnp.asarray(np.array(loop["shuffle_key"], dtype=np.uint32))
     cluster.rollout.generate.calls = int(loop["rollout_calls"])
     learner.rollouts = [{k: float(v) for k, v in r.items()} for r in loop["rollouts"]]
+    learner.seconds = {
+        step: {phase: float(v) for phase, v in row.items()}
+        for step, row in loop.get("seconds", {}).items()
+    }
 
 
 def _per_step(values: list[float], per_step: int, steps: int) -> list[float]:
@@ -384,6 +439,13 @@ def _metrics(
     if len(rlhf) >= len(steps):
         metrics["rlhf_reward_first"] = rlhf[0]
         metrics["rlhf_reward_last"] = rlhf[len(steps) - 1]
+
+    def seconds(step: int) -> dict[str, float]:
+        row = learner.seconds.get(str(step), {})
+        return {f"time/{phase}": float(row.get(phase, 0.0)) for phase in PHASES}
+
+    for phase in PHASES:
+        metrics[f"time/{phase}"] = sum(seconds(step)[f"time/{phase}"] for step in steps)
     history = [
         {
             "step": float(i + 1),
@@ -394,6 +456,7 @@ def _metrics(
             "beta": by_step[step][0]["beta"],
             "response_length": mean(step, "length"),
             "grad_norm": grad_norm[i],
+            **seconds(step),
         }
         for i, step in enumerate(steps)
     ]
@@ -428,7 +491,7 @@ def train_ppo(
         (see the module); ``None``: neither.
     :returns: the metrics and one history row per step (``step``, ``loss``: the step's
         mean policy loss, ``value_loss``, ``kl``, ``reward``: the mean score, ``beta``,
-        ``response_length``, ``grad_norm``). The metrics: ``steps``, ``rollouts``,
+        ``response_length``, ``grad_norm``, ``time/<phase>``). The metrics: ``steps``, ``rollouts``,
         ``prompts``, ``too_long``; ``kl_first`` and ``kl_last`` (the mean over a step's
         responses of ``sum_t (logp - logp_ref)``,
         from the policy that sampled them), ``score_first`` / ``score_last`` (the mean
@@ -438,8 +501,10 @@ def train_ppo(
         ``loss_first`` / ``loss_last`` (the step's mean policy loss),
         ``value_loss_first`` / ``value_loss_last``, ``pg_clipfrac_last``,
         ``vf_clipfrac_last``, ``grad_norm_last``, ``response_length_last`` (tokens, no
-        end-of-sequence), ``entropy_last`` and ``seconds_per_step`` (of the steps this
-        call ran).
+        end-of-sequence), ``entropy_last``, ``seconds_per_step`` (of the steps this
+        call ran), and ``time/generate``, ``time/score`` and ``time/train``: the seconds
+        spent in each of :data:`PHASES`, summed over the steps (a history row has its
+        step's; a resumed run's earlier steps keep those timed before it stopped).
     :raises CaikitError: invalid settings, no prompts or none short enough, or a
         preference model returning the wrong number of scores or non-finite ones.
     :raises PluginError: a tokenizer that cannot be loaded or has no chat template.

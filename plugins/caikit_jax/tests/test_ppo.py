@@ -7,6 +7,7 @@ first rollout, and the shim tests drive Tunix's pieces directly.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,18 @@ class FractionalLengthReward:
         pass
 
 
+class SlowLengthReward(FractionalLengthReward):
+    """:class:`FractionalLengthReward` that takes at least :data:`SCORE_SECONDS` per call,
+    so that its time has to show in the step's ``time/score``."""
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        time.sleep(SCORE_SECONDS)
+        return super().score(samples)
+
+
+SCORE_SECONDS = 0.25
+
+
 def _prompts() -> list[Prompt]:
     return [Prompt(f"p{i}", conversation(("user", q))) for i, q in enumerate(QUESTIONS)]
 
@@ -85,18 +98,18 @@ def run(
     tiny: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, float], Path, FractionalLengthReward]:
     out = tmp_path_factory.mktemp("jax-ppo-out") / "policy"
-    reward = FractionalLengthReward()
-    metrics, _ = train_ppo(
+    reward = SlowLengthReward()
+    metrics, history = train_ppo(
         _config(), policy=tiny, reference=tiny, reward=reward, prompts=_prompts(), out=out
     )
-    return metrics, out, reward
+    return metrics, out, reward, history
 
 
 # --- the shared run --------------------------------------------------------------------
 
 
 def test_first_rollout_has_zero_kl_and_later_ones_do_not(run: Any) -> None:
-    metrics, _, _ = run
+    metrics, _, _ = run[:3]
     assert metrics["steps"] == 2
     # the first rollout comes from the unchanged policy; the reference is the same checkpoint
     assert abs(metrics["kl_first"]) <= 1e-6
@@ -105,7 +118,7 @@ def test_first_rollout_has_zero_kl_and_later_ones_do_not(run: Any) -> None:
 
 
 def test_metrics_are_finite_floats(run: Any) -> None:
-    metrics, _, _ = run
+    metrics, _, _ = run[:3]
     for key in (
         "kl_first",
         "kl_last",
@@ -125,8 +138,23 @@ def test_metrics_are_finite_floats(run: Any) -> None:
     assert metrics["prompts"] == len(QUESTIONS)
 
 
+def test_each_step_times_its_phases_and_the_scoring_holds_the_reward(run: Any) -> None:
+    """``time/generate``, ``time/score`` and ``time/train`` per history row and summed
+    in the metrics; the reward (which sleeps) is called in the scoring phase, and the
+    phases, timed apart, add up to no more than the steps took."""
+    metrics, _, reward, history = run
+    phases = ("time/generate", "time/score", "time/train")
+    assert len(history) == 2 and len(reward.calls) == 2  # one rollout per step
+    for row in history:
+        assert min(row[k] for k in phases) > 0, row
+        assert row["time/score"] >= SCORE_SECONDS, row
+    for k in phases:
+        assert metrics[k] == pytest.approx(sum(row[k] for row in history))
+    assert sum(metrics[k] for k in phases) <= metrics["seconds_per_step"] * metrics["steps"]
+
+
 def test_reward_sees_samples_of_the_prompts(run: Any) -> None:
-    _, _, reward = run
+    _, _, reward = run[:3]
     assert len(reward.calls) == 2  # one rollout of 2 per step
     ids = {p.id: p.messages for p in _prompts()}
     for batch in reward.calls:
@@ -139,7 +167,7 @@ def test_reward_sees_samples_of_the_prompts(run: Any) -> None:
 def test_fractional_scores_reach_the_learner_untruncated(run: Any) -> None:
     """Tunix's reward tensor (summed per response: score - beta * KL, KL 0 on the first
     rollout) keeps the fractional scores: without ``patch_ppo_rewards`` it is integer."""
-    metrics, _, _ = run
+    metrics, _, _ = run[:3]
     assert 0 < metrics["score_first"] < 1
     assert metrics["rlhf_reward_first"] == pytest.approx(metrics["score_first"], abs=1e-5)
     expected_last = metrics["score_last"] - metrics["beta_last"] * metrics["kl_last"]
@@ -150,7 +178,7 @@ def test_checkpoint_loads_in_transformers_and_is_trained(run: Any, tiny: Path) -
     import torch
     import transformers
 
-    _, out, _ = run
+    _, out, _ = run[:3]
     assert (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file()
     trained = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
