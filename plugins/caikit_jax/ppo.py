@@ -608,6 +608,7 @@ def train_ppo(
     shims.drop_anchor_snapshot(cluster)
     shims.reseed_rollouts(cluster.rollout, cfg.seed)
     shims.untempered_reference_logps(cluster.inference_worker)
+    shims.one_trunk_pass(cluster, cluster.critic_trainer.model)
 
     def caikit_preference_model(
         prompts: Sequence[str], completions: Sequence[str], prompt_index: Any, **kwargs: Any

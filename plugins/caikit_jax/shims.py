@@ -3,7 +3,7 @@
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
 upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
-items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7, ``caikit_jax/tests/test_memory.py``
+items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7 and 9, ``caikit_jax/tests/test_memory.py``
 for 8) that shows the defect without it.
 Nothing else in caikit patches Tunix.
 
@@ -47,6 +47,11 @@ Nothing else in caikit patches Tunix.
    that; PPO's old log-probabilities come from the rollout model
    (``get_old_per_token_logps``). For PPO it is one whole model copy held for
    nothing (on a CPU, ``pinned_host`` is the same RAM).
+9. :func:`one_trunk_pass`: ``tunix/rl/ppo/ppo_learner.py``,
+   ``_generate_and_compute_advantage`` runs the trunk twice over every rollout, for
+   the policy's old log-probabilities and (outside ``jit``) for the critic's values;
+   with item 4's critic both come from the same hidden states, so one jitted pass
+   gives both.
 """
 
 from __future__ import annotations
@@ -66,12 +71,14 @@ from tunix.models.llama3 import model as llama3
 __all__ = [
     "TUNIX_VERSION",
     "CaikitLlama3",
+    "OnePassScores",
     "ReseededGenerate",
     "RopeThetaAttention",
     "SharedTrunkCritic",
     "auto_mesh",
     "drop_anchor_snapshot",
     "float_zeros_like",
+    "one_trunk_pass",
     "patch_ppo_rewards",
     "ppo_critic",
     "reseed_rollouts",
@@ -216,12 +223,32 @@ class SharedTrunkCritic(nnx.Module):
         segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         del cache, segment_ids  # see the class docstring
+        hidden = self.trunk(input_tokens, positions, attention_mask)
+        return self.values(hidden), None
+
+    def trunk(
+        self, input_tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array | None
+    ) -> jax.Array:
+        """The actor's final-norm hidden states ``[B, T, D]`` (no KV cache)."""
         x = self.actor.embedder.encode(input_tokens)
         for layer in self.actor.layers:
             _, x = layer(x, positions, None, attention_mask)
-        hidden = self.actor.final_norm(x)
-        values: jax.Array = self.value_head(hidden.astype(jnp.float32))
-        return values, None
+        hidden: jax.Array = self.actor.final_norm(x)
+        return hidden
+
+    def values(self, hidden: jax.Array) -> jax.Array:
+        """The head's ``[B, T, 1]`` values of :meth:`trunk`'s hidden states, in float32."""
+        out: jax.Array = self.value_head(hidden.astype(jnp.float32))
+        return out
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The actor's next-token logits of :meth:`trunk`'s hidden states, as
+        ``Llama3.__call__`` computes them (tied embedding or ``lm_head``)."""
+        if self.actor.config.weight_tying:
+            out: jax.Array = self.actor.embedder.decode(hidden)
+        else:
+            out = self.actor.lm_head(hidden)
+        return out
 
 
 def ppo_critic(actor: llama3.Llama3, *, seed: int = 0) -> SharedTrunkCritic:
@@ -326,3 +353,97 @@ def drop_anchor_snapshot(cluster: Any) -> None:
 
     sync_weights._caikit_no_anchor = True  # type: ignore[attr-defined]
     cluster.sync_weights = sync_weights
+
+
+# --- 9. one trunk pass for the old log-probabilities and the values ---------------------
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id", "eos_id"))
+def _logps_and_values(
+    graphdef: Any,
+    state: Any,
+    prompt_tokens: jax.Array,
+    completion_tokens: jax.Array,
+    pad_id: int,
+    eos_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """``[B, C]`` log-probabilities of the completions and ``[B, P + C]`` values, from
+    one pass of a :class:`SharedTrunkCritic`'s trunk; inputs built as Tunix's."""
+    from tunix.rl import common
+
+    critic = nnx.merge(graphdef, state)
+    ids, positions, attention, _ = common.process_ids(
+        prompt_tokens, completion_tokens, pad_id, eos_id
+    )
+    hidden = critic.trunk(ids, positions, attention)
+    width = completion_tokens.shape[1]
+    logits = critic.logits(hidden[:, -width - 1 : -1])  # the completion's positions only
+    logps = common.selective_log_softmax(logits, ids[:, -width:])
+    values = critic.values(hidden)[..., 0]
+    return jax.lax.stop_gradient(logps), jax.lax.stop_gradient(values)
+
+
+class OnePassScores:
+    """``get_old_per_token_logps`` and ``get_values`` of an ``RLCluster`` whose critic
+    is a :class:`SharedTrunkCritic` on its rollout model (:func:`one_trunk_pass`):
+    the first computes both from one trunk pass and keeps the values for the second,
+    which hands them over when it is called with the same token arrays (as
+    ``PPOLearner`` calls it, right after) and otherwise computes them as Tunix does."""
+
+    def __init__(self, cluster: Any, critic: SharedTrunkCritic) -> None:
+        self.cluster, self.critic = cluster, critic
+        self.original_values = cluster.get_values
+        self._kept: tuple[jax.Array, jax.Array, jax.Array] | None = None
+        #: trunk passes saved (values handed over without a forward pass of their own)
+        self.handed_over = 0
+
+    def old_logps(
+        self, prompt_tokens: jax.Array, completion_tokens: jax.Array, micro_batch_size: Any = None
+    ) -> jax.Array:
+        del micro_batch_size  # one pass over the batch, as get_values makes
+        from tunix.rl.rl_cluster import Role
+
+        rollout = self.cluster.rollout
+        with self.cluster._get_mesh_and_logical_axis_rules_cm(Role.ROLLOUT):
+            graphdef, state = nnx.split(self.critic)
+            logps, values = _logps_and_values(
+                graphdef,
+                state,
+                prompt_tokens,
+                completion_tokens,
+                pad_id=int(rollout.pad_id()),
+                eos_id=int(rollout.eos_id()),
+            )
+        self._kept = (prompt_tokens, completion_tokens, values)
+        return logps
+
+    def values(
+        self, prompt_tokens: jax.Array, completion_tokens: jax.Array, pad_id: int, eos_id: int
+    ) -> jax.Array:
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] is prompt_tokens and kept[1] is completion_tokens:
+            self.handed_over += 1
+            return kept[2]
+        return self.original_values(prompt_tokens, completion_tokens, pad_id, eos_id)
+
+
+def one_trunk_pass(cluster: Any, critic: SharedTrunkCritic) -> OnePassScores:
+    """Compute a rollout's old log-probabilities and values in one pass (item 9).
+
+    Corrects ``tunix/rl/ppo/ppo_learner.py``, ``_generate_and_compute_advantage``: it
+    runs the policy over each rollout for its log-probabilities
+    (``RLCluster.get_old_per_token_logps``, jitted) and then the critic for its values
+    (``get_values`` -> ``tunix/rl/common.py``, ``compute_score``, which calls the model
+    outside ``jit``, op by op). With :class:`SharedTrunkCritic` both read the same
+    trunk, so the second pass recomputes the first's hidden states. The shim replaces
+    the instance's two methods with an :class:`OnePassScores`'s, whose one jitted pass
+    gives both (to float32 rounding: XLA fuses the one program differently from the
+    two), and returns it. ``critic`` must be the cluster's critic on its rollout model
+    (vanilla rollout, the actor's weights). Idempotent.
+    """
+    if isinstance(getattr(cluster.get_values, "__self__", None), OnePassScores):
+        return cluster.get_values.__self__  # type: ignore[no-any-return]
+    scores = OnePassScores(cluster, critic)
+    cluster.get_old_per_token_logps = scores.old_logps
+    cluster.get_values = scores.values
+    return scores

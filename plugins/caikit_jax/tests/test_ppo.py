@@ -328,3 +328,39 @@ def test_reference_logps_are_untempered_like_the_policys(pieces: dict[str, Any])
     shims.untempered_reference_logps(worker)  # idempotent
     fixed = np.asarray(worker.get_ref_per_token_logps(*args, *tail, temperature=0.5))
     np.testing.assert_allclose(fixed, policy, atol=1e-6)
+
+
+def test_one_trunk_pass_gives_tunixs_old_logps_and_values(pieces: dict[str, Any]) -> None:
+    """The old log-probabilities (Tunix's rollout) and the values (Tunix's
+    ``compute_score``, outside jit) from one jitted pass of the shared trunk; the values
+    are handed over once, for the same token arrays only."""
+    import contextlib
+    import types
+
+    critic = shims.ppo_critic(pieces["actor"])
+    head = critic.value_head.kernel
+    head.value = jnp.asarray(np.random.default_rng(0).normal(size=head.value.shape), jnp.float32)
+    rollout, args = pieces["rollout"], (pieces["prompt"], pieces["completion"])
+    tail = (pieces["pad"], pieces["eos"])
+    worker = inference_worker.InferenceWorker({"critic": critic})
+    cluster = types.SimpleNamespace(
+        rollout=rollout,
+        get_old_per_token_logps=lambda *a, **k: rollout.get_per_token_logps(*a),
+        get_values=worker.get_values,
+        _get_mesh_and_logical_axis_rules_cm=lambda role: contextlib.nullcontext(),
+    )
+    logps_before = np.asarray(cluster.get_old_per_token_logps(*args))
+    values_before = np.asarray(cluster.get_values(*args, *tail))
+    assert float(np.abs(values_before).max()) > 0.1  # a head that is not zero
+
+    scores = shims.one_trunk_pass(cluster, critic)
+    assert shims.one_trunk_pass(cluster, critic) is scores  # idempotent
+    logps = cluster.get_old_per_token_logps(*args, micro_batch_size=1)
+    values = cluster.get_values(*args, *tail)
+    np.testing.assert_allclose(np.asarray(logps), logps_before, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(values), values_before, atol=1e-5)
+    assert scores.handed_over == 1
+    # other arrays (or a second call) are computed as Tunix does
+    again = cluster.get_values(*args, *tail)
+    np.testing.assert_allclose(np.asarray(again), values_before, atol=1e-6)
+    assert scores.handed_over == 1
