@@ -177,6 +177,11 @@ def _check_settings(cfg: JaxOptimiserConfig) -> None:
         )
 
 
+def _wait(tree: Any) -> Any:
+    """``tree`` once every array in it is computed (``jax.block_until_ready``)."""
+    return jax.block_until_ready(tree)  # type: ignore[no-untyped-call]
+
+
 def _scores(reward: PreferenceModel, samples: list[Sample]) -> list[float]:
     return checked_scores(reward.score, samples, _WHO)
 
@@ -216,8 +221,8 @@ def _learner_class() -> type:
                             self.rl_cluster.actor_trainer,
                             self.rl_cluster.critic_trainer,
                         ):
-                            jax.block_until_ready(nnx.state(trainer.model))
-                    return jax.block_until_ready(out)
+                            _wait(nnx.state(trainer.model))
+                    return _wait(out)
                 finally:
                     self._spent(phase, time.perf_counter() - started)
 
@@ -243,9 +248,7 @@ def _learner_class() -> type:
             started = time.perf_counter()
             sampled = self._spent("generate", 0.0)
             beta = float(self.algo_config.beta)
-            example = jax.block_until_ready(
-                super()._generate_and_compute_advantage(training_input, mode)
-            )
+            example = _wait(super()._generate_and_compute_advantage(training_input, mode))
             mask = np.asarray(jax.device_get(example.completion_mask), dtype=np.float64)
             old = np.asarray(jax.device_get(example.old_per_token_logps), dtype=np.float64)
             if example.ref_per_token_logps is None:  # pragma: no cover - beta is > 0

@@ -415,7 +415,8 @@ class OnePassScores:
                 eos_id=int(rollout.eos_id()),
             )
         self._kept = (prompt_tokens, completion_tokens, values)
-        return logps
+        out: jax.Array = logps
+        return out
 
     def values(
         self, prompt_tokens: jax.Array, completion_tokens: jax.Array, pad_id: int, eos_id: int
@@ -424,7 +425,8 @@ class OnePassScores:
         if kept is not None and kept[0] is prompt_tokens and kept[1] is completion_tokens:
             self.handed_over += 1
             return kept[2]
-        return self.original_values(prompt_tokens, completion_tokens, pad_id, eos_id)
+        out: jax.Array = self.original_values(prompt_tokens, completion_tokens, pad_id, eos_id)
+        return out
 
 
 def one_trunk_pass(cluster: Any, critic: SharedTrunkCritic) -> OnePassScores:
