@@ -567,6 +567,8 @@ def train_ppo(
             f"{_WHO}: the policy ({policy}) and the reference ({reference}) have different "
             "vocabularies"
         )
+    for model in (actor, ref_model):  # before the cluster splits them
+        shims.keep_completion_logits(model, cfg.ppo.max_new_tokens)
     critic = shims.ppo_critic(actor, seed=cfg.seed)
     shims.patch_ppo_rewards()
 

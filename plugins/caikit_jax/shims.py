@@ -3,7 +3,7 @@
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
 upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
-items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7 and 9, ``caikit_jax/tests/test_memory.py``
+items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7, 9 and 10, ``caikit_jax/tests/test_memory.py``
 for 8) that shows the defect without it.
 Nothing else in caikit patches Tunix.
 
@@ -52,6 +52,9 @@ Nothing else in caikit patches Tunix.
    the policy's old log-probabilities and (outside ``jit``) for the critic's values;
    with item 4's critic both come from the same hidden states, so one jitted pass
    gives both.
+10. :func:`keep_completion_logits`: ``tunix/rl/common.py``, ``compute_per_token_logps``
+    computes logits over the whole prompt and completion, and keeps the completion's;
+    PPO's actor and reference compute the completion's only.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ __all__ = [
     "auto_mesh",
     "drop_anchor_snapshot",
     "float_zeros_like",
+    "keep_completion_logits",
     "one_trunk_pass",
     "patch_ppo_rewards",
     "ppo_critic",
@@ -134,12 +138,54 @@ class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
 
     Parameter paths are upstream's (``layers.N.attn.q_proj.w``), so Tunix's
     safetensors key mapping, trainers and samplers apply unchanged.
+
+    ``logits_to_keep`` (``None``: all) is how many of the last positions a call
+    without a KV cache computes logits for (item 10).
     """
 
     def __init__(self, config: llama3.ModelConfig, *, rngs: nnx.Rngs) -> None:
         super().__init__(config, rngs=rngs)
         for layer in self.layers:
             layer.attn = RopeThetaAttention(config=config, rngs=rngs)
+        self.logits_to_keep: int | None = None
+
+    def __call__(
+        self,
+        input_tokens: jax.Array,
+        positions: jax.Array,
+        cache: Any,
+        attention_mask: jax.Array,
+    ) -> tuple[jax.Array, Any]:
+        # the signature is upstream's: Tunix inspects it (tunix/rl/common.py) to decide
+        # whether to pass segment_ids
+        keep = self.logits_to_keep
+        if keep is None or cache is not None:
+            return super().__call__(input_tokens, positions, cache, attention_mask)  # type: ignore[no-any-return]
+        x = self.embedder.encode(input_tokens)
+        for layer in self.layers:
+            _, x = layer(x, positions, None, attention_mask)
+        x = self.final_norm(x[:, -keep:])
+        if self.config.weight_tying:
+            return self.embedder.decode(x), None
+        return self.lm_head(x), None
+
+
+def keep_completion_logits(model: CaikitLlama3, completion: int) -> None:
+    """Compute ``model``'s logits for the last ``completion + 1`` positions only (item 10).
+
+    Corrects ``tunix/rl/common.py``, ``compute_per_token_logps`` (the reference's
+    log-probabilities, and the actor's in ``tunix/rl/algo_core.py``'s PPO policy loss):
+    it has the model compute logits ``[B, P + C, V]`` for every prompt and completion
+    position and then keeps ``logits[:, -C - 1 : -1]``, so the output projection, the
+    log-softmax over the vocabulary and their gradients run over the prompt for
+    nothing. A model with :attr:`CaikitLlama3.logits_to_keep` = ``C + 1`` returns the
+    last ``C + 1`` positions' logits, and Tunix's slice, counted from the end, picks the
+    same ``C`` rows from them (what ``logits_to_keep`` does in transformers, and the
+    torch PPO passes). Only calls without a KV cache (the sampler's keep all). Set it
+    before an ``RLCluster`` splits the model, on models whose every call without a
+    cache is for ``C`` completion tokens (PPO's actor and reference).
+    """
+    model.logits_to_keep = int(completion) + 1
 
 
 # --- 2. meshes -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("tunix")
 
+import jax
 import jax.numpy as jnp
 from tunix.generate import tokenizer_adapter
 from tunix.rl import common
@@ -364,3 +365,35 @@ def test_one_trunk_pass_gives_tunixs_old_logps_and_values(pieces: dict[str, Any]
     again = cluster.get_values(*args, *tail)
     np.testing.assert_allclose(np.asarray(again), values_before, atol=1e-6)
     assert scores.handed_over == 1
+
+
+def test_completion_logits_give_tunixs_logps_and_gradients(
+    tiny: Path, pieces: dict[str, Any]
+) -> None:
+    """A model keeping the completion's logits only gives ``compute_per_token_logps``
+    (the reference's and the PPO loss's) the same log-probabilities and gradients as
+    the whole sequence's (the shared run samples, with a KV cache, from such a model)."""
+    from flax import nnx
+
+    trimmed = load_model(tiny, mesh=make_mesh())
+    width = int(pieces["completion"].shape[1])
+    shims.keep_completion_logits(trimmed, width)
+    args = (pieces["prompt"], pieces["completion"], pieces["pad"], pieces["eos"])
+
+    def logps(model: Any) -> Any:
+        graphdef, state = nnx.split(model)
+        return common.compute_per_token_logps(graphdef, state, *args, stop_gradient=False)
+
+    np.testing.assert_allclose(
+        np.asarray(logps(trimmed)), np.asarray(logps(pieces["actor"])), atol=1e-5
+    )
+    ids, positions, mask, _ = common.process_ids(*args)
+    logits, _ = trimmed(ids, positions, None, mask)
+    assert logits.shape[1] == width + 1  # the output projection ran over C + 1 rows
+
+    def loss(model: Any) -> Any:
+        return common.compute_per_token_logps(*nnx.split(model), *args, stop_gradient=False).sum()
+
+    grads = [nnx.grad(loss)(m) for m in (trimmed, pieces["actor"])]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
