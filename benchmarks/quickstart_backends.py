@@ -22,7 +22,9 @@ Reported per stage and side: the stage's seconds (``metrics.jsonl``), JAX's
 ``caikit run`` process (``ru_maxrss`` from ``wait4``), the highest RSS sampled (every
 0.5 s) during each stage, and the wall time; and the
 stages' result metrics (preference-model accuracy, PPO's reward and KL), so a faster
-side that learned nothing shows. Written as JSON to ``--out``/result.json too.
+side that learned nothing shows; and PPO's phases (``time/generate``, ``time/score``,
+``time/train`` of each step's row in ``metrics.jsonl``) per step after the first, which
+compiles on JAX. Written as JSON to ``--out``/result.json too.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from _common import status_mib  # noqa: E402
 SIDES = ("torch", "jax")
 #: The stages a backend change reruns, in the run's order.
 RERUN = ("sft", "pairs", "labels", "preference_model", "policy", "eval")
+#: The phases of a PPO step both backends time (``time/<phase>`` in each step's row).
+PHASES = ("generate", "score", "train")
 #: Result metrics printed per stage (when the stage reports them).
 RESULTS = {
     "sft": ("loss_first", "loss_last"),
@@ -126,8 +130,11 @@ def run_side(side: str, base: Path, out: Path) -> dict[str, Any]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{side}: caikit run failed, see {log}")
     stages: dict[str, dict[str, Any]] = {}
+    steps: list[dict[str, float]] = []  # the policy stage's step rows
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
+        if row["type"] == "step" and row["stage"] == "policy":
+            steps.append({k: float(row["metrics"].get(f"time/{k}", 0.0)) for k in PHASES})
         if row["type"] == "stage" and row["stage"] in RERUN:
             metrics = row["metrics"]
             compile_s = float(metrics.get("time/compile", 0.0))
@@ -139,7 +146,14 @@ def run_side(side: str, base: Path, out: Path) -> dict[str, Any]:
                 "without_compile": row["seconds"] - compile_s,
                 "results": {k: metrics[k] for k in RESULTS.get(row["stage"], ()) if k in metrics},
             }
-    return {"wall": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stages": stages}
+    later = steps[1:]  # after the first, which compiles on jax
+    phases = {k: sum(r[k] for r in later) / len(later) if later else 0.0 for k in PHASES}
+    return {
+        "wall": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "stages": stages,
+        "ppo_phases_per_later_step": phases,
+    }
 
 
 def main() -> None:
@@ -181,6 +195,12 @@ def main() -> None:
     )
     peak_t, peak_j = torch_side["peak_rss_mib"], jax_side["peak_rss_mib"]
     print(f"| peak RSS MiB | {peak_t:.0f} | {peak_j:.0f} | | {peak_j / peak_t:.2f} | |")
+    print("| PPO, per step after the first | " + " | ".join(f"{k} s" for k in PHASES) + " | sum |")
+    print("| --- |" + " --- |" * (len(PHASES) + 1))
+    for side in SIDES:
+        phases = sides[side]["ppo_phases_per_later_step"]
+        cells = " | ".join(f"{phases[k]:.2f}" for k in PHASES)
+        print(f"| {side} | {cells} | {sum(phases.values()):.2f} |")
     for stage in RESULTS:
         for side in SIDES:
             values = sides[side]["stages"].get(stage, {}).get("results")
