@@ -360,12 +360,10 @@ def forward_inputs(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def hidden_states(model: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The final-norm hidden states ``[B, T, D]`` of ``model``'s trunk."""
+    from caikit_jax.shims import trunk
+
     positions, attention = forward_inputs(mask)
-    x = model.embedder.encode(ids)
-    for layer in model.layers:
-        _, x = layer(x, positions, None, attention)
-    out: jax.Array = model.final_norm(x)
-    return out
+    return trunk(model, ids, positions, attention)
 
 
 def logits(model: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:

@@ -86,6 +86,7 @@ __all__ = [
     "patch_ppo_rewards",
     "ppo_critic",
     "reseed_rollouts",
+    "trunk",
     "untempered_reference_logps",
 ]
 
@@ -133,6 +134,16 @@ class RopeThetaAttention(llama3.Attention):  # type: ignore[misc]  # Tunix is un
         return out
 
 
+def trunk(model: Any, tokens: jax.Array, positions: jax.Array, attention: Any) -> jax.Array:
+    """A Tunix ``Llama3``'s final-norm hidden states ``[B, T, D]``, without a KV cache
+    (``Llama3.__call__`` up to the output projection)."""
+    x = model.embedder.encode(tokens)
+    for layer in model.layers:
+        _, x = layer(x, positions, None, attention)
+    hidden: jax.Array = model.final_norm(x)
+    return hidden
+
+
 class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
     """Tunix's ``Llama3`` with :class:`RopeThetaAttention` in every layer.
 
@@ -161,10 +172,7 @@ class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
         keep = self.logits_to_keep
         if keep is None or cache is not None:
             return super().__call__(input_tokens, positions, cache, attention_mask)  # type: ignore[no-any-return]
-        x = self.embedder.encode(input_tokens)
-        for layer in self.layers:
-            _, x = layer(x, positions, None, attention_mask)
-        x = self.final_norm(x[:, -keep:])
+        x = trunk(self, input_tokens, positions, attention_mask)[:, -keep:]
         if self.config.weight_tying:
             return self.embedder.decode(x), None
         return self.lm_head(x), None
@@ -276,11 +284,7 @@ class SharedTrunkCritic(nnx.Module):
         self, input_tokens: jax.Array, positions: jax.Array, attention_mask: jax.Array | None
     ) -> jax.Array:
         """The actor's final-norm hidden states ``[B, T, D]`` (no KV cache)."""
-        x = self.actor.embedder.encode(input_tokens)
-        for layer in self.actor.layers:
-            _, x = layer(x, positions, None, attention_mask)
-        hidden: jax.Array = self.actor.final_norm(x)
-        return hidden
+        return trunk(self.actor, input_tokens, positions, attention_mask)
 
     def values(self, hidden: jax.Array) -> jax.Array:
         """The head's ``[B, T, 1]`` values of :meth:`trunk`'s hidden states, in float32."""
