@@ -228,13 +228,13 @@ def _learner_class() -> type:
 
             return timed
 
-        def _spent(self, phase: str, seconds: float) -> float:
-            """Add ``seconds`` to the current step's ``phase``; returns the phase's total."""
-            row = self.seconds.setdefault(
-                str(int(self.rl_cluster.global_steps)), dict.fromkeys(PHASES, 0.0)
-            )
-            row[phase] += seconds
-            return row[phase]
+        def _step_seconds(self) -> dict[str, float]:
+            """The current step's seconds per phase (created at 0)."""
+            step = str(int(self.rl_cluster.global_steps))
+            return self.seconds.setdefault(step, dict.fromkeys(PHASES, 0.0))
+
+        def _spent(self, phase: str, seconds: float) -> None:
+            self._step_seconds()[phase] += seconds
 
         def _compute_rewards(self, *args: Any, **kwargs: Any) -> Any:
             rewards = super()._compute_rewards(*args, **kwargs)
@@ -246,7 +246,7 @@ def _learner_class() -> type:
 
             mode = rl_cluster_lib.Mode.TRAIN if mode is None else mode
             started = time.perf_counter()
-            sampled = self._spent("generate", 0.0)
+            sampled = self._step_seconds()["generate"]
             beta = float(self.algo_config.beta)
             example = _wait(super()._generate_and_compute_advantage(training_input, mode))
             mask = np.asarray(jax.device_get(example.completion_mask), dtype=np.float64)
@@ -270,7 +270,7 @@ def _learner_class() -> type:
                 }
             )
             # everything but the sampling: log-probabilities, values, scores, advantages
-            sampling = self._spent("generate", 0.0) - sampled
+            sampling = self._step_seconds()["generate"] - sampled
             self._spent("score", time.perf_counter() - started - sampling)
             cfg = self.caikit_cfg
             if cfg.ppo.kl_bound is not None and kl > cfg.ppo.kl_bound:

@@ -85,6 +85,7 @@ __all__ = [
     "one_trunk_pass",
     "patch_ppo_rewards",
     "ppo_critic",
+    "project",
     "reseed_rollouts",
     "trunk",
     "untempered_reference_logps",
@@ -144,6 +145,16 @@ def trunk(model: Any, tokens: jax.Array, positions: jax.Array, attention: Any) -
     return hidden
 
 
+def project(model: Any, hidden: jax.Array) -> jax.Array:
+    """A Tunix ``Llama3``'s next-token logits of :func:`trunk`'s hidden states, as
+    ``Llama3.__call__`` computes them (the tied embedding, or ``lm_head``)."""
+    if model.config.weight_tying:
+        out: jax.Array = model.embedder.decode(hidden)
+    else:
+        out = model.lm_head(hidden)
+    return out
+
+
 class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
     """Tunix's ``Llama3`` with :class:`RopeThetaAttention` in every layer.
 
@@ -172,10 +183,7 @@ class CaikitLlama3(llama3.Llama3):  # type: ignore[misc]
         keep = self.logits_to_keep
         if keep is None or cache is not None:
             return super().__call__(input_tokens, positions, cache, attention_mask)  # type: ignore[no-any-return]
-        x = trunk(self, input_tokens, positions, attention_mask)[:, -keep:]
-        if self.config.weight_tying:
-            return self.embedder.decode(x), None
-        return self.lm_head(x), None
+        return project(self, trunk(self, input_tokens, positions, attention_mask)[:, -keep:]), None
 
 
 def keep_completion_logits(model: CaikitLlama3, completion: int) -> None:
@@ -289,15 +297,6 @@ class SharedTrunkCritic(nnx.Module):
     def values(self, hidden: jax.Array) -> jax.Array:
         """The head's ``[B, T, 1]`` values of :meth:`trunk`'s hidden states, in float32."""
         out: jax.Array = self.value_head(hidden.astype(jnp.float32))
-        return out
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """The actor's next-token logits of :meth:`trunk`'s hidden states, as
-        ``Llama3.__call__`` computes them (tied embedding or ``lm_head``)."""
-        if self.actor.config.weight_tying:
-            out: jax.Array = self.actor.embedder.decode(hidden)
-        else:
-            out = self.actor.lm_head(hidden)
         return out
 
 
@@ -427,7 +426,7 @@ def _logps_and_values(
     )
     hidden = critic.trunk(ids, positions, attention)
     width = completion_tokens.shape[1]
-    logits = critic.logits(hidden[:, -width - 1 : -1])  # the completion's positions only
+    logits = project(critic.actor, hidden[:, -width - 1 : -1])  # the completion's positions
     logps = common.selective_log_softmax(logits, ids[:, -width:])
     values = critic.values(hidden)[..., 0]
     return jax.lax.stop_gradient(logps), jax.lax.stop_gradient(values)
