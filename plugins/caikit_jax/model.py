@@ -215,7 +215,7 @@ def load_model(
     from tunix.models.llama3 import model as llama3
     from tunix.models.llama3 import params as llama3_params
 
-    from caikit_jax.shims import CaikitLlama3
+    from caikit_jax.shims import CaikitLlama3, tracer_sharding_without_origin
 
     folder = Path(folder)
     config = model_config(folder, architectures=architectures)
@@ -232,15 +232,16 @@ def load_model(
                 "does not apply); convert the folder to safetensors"
             )
         raise PluginError(f"{folder}: no *.safetensors weights (the jax backend reads safetensors)")
-    return safetensors_loader.load_and_create_model(
-        file_dir=str(folder),
-        model_class=CaikitLlama3,
-        config=config,
-        # Tunix's own HF -> nnx key mapping (private in 0.1.7, hence the pin).
-        key_mapping=llama3_params._get_key_and_transform_mapping,
-        mesh=mesh if mesh is not None else make_mesh(),
-        dtype=dtype,
-    )
+    with tracer_sharding_without_origin():  # builds the model under nnx.eval_shape
+        return safetensors_loader.load_and_create_model(
+            file_dir=str(folder),
+            model_class=CaikitLlama3,
+            config=config,
+            # Tunix's own HF -> nnx key mapping (private in 0.1.7, hence the pin).
+            key_mapping=llama3_params._get_key_and_transform_mapping,
+            mesh=mesh if mesh is not None else make_mesh(),
+            dtype=dtype,
+        )
 
 
 def _hf_tensors(model: Any) -> dict[str, np.ndarray]:

@@ -103,7 +103,9 @@ class JaxOptimiser:
         out.mkdir(parents=True, exist_ok=True)
         use_persistent_cache()
         history: list[dict[str, float]] = []
-        with CompileClock() as clock:
+        from caikit_jax.shims import tracer_sharding_without_origin  # imports Tunix
+
+        with CompileClock() as clock, tracer_sharding_without_origin():
             if cfg.algorithm == "dpo":
                 from caikit_jax.dpo import train_dpo
 

@@ -34,7 +34,9 @@ end-of-sequence token is not part of it (Tunix's sampler cuts it off, so it is
 neither trained on nor in the KL), the actor and the critic are trained in separate
 updates (Tunix's actor and critic trainers), so the value loss moves the value head
 only and never the shared trunk (``vf_coef``, the weight of the value loss in the
-torch PPO's shared loss, has nothing to weigh and is not used), and
+torch PPO's shared loss, has nothing to weigh and is not used), the head's values in
+the value loss are those of the trunk's hidden states at the rollout, before the
+step's actor updates (:func:`caikit_jax.shims.value_loss_on_rollout_features`), and
 log-probabilities, the KL's included, are those of the untempered policy whatever
 ``temperature`` the rollouts sample at (:func:`caikit_jax.shims.untempered_reference_logps`).
 
@@ -191,8 +193,15 @@ def _learner_class() -> type:
     from tunix.rl.ppo import ppo_learner
 
     class CaikitPPOLearner(ppo_learner.PPOLearner):  # type: ignore[misc]
-        def setup(self, cfg: JaxOptimiserConfig) -> None:
+        def setup(self, cfg: JaxOptimiserConfig, scores: Any) -> None:
+            """``scores``: the cluster's :class:`caikit_jax.shims.OnePassScores`."""
+            from caikit_jax import shims
+
             self.caikit_cfg = cfg
+            self.one_pass = scores
+            self.rl_cluster.critic_trainer.with_loss_fn(
+                shims.value_loss_on_rollout_features, has_aux=True
+            )
             #: one dict per rollout: step, n, kl (summed per response, mean), score, length, beta
             self.rollouts: list[dict[str, float]] = []
             #: per step (as a string, for loop.json): seconds per phase of :data:`PHASES`
@@ -248,7 +257,10 @@ def _learner_class() -> type:
             started = time.perf_counter()
             sampled = self._step_seconds()["generate"]
             beta = float(self.algo_config.beta)
-            example = _wait(super()._generate_and_compute_advantage(training_input, mode))
+            from caikit_jax import shims
+
+            example = super()._generate_and_compute_advantage(training_input, mode)
+            example = _wait(shims.with_rollout_features(example, self.one_pass))
             mask = np.asarray(jax.device_get(example.completion_mask), dtype=np.float64)
             old = np.asarray(jax.device_get(example.old_per_token_logps), dtype=np.float64)
             if example.ref_per_token_logps is None:  # pragma: no cover - beta is > 0
@@ -613,7 +625,7 @@ def train_ppo(
     shims.drop_anchor_snapshot(cluster)
     shims.reseed_rollouts(cluster.rollout, cfg.seed)
     shims.untempered_reference_logps(cluster.inference_worker)
-    shims.one_trunk_pass(cluster, cluster.critic_trainer.model)
+    one_pass = shims.one_trunk_pass(cluster, cluster.critic_trainer.model)
 
     def caikit_preference_model(
         prompts: Sequence[str], completions: Sequence[str], prompt_index: Any, **kwargs: Any
@@ -637,7 +649,7 @@ def train_ppo(
         reward_fns=[caikit_preference_model],
         data_shuffle_seed=cfg.seed,
     )
-    learner.setup(cfg)
+    learner.setup(cfg, one_pass)
 
     stream = _prompt_stream(len(kept), cfg.seed)
     batches = []

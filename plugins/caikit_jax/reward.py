@@ -169,7 +169,9 @@ class JaxPreferenceModel:
         self._tokenizer = read_tokenizer(folder, who=_WHO)
         self._mesh = make_mesh()
         use_persistent_cache()
-        with CompileClock() as clock:
+        from caikit_jax.shims import tracer_sharding_without_origin  # imports Tunix
+
+        with CompileClock() as clock, tracer_sharding_without_origin():
             trunk = load_model(
                 folder, mesh=self._mesh, dtype=param_dtype(cfg.dtype), trunk_only=True
             )

@@ -119,7 +119,9 @@ def train_sft(
         )
     mesh = make_mesh()
     use_persistent_cache()
-    with CompileClock() as clock:
+    from caikit_jax.shims import tracer_sharding_without_origin  # imports Tunix
+
+    with CompileClock() as clock, tracer_sharding_without_origin():
         model = load_model(
             folder, mesh=mesh, dtype=param_dtype(cfg.dtype), remat=cfg.gradient_checkpointing
         )

@@ -1,11 +1,11 @@
-"""Every correction caikit applies to Tunix, in one module.
+"""Every correction caikit applies to Tunix (and one to the JAX stack under it), in one module.
 
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
 upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
-items 1-4, ``caikit_jax/tests/test_ppo.py`` for 5-7, 9 and 10, ``caikit_jax/tests/test_memory.py``
-for 8) that shows the defect without it.
-Nothing else in caikit patches Tunix.
+items 1-4 and 11, ``caikit_jax/tests/test_ppo.py`` for 5-7, 9 and 10,
+``caikit_jax/tests/test_memory.py`` for 8) that shows the defect without it.
+Nothing else in caikit patches Tunix or JAX.
 
 1. :class:`RopeThetaAttention`: ``tunix/models/llama3/model.py``,
    ``Attention.block`` calls ``apply_rope(query_proj, segment_pos, head_dim=...)``
@@ -55,6 +55,18 @@ Nothing else in caikit patches Tunix.
 10. :func:`keep_completion_logits`: ``tunix/rl/common.py``, ``compute_per_token_logps``
     computes logits over the whole prompt and completion, and keeps the completion's;
     PPO's actor and reference compute the completion's only.
+11. :func:`tracer_sharding_without_origin`: ``flax/nnx/variablelib.py``,
+    ``Variable.set_value`` compares ``getattr(value, 'sharding', None)``, and on a JAX
+    tracer ``jax/_src/core.py``'s ``Tracer.sharding`` builds an error message by
+    walking every equation traced so far (``find_progenitors``), which Python then
+    discards for ``Tracer.__getattr__``'s: quadratic in the size of the trace. Tunix's
+    loader (``tunix/models/safetensors_loader.py``) builds the model under
+    ``nnx.eval_shape``, where every parameter's RNG draw pays it.
+12. :func:`value_loss_on_rollout_features`: ``tunix/rl/algo_core.py``,
+    ``ppo_value_loss_fn`` computes the values for the critic's loss with a new trunk
+    pass over every mini-batch (``compute_score``). With item 4's critic only the head
+    trains, and item 9's pass already computed the trunk's hidden states at the
+    rollout; the loss reads the head's values of those (:class:`FeaturedTrainExample`).
 """
 
 from __future__ import annotations
@@ -66,14 +78,17 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from tunix.models.llama3 import model as llama3
+from tunix.rl.ppo import ppo_learner
 
 __all__ = [
     "TUNIX_VERSION",
     "CaikitLlama3",
+    "FeaturedTrainExample",
     "OnePassScores",
     "ReseededGenerate",
     "RopeThetaAttention",
@@ -87,8 +102,11 @@ __all__ = [
     "ppo_critic",
     "project",
     "reseed_rollouts",
+    "tracer_sharding_without_origin",
     "trunk",
     "untempered_reference_logps",
+    "value_loss_on_rollout_features",
+    "with_rollout_features",
 ]
 
 #: The Tunix release these shims were written against (pinned in pyproject.toml).
@@ -415,8 +433,9 @@ def _logps_and_values(
     completion_tokens: jax.Array,
     pad_id: int,
     eos_id: int,
-) -> tuple[jax.Array, jax.Array]:
-    """``[B, C]`` log-probabilities of the completions and ``[B, P + C]`` values, from
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``[B, C]`` log-probabilities of the completions, ``[B, P + C]`` values and the
+    ``[B, C, D]`` hidden states the completion's values are read from (item 12), from
     one pass of a :class:`SharedTrunkCritic`'s trunk; inputs built as Tunix's."""
     from tunix.rl import common
 
@@ -426,10 +445,11 @@ def _logps_and_values(
     )
     hidden = critic.trunk(ids, positions, attention)
     width = completion_tokens.shape[1]
-    logits = project(critic.actor, hidden[:, -width - 1 : -1])  # the completion's positions
-    logps = common.selective_log_softmax(logits, ids[:, -width:])
+    features = hidden[:, -width - 1 : -1]  # the completion's positions
+    logps = common.selective_log_softmax(project(critic.actor, features), ids[:, -width:])
     values = critic.values(hidden)[..., 0]
-    return jax.lax.stop_gradient(logps), jax.lax.stop_gradient(values)
+    frozen = jax.lax.stop_gradient
+    return frozen(logps), frozen(values), frozen(features)
 
 
 class OnePassScores:
@@ -437,12 +457,14 @@ class OnePassScores:
     is a :class:`SharedTrunkCritic` on its rollout model (:func:`one_trunk_pass`):
     the first computes both from one trunk pass and keeps the values for the second,
     which hands them over when it is called with the same token arrays (as
-    ``PPOLearner`` calls it, right after) and otherwise computes them as Tunix does."""
+    ``PPOLearner`` calls it, right after) and otherwise computes them as Tunix does.
+    The pass's hidden states wait for :meth:`features` (item 12)."""
 
     def __init__(self, cluster: Any, critic: SharedTrunkCritic) -> None:
         self.cluster, self.critic = cluster, critic
         self.original_values = cluster.get_values
         self._kept: tuple[jax.Array, jax.Array, jax.Array] | None = None
+        self._features: tuple[jax.Array, jax.Array, jax.Array] | None = None
         #: trunk passes saved (values handed over without a forward pass of their own)
         self.handed_over = 0
 
@@ -455,7 +477,7 @@ class OnePassScores:
         rollout = self.cluster.rollout
         with self.cluster._get_mesh_and_logical_axis_rules_cm(Role.ROLLOUT):
             graphdef, state = nnx.split(self.critic)
-            logps, values = _logps_and_values(
+            logps, values, features = _logps_and_values(
                 graphdef,
                 state,
                 prompt_tokens,
@@ -464,6 +486,7 @@ class OnePassScores:
                 eos_id=int(rollout.eos_id()),
             )
         self._kept = (prompt_tokens, completion_tokens, values)
+        self._features = (prompt_tokens, completion_tokens, features)
         out: jax.Array = logps
         return out
 
@@ -476,6 +499,17 @@ class OnePassScores:
             return kept[2]
         out: jax.Array = self.original_values(prompt_tokens, completion_tokens, pad_id, eos_id)
         return out
+
+    def features(self, prompt_tokens: jax.Array, completion_tokens: jax.Array) -> jax.Array:
+        """The hidden states of the last :meth:`old_logps` pass, which must have been
+        over these token arrays (the same objects)."""
+        kept, self._features = self._features, None
+        if kept is None or kept[0] is not prompt_tokens or kept[1] is not completion_tokens:
+            raise RuntimeError(
+                "caikit_jax.shims: no one-pass hidden states for this rollout (its old "
+                "log-probabilities were not computed by OnePassScores.old_logps)"
+            )
+        return kept[2]
 
 
 def one_trunk_pass(cluster: Any, critic: SharedTrunkCritic) -> OnePassScores:
@@ -498,3 +532,108 @@ def one_trunk_pass(cluster: Any, critic: SharedTrunkCritic) -> OnePassScores:
     cluster.get_old_per_token_logps = scores.old_logps
     cluster.get_values = scores.values
     return scores
+
+
+# --- 11. the message of a tracer's missing sharding -------------------------------------
+
+_quiet = {"depth": 0}
+_quiet_lock = threading.Lock()
+
+
+def _no_sharding(tracer: Any) -> Any:
+    raise AttributeError("sharding")  # Tracer.__getattr__ raises the caller's error
+
+
+@contextlib.contextmanager
+def tracer_sharding_without_origin() -> Iterator[None]:
+    """While open, a traced value's missing ``sharding`` skips the message JAX builds
+    and throws away (item 11).
+
+    ``Tracer.sharding`` raises an ``AttributeError`` whose message includes the
+    value's origin, found by walking every equation traced so far
+    (``DynamicJaxprTracer._origin_msg`` -> ``find_progenitors``); Python then calls
+    ``Tracer.__getattr__``, whose own ``AttributeError`` ("use ``jax.typeof(x)``") is
+    the one the caller sees. Flax calls ``getattr(value, 'sharding', None)`` on every
+    parameter it sets, so a model built under a trace (``nnx.eval_shape`` in Tunix's
+    loader) pays time quadratic in its size for messages nobody reads. Measured on
+    SmolLM2-135M (2 idle cores): ``load_model`` 2.5-3.0 s -> 0.45-0.7 s. The error and
+    its message are unchanged. Reentrant; the attribute is put back when the
+    outermost block closes. caikit opens it around each jax stage and each model load.
+    """
+    from jax._src.interpreters import partial_eval
+
+    tracer: Any = partial_eval.DynamicJaxprTracer
+    with _quiet_lock:
+        _quiet["depth"] += 1
+        if _quiet["depth"] == 1:
+            tracer.sharding = property(_no_sharding)
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                del tracer.sharding
+
+
+# --- 12. the value loss on the rollout's hidden states --------------------------------
+
+
+@flax.struct.dataclass(frozen=True)
+class FeaturedTrainExample(ppo_learner.TrainExample):  # type: ignore[misc]
+    """Tunix's PPO ``TrainExample`` and ``features``: the ``[B, C, D]`` trunk hidden
+    states the completion's old values were read from (item 12). A pytree like its
+    base, so Tunix's mini-batch slicing and shuffling cut ``features`` with the rest."""
+
+    features: jax.Array | None = None
+
+
+def with_rollout_features(example: Any, scores: OnePassScores) -> FeaturedTrainExample:
+    """``example`` (what ``PPOLearner._generate_and_compute_advantage`` returns) with the
+    hidden states of the one pass :class:`OnePassScores` made over its tokens."""
+    import dataclasses
+
+    fields = {f.name: getattr(example, f.name) for f in dataclasses.fields(example)}
+    features = scores.features(example.prompt_ids, example.completion_ids)
+    return FeaturedTrainExample(**fields, features=features)
+
+
+def value_loss_on_rollout_features(
+    model: SharedTrunkCritic,
+    train_example: FeaturedTrainExample,
+    clip_range_value: float,
+    pad_id: int,
+    eos_id: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's clipped value loss on the head's values of the rollout's hidden states
+    (item 12): the critic trainer's loss in place of Tunix's ``ppo_value_loss_fn``.
+
+    Corrects ``tunix/rl/algo_core.py``, ``ppo_value_loss_fn``: it recomputes the
+    values of every mini-batch with a trunk pass of its own (``compute_score``), and
+    with :class:`SharedTrunkCritic` that pass only feeds the ``[D, 1]`` head, the one
+    thing the critic trains: it was 0.8-1.0 s of each 4-response update on
+    SmolLM2-135M, where the head's values cost nothing. Same loss, same ``aux``
+    (Tunix's formula: ``0.5 * masked_mean(max((v - R)^2, (clip(v, v_old - c, v_old +
+    c) - R)^2))``). The features are the trunk's at the rollout, before the actor's
+    updates of the step: exactly what the first mini-batch of the first epoch read
+    before, and one or more actor updates older for the others (Tunix's critic read
+    the trunk after each actor update; the torch PPO reads it before, in one loss).
+    ``pad_id`` and ``eos_id`` are accepted as the trainer passes them.
+    """
+    del pad_id, eos_id  # the features are already the completion's positions
+    from tunix.rl.algo_core import masked_mean
+
+    assert train_example.features is not None, "with_rollout_features attaches them"
+    mask = train_example.completion_mask
+    old, returns = train_example.old_values, train_example.returns
+    vpreds = model.values(train_example.features)[..., 0]
+    clipped = jnp.clip(vpreds, old - clip_range_value, old + clip_range_value)
+    losses, losses_clipped = jnp.square(vpreds - returns), jnp.square(clipped - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(losses, losses_clipped), mask)
+    aux = {
+        "vf_loss": loss,
+        "vpred_mean": masked_mean(vpreds, mask),
+        "vf_clipfrac": masked_mean(jnp.greater(losses_clipped, losses), mask),
+        "return_mean": masked_mean(returns, mask),
+    }
+    return loss, aux

@@ -281,6 +281,56 @@ def test_float_rewards_shim() -> None:
     assert ppo_learner.jnp.arange is jnp.arange  # everything else is jax.numpy's
 
 
+def test_tracer_sharding_shim_spares_the_loader_a_walk_over_the_trace(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jax._src.interpreters import partial_eval
+    from tunix.models import safetensors_loader
+    from tunix.models.llama3 import params as llama3_params
+
+    walks: list[int] = []
+    original = partial_eval.JaxprStackFrame.find_progenitors
+
+    def counted(frame: Any, tracer: Any) -> Any:
+        walks.append(len(frame.tracing_eqns))
+        return original(frame, tracer)
+
+    monkeypatch.setattr(partial_eval.JaxprStackFrame, "find_progenitors", counted)
+    safetensors_loader.load_and_create_model(
+        file_dir=str(tiny),
+        model_class=shims.CaikitLlama3,
+        config=jax_model.model_config(tiny),
+        key_mapping=llama3_params._get_key_and_transform_mapping,
+        mesh=jax_model.make_mesh(),
+        dtype=jnp.float32,
+    )
+    # the defect: a walk over the trace so far per parameter drawn, each longer
+    assert len(walks) >= 20 and walks[-1] > walks[0]
+    walks.clear()
+    model = jax_model.load_model(tiny)
+    assert walks == []
+    assert _max_diff(tiny, model) < 1e-3
+
+    # the error the caller sees is the same with and without the shim; only the walk,
+    # whose message JAX throws away, is gone
+    messages: list[str] = []
+
+    def sharding_of(x: jax.Array) -> jax.Array:
+        with shims.tracer_sharding_without_origin(), shims.tracer_sharding_without_origin():
+            assert getattr(x, "sharding", None) is None
+            with pytest.raises(AttributeError) as quiet:
+                _ = x.sharding
+        with pytest.raises(AttributeError) as plain:
+            _ = x.sharding
+        messages.extend([str(quiet.value), str(plain.value)])
+        return x
+
+    jax.jit(sharding_of)(jnp.ones(2))
+    assert messages[0] == messages[1]
+    assert "'sharding' attribute is not available on traced array" in messages[0]
+    assert len(walks) == 1  # the plain access, after the shim was closed
+
+
 def test_critic_shim_gives_one_value_per_token_on_the_actors_own_trunk(tied: Path) -> None:
     from tunix.rl import utils as rl_utils
     from tunix.sft import utils as sft_utils

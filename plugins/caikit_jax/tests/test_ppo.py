@@ -335,21 +335,11 @@ def test_one_trunk_pass_gives_tunixs_old_logps_and_values(pieces: dict[str, Any]
     """The old log-probabilities (Tunix's rollout) and the values (Tunix's
     ``compute_score``, outside jit) from one jitted pass of the shared trunk; the values
     are handed over once, for the same token arrays only."""
-    import contextlib
-    import types
-
     critic = shims.ppo_critic(pieces["actor"])
     head = critic.value_head.kernel
     head.value = jnp.asarray(np.random.default_rng(0).normal(size=head.value.shape), jnp.float32)
-    rollout, args = pieces["rollout"], (pieces["prompt"], pieces["completion"])
-    tail = (pieces["pad"], pieces["eos"])
-    worker = inference_worker.InferenceWorker({"critic": critic})
-    cluster = types.SimpleNamespace(
-        rollout=rollout,
-        get_old_per_token_logps=lambda *a, **k: rollout.get_per_token_logps(*a),
-        get_values=worker.get_values,
-        _get_mesh_and_logical_axis_rules_cm=lambda role: contextlib.nullcontext(),
-    )
+    args, tail = (pieces["prompt"], pieces["completion"]), (pieces["pad"], pieces["eos"])
+    cluster = _one_pass_cluster(pieces, critic)
     logps_before = np.asarray(cluster.get_old_per_token_logps(*args))
     values_before = np.asarray(cluster.get_values(*args, *tail))
     assert float(np.abs(values_before).max()) > 0.1  # a head that is not zero
@@ -365,6 +355,83 @@ def test_one_trunk_pass_gives_tunixs_old_logps_and_values(pieces: dict[str, Any]
     again = cluster.get_values(*args, *tail)
     np.testing.assert_allclose(np.asarray(again), values_before, atol=1e-6)
     assert scores.handed_over == 1
+
+
+def _one_pass_cluster(pieces: dict[str, Any], critic: Any) -> Any:
+    """A stand-in for the ``RLCluster`` :func:`shims.one_trunk_pass` reads: the real
+    rollout and Tunix's own ``InferenceWorker.get_values`` on ``critic``."""
+    import contextlib
+    import types
+
+    rollout = pieces["rollout"]
+    worker = inference_worker.InferenceWorker({"critic": critic})
+    return types.SimpleNamespace(
+        rollout=rollout,
+        get_old_per_token_logps=lambda *a, **k: rollout.get_per_token_logps(*a),
+        get_values=worker.get_values,
+        _get_mesh_and_logical_axis_rules_cm=lambda role: contextlib.nullcontext(),
+    )
+
+
+def test_value_loss_on_rollout_features_is_tunixs_without_a_trunk_pass(
+    pieces: dict[str, Any],
+) -> None:
+    """On the trunk the rollout saw, the value loss (and its aux) from the one pass's
+    hidden states is Tunix's ``ppo_value_loss_fn``'s, and its gradient runs the head
+    alone where Tunix's runs the whole trunk again."""
+    from flax import nnx
+    from tunix.rl import algo_core
+    from tunix.rl import utils as rl_utils
+    from tunix.rl.ppo import ppo_learner
+
+    critic = shims.ppo_critic(pieces["actor"])
+    head = critic.value_head.kernel
+    head.value = jnp.asarray(np.random.default_rng(1).normal(size=head.value.shape), jnp.float32)
+    cluster = _one_pass_cluster(pieces, critic)
+    scores = shims.one_trunk_pass(cluster, critic)
+    prompt, completion, pad, eos = (pieces[k] for k in ("prompt", "completion", "pad", "eos"))
+    logps = cluster.get_old_per_token_logps(prompt, completion)
+    width = completion.shape[1]
+    mask = (completion != pad).astype(jnp.int32)
+    values = cluster.get_values(prompt, completion, pad, eos)[:, -width - 1 : -1] * mask
+    returns = values + jnp.linspace(-1.0, 1.0, values.size).reshape(values.shape)
+    example = ppo_learner.TrainExample(
+        prompt_ids=prompt,
+        prompt_mask=(prompt != pad).astype(jnp.int32),
+        completion_ids=completion,
+        completion_mask=mask,
+        advantages=jnp.zeros_like(values),
+        ref_per_token_logps=None,
+        old_per_token_logps=logps,
+        returns=returns,
+        old_values=values,
+    )
+    featured = shims.with_rollout_features(example, scores)
+    assert featured.features.shape == (2, width, critic.actor.config.embed_dim)
+    ours = shims.value_loss_on_rollout_features(critic, featured, 0.2, pad, eos)
+    theirs = algo_core.ppo_value_loss_fn(critic, example, 0.2, pad, eos)
+    assert float(theirs[0]) > 0.01
+    np.testing.assert_allclose(float(ours[0]), float(theirs[0]), rtol=1e-5)
+    assert ours[1].keys() == theirs[1].keys()
+    for key in theirs[1]:
+        np.testing.assert_allclose(float(ours[1][key]), float(theirs[1][key]), atol=1e-5)
+    # the features are cut with the rest by Tunix's mini-batch slicing
+    row = rl_utils.get_batch_slice(featured, slice(1, 2))
+    np.testing.assert_array_equal(np.asarray(row.features), np.asarray(featured.features[1:]))
+
+    graphdef, state = nnx.split(critic)
+
+    def products(loss: Any, batch: Any) -> int:
+        def of(state: Any) -> Any:
+            return loss(nnx.merge(graphdef, state), batch, 0.2, pad, eos)[0]
+
+        return str(jax.make_jaxpr(jax.grad(of))(state)).count("dot_general")
+
+    assert products(shims.value_loss_on_rollout_features, featured) <= 3  # the head's
+    assert products(algo_core.ppo_value_loss_fn, example) > 20  # every layer's, again
+    # the hidden states are handed over once, for the rollout that computed them
+    with pytest.raises(RuntimeError, match="no one-pass hidden states"):
+        shims.with_rollout_features(example, scores)
 
 
 def test_completion_logits_give_tunixs_logps_and_gradients(
