@@ -532,7 +532,13 @@ def train_ppo(
     from tunix.rl.rollout import base_rollout
 
     from caikit_jax import shims
-    from caikit_jax.model import load_model, make_mesh, read_tokenizer, save_checkpoint
+    from caikit_jax.model import (
+        load_model,
+        make_mesh,
+        place_on_mesh,
+        read_tokenizer,
+        save_checkpoint,
+    )
 
     cfg = config
     _check_settings(cfg)
@@ -582,6 +588,9 @@ def train_ppo(
     for model in (actor, ref_model):  # before the cluster splits them
         shims.keep_completion_logits(model, cfg.ppo.max_new_tokens)
     critic = shims.ppo_critic(actor, seed=cfg.seed)
+    # a new head lives on one device, and the critic's step returns it on the mesh:
+    # unplaced, the second rollout's one pass and the second critic update compile again
+    place_on_mesh(mesh, critic.value_head)
     shims.patch_ppo_rewards()
 
     def optimiser() -> Any:

@@ -6,6 +6,7 @@ first rollout, and the shim tests drive Tunix's pieces directly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -98,12 +99,26 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(
     tiny: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, float], Path, FractionalLengthReward]:
+    import collections
+
     out = tmp_path_factory.mktemp("jax-ppo-out") / "policy"
     reward = SlowLengthReward()
-    metrics, history = train_ppo(
-        _config(), policy=tiny, reference=tiny, reward=reward, prompts=_prompts(), out=out
-    )
-    return metrics, out, reward, history
+    compiles: collections.Counter[str] = collections.Counter()
+
+    def count(event: str, duration_secs: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[str(kwargs.get("fun_name"))] += 1
+
+    jax.clear_caches()  # so that every step function compiles (or loads) in this run
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        metrics, history = train_ppo(
+            _config(), policy=tiny, reference=tiny, reward=reward, prompts=_prompts(), out=out
+        )
+    finally:
+        with contextlib.suppress(AssertionError, ValueError):  # Tunix may have cleared it
+            jax.monitoring.unregister_event_duration_listener(count)
+    return metrics, out, reward, history, compiles
 
 
 # --- the shared run --------------------------------------------------------------------
@@ -152,6 +167,15 @@ def test_each_step_times_its_phases_and_the_scoring_holds_the_reward(run: Any) -
     for k in phases:
         assert metrics[k] == pytest.approx(sum(row[k] for row in history))
     assert sum(metrics[k] for k in phases) <= metrics["seconds_per_step"] * metrics["steps"]
+
+
+def test_each_step_function_compiles_once(run: Any) -> None:
+    """The second rollout and update reuse the first's executables: the critic's new
+    head is placed on the mesh as its update returns it (unplaced, the one pass and the
+    critic's step compiled again on the second rollout)."""
+    compiles = run[4]
+    assert compiles["jit(_logps_and_values)"] == 1
+    assert compiles["jit(_train_step)"] == 2  # the actor's and the critic's
 
 
 def test_reward_sees_samples_of_the_prompts(run: Any) -> None:
