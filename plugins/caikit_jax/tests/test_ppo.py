@@ -158,7 +158,7 @@ def test_each_step_times_its_phases_and_the_scoring_holds_the_reward(run: Any) -
     """``time/generate``, ``time/score`` and ``time/train`` per history row and summed
     in the metrics; the reward (which sleeps) is called in the scoring phase, and the
     phases, timed apart, add up to no more than the steps took."""
-    metrics, _, reward, history = run
+    metrics, _, reward, history = run[:4]
     phases = ("time/generate", "time/score", "time/train")
     assert len(history) == 2 and len(reward.calls) == 2  # one rollout per step
     for row in history:
