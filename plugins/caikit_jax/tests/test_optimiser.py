@@ -238,19 +238,25 @@ def test_pm_scores_agree_across_backends_both_ways(tiny: Path, tmp_path: Path) -
 # --- the shims: each test shows the defect without the shim --------------------------------
 
 
-def test_rope_theta_shim(tiny: Path) -> None:
+def _tunix_load(folder: Path, model_class: Any) -> Any:
+    """``folder`` loaded by Tunix's safetensors loader alone, as ``model_class``."""
     from tunix.models import safetensors_loader
-    from tunix.models.llama3 import model as llama3
     from tunix.models.llama3 import params as llama3_params
 
-    upstream = safetensors_loader.load_and_create_model(
-        file_dir=str(tiny),
-        model_class=llama3.Llama3,
-        config=jax_model.model_config(tiny),
+    return safetensors_loader.load_and_create_model(
+        file_dir=str(folder),
+        model_class=model_class,
+        config=jax_model.model_config(folder),
         key_mapping=llama3_params._get_key_and_transform_mapping,
         mesh=jax_model.make_mesh(),
         dtype=jnp.float32,
     )
+
+
+def test_rope_theta_shim(tiny: Path) -> None:
+    from tunix.models.llama3 import model as llama3
+
+    upstream = _tunix_load(tiny, llama3.Llama3)
     assert _max_diff(tiny, upstream) > 0.1  # theta 1e6 instead of the model's 1e4
     assert _max_diff(tiny, jax_model.load_model(tiny)) < 1e-3
     assert jax_model.model_config(tiny).rope_theta == 10000.0
@@ -285,8 +291,6 @@ def test_tracer_sharding_shim_spares_the_loader_a_walk_over_the_trace(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jax._src.interpreters import partial_eval
-    from tunix.models import safetensors_loader
-    from tunix.models.llama3 import params as llama3_params
 
     walks: list[int] = []
     original = partial_eval.JaxprStackFrame.find_progenitors
@@ -296,14 +300,7 @@ def test_tracer_sharding_shim_spares_the_loader_a_walk_over_the_trace(
         return original(frame, tracer)
 
     monkeypatch.setattr(partial_eval.JaxprStackFrame, "find_progenitors", counted)
-    safetensors_loader.load_and_create_model(
-        file_dir=str(tiny),
-        model_class=shims.CaikitLlama3,
-        config=jax_model.model_config(tiny),
-        key_mapping=llama3_params._get_key_and_transform_mapping,
-        mesh=jax_model.make_mesh(),
-        dtype=jnp.float32,
-    )
+    _tunix_load(tiny, shims.CaikitLlama3)
     # the defect: a walk over the trace so far per parameter drawn, each longer
     assert len(walks) >= 20 and walks[-1] > walks[0]
     walks.clear()
