@@ -3,7 +3,7 @@
 caikit's JAX backend is built on google-tunix (pinned to :data:`TUNIX_VERSION` in
 pyproject.toml). Each class or function here corrects one upstream defect, names the
 upstream code it corrects, and has a test (``caikit_jax/tests/test_optimiser.py`` for
-items 1-4 and 11, ``caikit_jax/tests/test_ppo.py`` for 5-7, 9 and 10,
+items 1-4 and 11, ``caikit_jax/tests/test_ppo.py`` for 5-7, 9, 10 and 12,
 ``caikit_jax/tests/test_memory.py`` for 8) that shows the defect without it.
 Nothing else in caikit patches Tunix or JAX.
 
