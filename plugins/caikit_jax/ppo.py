@@ -192,11 +192,11 @@ def _learner_class() -> type:
     """``PPOLearner`` recording each rollout (KL, scores, lengths) and guarding ``kl_bound``."""
     from tunix.rl.ppo import ppo_learner
 
+    from caikit_jax import shims
+
     class CaikitPPOLearner(ppo_learner.PPOLearner):  # type: ignore[misc]
         def setup(self, cfg: JaxOptimiserConfig, scores: Any) -> None:
             """``scores``: the cluster's :class:`caikit_jax.shims.OnePassScores`."""
-            from caikit_jax import shims
-
             self.caikit_cfg = cfg
             self.one_pass = scores
             self.rl_cluster.critic_trainer.with_loss_fn(
@@ -257,8 +257,6 @@ def _learner_class() -> type:
             started = time.perf_counter()
             sampled = self._step_seconds()["generate"]
             beta = float(self.algo_config.beta)
-            from caikit_jax import shims
-
             example = super()._generate_and_compute_advantage(training_input, mode)
             example = _wait(shims.with_rollout_features(example, self.one_pass))
             mask = np.asarray(jax.device_get(example.completion_mask), dtype=np.float64)
